@@ -1,0 +1,72 @@
+"""Sample-weighting strategies for the reconstruction loss ``sum_i w_i * l_i``.
+
+The reconstruction loop asks its strategy for the weights of each mini-batch and never looks inside it, so
+``uniform`` (every sample counts the same: the Q-Diffusion / BRECQ baseline) and learned weightings differ in
+one place. A strategy sees the unit being reconstructed through ``UnitProblem``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import GACConfig
+
+
+@dataclass
+class UnitProblem:
+    """What a weighting strategy may use about the unit being reconstructed.
+
+    ``per_sample_loss(indices)`` runs the unit (with its current quantization parameters) on the given
+    calibration samples and returns their reconstruction errors, shape ``(len(indices),)``.
+    """
+
+    name: str
+    module: nn.Module
+    params: dict[str, nn.Parameter]
+    timesteps: torch.Tensor  # (num_samples,) timestep of every calibration sample
+    per_sample_loss: Callable[[torch.Tensor], torch.Tensor]
+    generator: torch.Generator
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.timesteps)
+
+
+class SampleWeighting:
+    """Base class: weights of a mini-batch, normalised to sum to one."""
+
+    name = "base"
+
+    def begin_unit(self, problem: UnitProblem) -> None:
+        """Called before a unit's reconstruction starts (a learned strategy fits its weights here)."""
+
+    def batch_weights(self, indices: torch.Tensor, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def end_unit(self) -> dict[str, Any]:
+        """Called after a unit; returns diagnostics for the report."""
+        return {}
+
+
+class UniformWeighting(SampleWeighting):
+    """Every sample of a mini-batch weighs ``1 / batch_size``."""
+
+    name = "uniform"
+
+    def batch_weights(self, indices: torch.Tensor, step: int) -> torch.Tensor:
+        return torch.full((len(indices),), 1.0 / len(indices))
+
+
+WEIGHTING_STRATEGIES: dict[str, type[SampleWeighting]] = {"uniform": UniformWeighting}
+
+
+def make_weighting(config: GACConfig) -> SampleWeighting:
+    if config.weighting not in WEIGHTING_STRATEGIES:
+        raise NotImplementedError(
+            f"weighting={config.weighting!r} is not available yet; implemented: {sorted(WEIGHTING_STRATEGIES)}"
+        )
+    return WEIGHTING_STRATEGIES[config.weighting]()

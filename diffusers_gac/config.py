@@ -1,0 +1,153 @@
+"""``GACConfig``: every option of a calibration, validated up front with errors that name the option."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+
+class GACQuantizationMethod(str, Enum):
+    GAC = "gac"
+
+
+WEIGHTINGS = ("uniform", "gradient_aligned")
+RECONSTRUCTIONS = ("adaround", "none")
+ACT_SCHEMES = ("static", "timestep", "dynamic")
+WEIGHT_INITS = ("minmax", "mse")
+TIMESTEP_SELECTIONS = ("uniform", "normal", "all")
+
+
+def _check_bits(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        allowed = "an integer from 2 to 8" + (" or None (full precision)" if allow_none else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: Any, kind: type = int) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if kind is int:
+        ok = ok and isinstance(value, int)
+    if not ok:
+        raise ValueError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+
+
+@dataclass
+class GACConfig(QuantizationConfigMixin):
+    """Post-training quantization of a diffusers denoiser with (gradient-aligned) block reconstruction.
+
+    Quantization:
+        w_bits: weight bits (2-8), per output channel, uniform affine.
+        a_bits: bits of every quantized layer's input (2-8), or ``None`` for weight-only quantization.
+        act_scheme: ``"static"`` (one learned range per tensor), ``"timestep"`` (one learned range per timestep
+            group) or ``"dynamic"`` (a range per token computed at run time).
+        act_timestep_groups: number of timestep groups for ``act_scheme="timestep"``.
+        weight_init: weight range initialisation, ``"mse"`` (error-minimising search) or ``"minmax"``.
+        special_bits: bits (weights and inputs) of the first layer, the last layer and the timestep embedding;
+            ``None`` keeps them in full precision. Other layers use ``w_bits``/``a_bits``.
+        split_skip_inputs: give the two halves of concatenated UNet skip inputs their own quantizers.
+        modules_to_not_convert: module names (or name prefixes) kept in full precision.
+    Calibration data:
+        calib_num_inference_steps: sampler steps of the full-precision trajectories the data comes from.
+        calib_timestep_selection: ``"uniform"`` (evenly spaced, Q-Diffusion), ``"normal"`` (PTQ4DM-style, centred on
+            the late middle of the trajectory) or ``"all"``.
+        calib_num_timesteps: how many sampler steps to keep (``"uniform"``/``"normal"``).
+        calib_samples_per_timestep: samples kept at each kept step (the number of trajectories).
+    Reconstruction:
+        reconstruction: ``"adaround"`` (learned rounding and activation steps, block by block) or ``"none"``
+            (round-to-nearest with calibrated ranges).
+        weighting: how calibration samples are weighted in the reconstruction loss (``"uniform"``).
+        iters: optimisation steps per unit; batch_size: samples per step.
+        lr_round / lr_act: Adam learning rates of the rounding variables and the activation step sizes.
+        round_reg_weight: weight of AdaRound's rounding regulariser; round_warmup: fraction of ``iters`` without it.
+        seed: seeds every random choice of the calibration.
+    """
+
+    quant_method: GACQuantizationMethod = GACQuantizationMethod.GAC
+    w_bits: int = 4
+    a_bits: int | None = 4
+    act_scheme: str = "timestep"
+    act_timestep_groups: int = 5
+    weight_init: str = "mse"
+    special_bits: int | None = 8
+    split_skip_inputs: bool = True
+    modules_to_not_convert: list[str] | None = None
+    calib_num_inference_steps: int = 25
+    calib_timestep_selection: str = "uniform"
+    calib_num_timesteps: int = 25
+    calib_samples_per_timestep: int = 64
+    reconstruction: str = "adaround"
+    weighting: str = "uniform"
+    iters: int = 400
+    batch_size: int = 32
+    lr_round: float = 1e-3
+    lr_act: float = 4e-4
+    round_reg_weight: float = 0.01
+    round_warmup: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.quant_method = GACQuantizationMethod.GAC
+        self.post_init()
+
+    def post_init(self) -> None:
+        _check_bits("w_bits", self.w_bits)
+        _check_bits("a_bits", self.a_bits, allow_none=True)
+        _check_bits("special_bits", self.special_bits, allow_none=True)
+        _check_choice("act_scheme", self.act_scheme, ACT_SCHEMES)
+        _check_choice("weight_init", self.weight_init, WEIGHT_INITS)
+        _check_choice("calib_timestep_selection", self.calib_timestep_selection, TIMESTEP_SELECTIONS)
+        _check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        for name in ("act_timestep_groups", "calib_num_inference_steps", "calib_num_timesteps",
+                     "calib_samples_per_timestep", "iters", "batch_size"):
+            _check_positive(name, getattr(self, name))
+        for name in ("lr_round", "lr_act"):
+            _check_positive(name, getattr(self, name), float)
+        if not isinstance(self.round_reg_weight, (int, float)) or self.round_reg_weight < 0:
+            raise ValueError(f"round_reg_weight must be a number >= 0, got {self.round_reg_weight!r}")
+        if not isinstance(self.round_warmup, (int, float)) or not 0 <= self.round_warmup < 1:
+            raise ValueError(f"round_warmup must be a fraction in [0, 1), got {self.round_warmup!r}")
+        if self.calib_num_timesteps > self.calib_num_inference_steps and self.calib_timestep_selection == "uniform":
+            raise ValueError(
+                f"calib_num_timesteps ({self.calib_num_timesteps}) cannot exceed calib_num_inference_steps "
+                f"({self.calib_num_inference_steps}) with calib_timestep_selection='uniform'"
+            )
+        if self.modules_to_not_convert is not None and (
+            not isinstance(self.modules_to_not_convert, (list, tuple))
+            or not all(isinstance(m, str) for m in self.modules_to_not_convert)
+        ):
+            raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = copy.deepcopy(self.__dict__)
+        d["quant_method"] = GACQuantizationMethod.GAC.value
+        return d
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Only the options that differ from the defaults (plus ``quant_method``)."""
+        default = GACConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "quant_method" or default.get(k) != v}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        known = {k: v for k, v in config_dict.items() if k in cls.__dataclass_fields__ and k != "quant_method"}
+        config = cls(**known)
+        unused = {k: v for k, v in kwargs.items() if not hasattr(config, k)}
+        for k, v in kwargs.items():
+            if hasattr(config, k):
+                setattr(config, k, v)
+        config.post_init()
+        return (config, unused) if return_unused_kwargs else config

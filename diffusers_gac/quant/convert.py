@@ -1,0 +1,177 @@
+"""Turn the Conv2d and Linear layers of a diffusers denoiser into quantized layers.
+
+Which layers, at which bits:
+* every ``nn.Conv2d`` and ``nn.Linear`` except those named (or prefixed) in ``modules_to_not_convert``;
+* the "special" layers (the first layer, the last layer and the timestep/class embedding MLPs) at
+  ``special_bits`` for weights and inputs, or left in full precision when ``special_bits`` is None;
+* the 1x1 shortcut convolution of an up-block ResNet, whose input is ``cat([up_features, skip])``, gets a split
+  input quantizer when ``split_skip_inputs`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import GACConfig
+from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear
+from .quantizers import ActQuantizer, TimestepContext
+
+# Names of the first/last layers and of the embedding MLPs across diffusers' UNets and transformer denoisers.
+FIRST_LAST_LAYERS = ("conv_in", "conv_out", "pos_embed.proj", "proj_out", "proj_out_1", "proj_out_2", "proj_in")
+EMBEDDING_MARKERS = ("time_embedding", "timestep_embedder", "class_embedding", "class_embedder", "add_embedding",
+                     "time_embed", "emb.linear", "adaln_single.linear")
+
+
+def is_special_layer(name: str) -> bool:
+    """First/last layers and the timestep embedding (kept at higher precision by default)."""
+    if name in FIRST_LAST_LAYERS:
+        return True
+    return any(marker in name for marker in EMBEDDING_MARKERS)
+
+
+def _matches(name: str, patterns: list[str] | None) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in patterns or [])
+
+
+def skip_join_splits(model: nn.Module) -> dict[str, int]:
+    """For every up-block ResNet whose input concatenates up-path features and a skip, the number of up-path
+    channels, keyed by the name of its shortcut convolution (the layer that sees the raw concatenation)."""
+    up_blocks = getattr(model, "up_blocks", None)
+    if up_blocks is None:
+        return {}
+    prev = None  # channels entering the current up block
+    if getattr(model, "mid_block", None) is not None and hasattr(model.mid_block, "resnets"):
+        prev = model.mid_block.resnets[-1].out_channels
+    elif getattr(model, "down_blocks", None) is not None and len(model.down_blocks):
+        prev = model.down_blocks[-1].resnets[-1].out_channels
+    splits = {}
+    for j, block in enumerate(up_blocks):
+        for i, resnet in enumerate(getattr(block, "resnets", [])):
+            hidden = prev if i == 0 else block.resnets[i - 1].out_channels
+            shortcut = getattr(resnet, "conv_shortcut", None)
+            if hidden is not None and isinstance(shortcut, nn.Conv2d) and 0 < hidden < shortcut.in_channels:
+                splits[f"up_blocks.{j}.resnets.{i}.conv_shortcut"] = hidden
+        if len(getattr(block, "resnets", [])):
+            prev = block.resnets[-1].out_channels
+    return splits
+
+
+@dataclass
+class ConversionReport:
+    """Which layers were converted, and how."""
+
+    layers: dict[str, dict] = field(default_factory=dict)  # name -> {"w_bits", "a_bits", "split"}
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def convert_model(model: nn.Module, config: GACConfig) -> ConversionReport:
+    """Replace the model's Conv2d/Linear layers in place by quantized layers as the config says.
+
+    Also installs the hook that tells ``timestep``-scheme quantizers the timestep of each sample.
+    """
+    report = ConversionReport()
+    splits = skip_join_splits(model) if config.split_skip_inputs else {}
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_LAYERS]
+    for name, module in targets:
+        if _matches(name, config.modules_to_not_convert):
+            report.skipped.append(name)
+            continue
+        w_bits, a_bits = config.w_bits, config.a_bits
+        if is_special_layer(name):
+            if config.special_bits is None:
+                report.skipped.append(name)
+                continue
+            w_bits = max(w_bits, config.special_bits)
+            a_bits = None if a_bits is None else max(a_bits, config.special_bits)
+        split = splits.get(name) if isinstance(module, nn.Conv2d) else None
+        cls = QUANT_LAYERS[type(module)]
+        layer = cls.from_module(
+            module, w_bits=w_bits, a_bits=a_bits, weight_init=config.weight_init, act_scheme=config.act_scheme,
+            act_groups=config.act_timestep_groups, split=split,
+        )
+        _set_module(model, name, layer)
+        report.layers[name] = {"w_bits": w_bits, "a_bits": a_bits, "split": split}
+    if config.act_scheme == "timestep" and config.a_bits is not None:
+        attach_timestep_context(model, config.act_timestep_groups)
+    return report
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+
+
+def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
+def _timestep_from_call(args: tuple, kwargs: dict):
+    if "timestep" in kwargs:
+        return kwargs["timestep"]
+    if "timesteps" in kwargs:
+        return kwargs["timesteps"]
+    return args[1] if len(args) > 1 else None
+
+
+def attach_timestep_context(model: nn.Module, num_groups: int) -> TimestepContext:
+    """Share one ``TimestepContext`` between the model's quantizers, refreshed before every model call."""
+    num_train = getattr(getattr(model, "config", None), "num_train_timesteps", None) or 1000
+    context = TimestepContext(num_groups, num_train)
+    for q in act_quantizers(model):
+        q.context = context
+
+    def pre_hook(module, args, kwargs):
+        t = _timestep_from_call(args, kwargs)
+        if t is not None:
+            context.set_timesteps(t)
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model._gac_timestep_context = context
+    model._gac_timestep_hook = handle
+    return context
+
+
+def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
+    """Switch weight and activation quantization of every converted layer on or off (off = the FP model)."""
+    for layer in quant_layers(model).values():
+        layer.quantize_weight = weights
+        for q in layer.act_quantizers():
+            q.enabled = acts
+
+
+class quantization_disabled:
+    """Context manager: run the model in full precision (the converted layers keep the original weights)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = {
+            n: (l.quantize_weight, [q.enabled for q in l.act_quantizers()]) for n, l in quant_layers(self.model).items()
+        }
+        set_quant_state(self.model, weights=False, acts=False)
+        return self.model
+
+    def __exit__(self, *exc):
+        for n, l in quant_layers(self.model).items():
+            l.quantize_weight, enabled = self.saved[n]
+            for q, e in zip(l.act_quantizers(), enabled):
+                q.enabled = e
+        return False
+
+
+@torch.no_grad()
+def freeze_model(model: nn.Module) -> None:
+    """Harden every layer's rounding into its weight (the model then holds 2^bits-level weights)."""
+    for layer in quant_layers(model).values():
+        layer.freeze()

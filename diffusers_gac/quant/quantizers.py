@@ -1,0 +1,284 @@
+"""Fake quantizers: uniform affine weights (with learned AdaRound rounding) and activations (three schemes).
+
+All state lives in named buffers and parameters whose shapes follow from the layer and the config alone, so a
+quantized model can be rebuilt from its config before its weights load:
+
+* ``WeightQuantizer``: ``scale`` and ``zero_point`` of shape ``(out_channels, 1, ...)``; ``alpha`` (the AdaRound
+  variable, same shape as the weight) exists only while rounding is being learned.
+* ``ActQuantizer``: ``scale`` and ``zero_point`` of shape ``(groups,)`` (``groups`` is 1 for the ``static``
+  scheme, the number of timestep groups for ``timestep``, and 0 for ``dynamic``, which computes ranges per token).
+* ``SplitActQuantizer``: two ``ActQuantizer`` for the two parts of a concatenated input and a ``split`` buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+WeightInit = Literal["minmax", "mse"]
+ActScheme = Literal["static", "timestep", "dynamic"]
+RoundingMode = Literal["nearest", "learned", "hard"]
+
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
+ZETA, GAMMA = 1.1, -0.1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Uniform affine quantize-dequantize with straight-through rounding; gradients reach ``x`` and ``scale``."""
+    qmax = 2**bits - 1
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax)
+    return (q - zero_point) * scale
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (integer-valued) zero point covering ``[lo, hi]``; the range always contains 0."""
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    zero_point = torch.round(-lo / scale)
+    return scale, zero_point
+
+
+def mse_range_search(
+    x: torch.Tensor, bits: int, dim: int | None, grid: int = 80, p: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink the min-max range by the factor (per slice along ``dim``) that minimises the L_p quantization error."""
+    if dim is None:
+        flat = x.reshape(1, -1)
+    else:
+        flat = x.transpose(0, dim).reshape(x.shape[dim], -1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    best_err = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for i in range(grid):
+        ratio = 1.0 - i / (grid + 20)
+        s, z = affine_params(lo * ratio, hi * ratio, bits)
+        err = (fake_quantize(flat, s[:, None], z[:, None], bits) - flat).abs().pow(p).mean(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * ratio, best_lo)
+        best_hi = torch.where(better, hi * ratio, best_hi)
+    return affine_params(best_lo, best_hi, bits)
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel uniform affine weight quantizer with optional learned rounding (AdaRound).
+
+    ``rounding`` is ``"nearest"`` (round-to-nearest), ``"learned"`` (soft rounding ``floor + h(alpha)``, used while
+    calibrating) or ``"hard"`` (``floor + 1[h(alpha) >= 0.5]``, the choice learned). ``harden()`` bakes the hard
+    choice into integer codes and drops ``alpha``.
+    """
+
+    def __init__(self, weight_shape: torch.Size | tuple[int, ...], bits: int, init: WeightInit = "mse"):
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"w_bits must be an integer from 2 to 8, got {bits!r}")
+        if init not in ("minmax", "mse"):
+            raise ValueError(f"weight_init must be 'minmax' or 'mse', got {init!r}")
+        self.bits, self.init = bits, init
+        channel_shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+        self.register_buffer("scale", torch.ones(channel_shape))
+        self.register_buffer("zero_point", torch.zeros(channel_shape))
+        self.alpha: nn.Parameter | None = None
+        self.rounding: RoundingMode = "nearest"
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    @torch.no_grad()
+    def init_range(self, weight: torch.Tensor) -> None:
+        w = weight.detach().float()
+        if self.init == "mse":
+            s, z = mse_range_search(w, self.bits, dim=0)
+        else:
+            flat = w.reshape(w.shape[0], -1)
+            s, z = affine_params(flat.min(1).values, flat.max(1).values, self.bits)
+        self.scale.copy_(s.view_as(self.scale))
+        self.zero_point.copy_(z.view_as(self.zero_point))
+
+    def init_rounding(self, weight: torch.Tensor) -> None:
+        """Start learning the rounding: ``alpha`` is set so that ``h(alpha)`` equals the fractional part."""
+        w = weight.detach().float() / self.scale
+        rest = (w - w.floor()).clamp(1e-4, 1 - 1e-4)
+        alpha = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+        self.alpha = nn.Parameter(alpha.to(weight.dtype))
+        self.rounding = "learned"
+
+    def soft_rounding(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def rounding_regularizer(self, beta: float) -> torch.Tensor:
+        """AdaRound's ``sum(1 - |2h - 1|^beta)``: zero once every rounding choice is made."""
+        return (1 - (2 * self.soft_rounding() - 1).abs().pow(beta)).sum()
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes in ``[0, 2**bits - 1]`` (as float) under the current rounding mode."""
+        w = weight / self.scale
+        if self.rounding == "nearest":
+            q = torch.round(w)
+        elif self.rounding == "learned":
+            q = torch.floor(w) + self.soft_rounding()
+        else:
+            q = torch.floor(w) + (self.alpha >= 0).to(w.dtype)
+        return torch.clamp(q + self.zero_point, 0, self.qmax)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return (self.codes(weight) - self.zero_point) * self.scale
+
+    @torch.no_grad()
+    def harden(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the dequantized weight under the hard rounding choice; afterwards ``alpha`` is gone."""
+        if self.rounding == "learned":
+            self.rounding = "hard"
+        w_q = self.forward(weight)
+        self.alpha = None
+        self.rounding = "nearest"
+        return w_q
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, init={self.init}, rounding={self.rounding}"
+
+
+class ActQuantizer(nn.Module):
+    """Uniform affine activation quantizer.
+
+    * ``static``: one range per tensor, initialised from observed data, step size learned (LSQ-style).
+    * ``timestep``: one range per timestep group (``groups`` contiguous bands of the training timesteps); the
+      group of every sample comes from ``TimestepContext`` which the converted model fills before each call.
+    * ``dynamic``: a range per token computed on the fly (per spatial position for convolutions, per row for
+      linear layers); nothing to calibrate.
+    """
+
+    def __init__(self, bits: int, scheme: ActScheme = "static", groups: int = 1, channel_dim: int = -1):
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"a_bits must be an integer from 2 to 8 (or None to keep activations in full precision), got {bits!r}")
+        if scheme not in ("static", "timestep", "dynamic"):
+            raise ValueError(f"act_scheme must be one of 'static', 'timestep', 'dynamic', got {scheme!r}")
+        self.bits, self.scheme, self.channel_dim = bits, scheme, channel_dim
+        n = {"static": 1, "timestep": groups, "dynamic": 0}[scheme]
+        self.scale = nn.Parameter(torch.ones(n), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(n))
+        self.context: TimestepContext | None = None
+        self.enabled = True
+        self._observed: list[list[torch.Tensor]] | None = None
+
+    @property
+    def groups(self) -> int:
+        return self.scale.numel()
+
+    # -- range initialisation -------------------------------------------------------------------------------
+    def start_observing(self) -> None:
+        self._observed = [[] for _ in range(max(self.groups, 1))]
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        per_sample = x.detach().float().reshape(x.shape[0], -1)
+        # keep a bounded random subset of each sample's values; the MSE search runs on these
+        keep = min(per_sample.shape[1], 512)
+        idx = torch.randint(0, per_sample.shape[1], (keep,), device=x.device)
+        values = torch.cat([per_sample[:, idx], per_sample.min(1, keepdim=True).values, per_sample.max(1, keepdim=True).values], 1)
+        groups = self._sample_groups(x.shape[0], x.device)
+        for g in range(len(self._observed)):
+            rows = values if groups is None else values[groups == g]
+            if rows.numel():
+                self._observed[g].append(rows.cpu())
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        if self._observed is None:
+            return
+        if self.scheme != "dynamic":
+            fallback = None
+            for g, chunks in enumerate(self._observed):
+                if not chunks:
+                    continue
+                s, z = mse_range_search(torch.cat(chunks).flatten(), self.bits, dim=None)
+                self.scale.data[g], self.zero_point[g] = s[0], z[0]
+                fallback = (s[0], z[0]) if fallback is None else fallback
+            for g, chunks in enumerate(self._observed):  # a group no sample fell into borrows a neighbour's range
+                if not chunks and fallback is not None:
+                    self.scale.data[g], self.zero_point[g] = fallback
+        self._observed = None
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def _sample_groups(self, batch: int, device) -> torch.Tensor | None:
+        if self.scheme != "timestep":
+            return None
+        if self.context is None or self.context.groups is None:
+            raise RuntimeError("act_scheme='timestep' needs the timestep of each sample: call the converted model, not a lone layer, or set TimestepContext")
+        g = self.context.groups.to(device)
+        if g.numel() == 1:
+            g = g.expand(batch)
+        if g.numel() != batch:  # e.g. attention reshaping heads into the batch: groups repeat per sample
+            g = g.repeat_interleave(batch // g.numel())
+        return g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observed is not None:
+            self._observe(x)
+            return x
+        if not self.enabled:
+            return x
+        if self.scheme == "dynamic":
+            return self._dynamic(x)
+        scale, zero_point = self.scale.abs().clamp_min(1e-8), self.zero_point
+        groups = self._sample_groups(x.shape[0], x.device)
+        if groups is not None:
+            view = (-1,) + (1,) * (x.dim() - 1)
+            scale, zero_point = scale[groups].view(view), zero_point[groups].view(view)
+        return fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), self.bits)
+
+    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        dim = self.channel_dim % x.dim()
+        lo = x.detach().amin(dim=dim, keepdim=True)
+        hi = x.detach().amax(dim=dim, keepdim=True)
+        scale, zero_point = affine_params(lo, hi, self.bits)
+        return fake_quantize(x, scale, zero_point, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scheme={self.scheme}, groups={self.groups}"
+
+
+class SplitActQuantizer(nn.Module):
+    """Two activation quantizers for an input that concatenates two tensors along channels (UNet skip joins).
+
+    ``split`` is the number of channels of the first part (the up-path features); the rest is the skip.
+    """
+
+    def __init__(self, split: int, bits: int, scheme: ActScheme = "static", groups: int = 1, channel_dim: int = 1):
+        super().__init__()
+        self.register_buffer("split", torch.tensor(int(split)))
+        self.first = ActQuantizer(bits, scheme, groups, channel_dim)
+        self.second = ActQuantizer(bits, scheme, groups, channel_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(self.split)
+        a, b = x.split([k, x.shape[1] - k], dim=1)
+        return torch.cat([self.first(a), self.second(b)], dim=1)
+
+
+class TimestepContext:
+    """Holds the timestep group of every sample of the current call (shared by the ``timestep``-scheme quantizers)."""
+
+    def __init__(self, num_groups: int, num_train_timesteps: int = 1000):
+        self.num_groups, self.num_train_timesteps = num_groups, num_train_timesteps
+        self.groups: torch.Tensor | None = None
+
+    def set_timesteps(self, timestep: torch.Tensor | float | int) -> None:
+        t = torch.as_tensor(timestep).reshape(-1).float()
+        band = self.num_train_timesteps / self.num_groups
+        self.groups = (t / band).floor().long().clamp(0, self.num_groups - 1).cpu()
+
+
+def lsq_grad_scale(numel: int, bits: int) -> float:
+    """LSQ's step-size gradient scale ``1 / sqrt(numel * qmax)``."""
+    return 1.0 / math.sqrt(max(numel, 1) * (2**bits - 1))
