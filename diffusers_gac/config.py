@@ -21,7 +21,7 @@ WEIGHT_INITS = ("minmax", "mse")
 TIMESTEP_SELECTIONS = ("uniform", "normal", "all")
 
 
-def _check_bits(name: str, value: Any, allow_none: bool = False) -> None:
+def check_bits(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
@@ -29,7 +29,7 @@ def _check_bits(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
@@ -52,6 +52,8 @@ class GACConfig(QuantizationConfigMixin):
         act_scheme: ``"static"`` (one learned range per tensor), ``"timestep"`` (one learned range per timestep
             group) or ``"dynamic"`` (a range per token computed at run time).
         act_timestep_groups: number of timestep groups for ``act_scheme="timestep"``.
+        attn_bits: bits of the attention matmul inputs (queries, keys, values, softmax probabilities), or ``None``
+            to keep those matmuls in full precision.
         weight_init: weight range initialisation, ``"mse"`` (error-minimising search) or ``"minmax"``.
         special_bits: bits (weights and inputs) of the first layer, the last layer and the timestep embedding;
             ``None`` keeps them in full precision. Other layers use ``w_bits``/``a_bits``.
@@ -79,6 +81,7 @@ class GACConfig(QuantizationConfigMixin):
     act_scheme: str = "timestep"
     act_timestep_groups: int = 5
     weight_init: str = "mse"
+    attn_bits: int | None = None
     special_bits: int | None = 8
     split_skip_inputs: bool = True
     modules_to_not_convert: list[str] | None = None
@@ -101,14 +104,15 @@ class GACConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self) -> None:
-        _check_bits("w_bits", self.w_bits)
-        _check_bits("a_bits", self.a_bits, allow_none=True)
-        _check_bits("special_bits", self.special_bits, allow_none=True)
-        _check_choice("act_scheme", self.act_scheme, ACT_SCHEMES)
-        _check_choice("weight_init", self.weight_init, WEIGHT_INITS)
-        _check_choice("calib_timestep_selection", self.calib_timestep_selection, TIMESTEP_SELECTIONS)
-        _check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
-        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_bits("w_bits", self.w_bits)
+        check_bits("a_bits", self.a_bits, allow_none=True)
+        check_bits("special_bits", self.special_bits, allow_none=True)
+        check_bits("attn_bits", self.attn_bits, allow_none=True)
+        check_choice("act_scheme", self.act_scheme, ACT_SCHEMES)
+        check_choice("weight_init", self.weight_init, WEIGHT_INITS)
+        check_choice("calib_timestep_selection", self.calib_timestep_selection, TIMESTEP_SELECTIONS)
+        check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
         for name in ("act_timestep_groups", "calib_num_inference_steps", "calib_num_timesteps",
                      "calib_samples_per_timestep", "iters", "batch_size"):
             _check_positive(name, getattr(self, name))

@@ -18,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import GACConfig
-from ..quant.convert import quantization_disabled, set_quant_state
-from ..quant.layers import QuantLayerMixin
+from ..quant.convert import act_quantizers, quantization_disabled, set_quant_state
+from ..quant.quantizers import ActQuantizer
 from .data import CalibrationData
 from .units import Unit, UnitCache, capture_unit_inputs, capture_unit_outputs, find_units, unit_output
 from .weighting import SampleWeighting, UnitProblem, make_weighting
@@ -94,7 +94,7 @@ class UnitReconstruction:
 
     @torch.no_grad()
     def init_activation_ranges(self) -> None:
-        quantizers = [q for layer in self.unit.layers.values() for q in layer.act_quantizers()]
+        quantizers = act_quantizers(self.unit.module)
         if not quantizers:
             return
         for q in quantizers:
@@ -110,11 +110,11 @@ class UnitReconstruction:
         rounding, steps = {}, {}
         for name, layer in self.unit.layers.items():
             layer.weight_quantizer.init_rounding(layer.weight)
-            rounding[f"{name}.alpha"] = layer.weight_quantizer.alpha
-            for j, q in enumerate(layer.act_quantizers()):
-                if q.scheme != "dynamic":
-                    q.scale.requires_grad_(True)
-                    steps[f"{name}.act{j}"] = q.scale
+            rounding[f"{name}.weight_quantizer.alpha"] = layer.weight_quantizer.alpha
+        for name, q in self.unit.module.named_modules():
+            if isinstance(q, ActQuantizer) and q.scheme != "dynamic" and not q.fixed_range:
+                q.scale.requires_grad_(True)
+                steps[f"{name}.scale"] = q.scale
         return rounding, steps
 
     def optimise(self, weighting: SampleWeighting) -> dict[str, Any]:
@@ -177,13 +177,10 @@ def reconstruct_model(
         cache = capture_unit_inputs(model, unit, _model_calls(data, capture_bs, device, dtype))
         with quantization_disabled(model):
             cache.target = capture_unit_outputs(model, unit, _model_calls(data, capture_bs, device, dtype))
-        for layer in unit.layers.values():
-            layer.quantize_weight = True
+        set_quant_state(unit.module, weights=True, acts=False)
         job = UnitReconstruction(model, unit, cache, timesteps, config, device, dtype, generator)
         job.init_activation_ranges()
-        for layer in unit.layers.values():
-            for q in layer.act_quantizers():
-                q.enabled = True
+        set_quant_state(unit.module, weights=True, acts=True)
         before = job.mean_loss(eval_idx)
         diagnostics = job.optimise(weighting) if config.reconstruction == "adaround" else {}
         after = job.mean_loss(eval_idx)

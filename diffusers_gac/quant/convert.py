@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from ..config import GACConfig
+from .attention import quantize_attention
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear
 from .quantizers import ActQuantizer, TimestepContext
 
 # Names of the first/last layers and of the embedding MLPs across diffusers' UNets and transformer denoisers.
 FIRST_LAST_LAYERS = ("conv_in", "conv_out", "pos_embed.proj", "proj_out", "proj_out_1", "proj_out_2", "proj_in")
 EMBEDDING_MARKERS = ("time_embedding", "timestep_embedder", "class_embedding", "class_embedder", "add_embedding",
-                     "time_embed", "emb.linear", "adaln_single.linear")
+                     "time_embed", "adaln_single.linear")
 
 
 def is_special_layer(name: str) -> bool:
@@ -65,6 +66,7 @@ class ConversionReport:
 
     layers: dict[str, dict] = field(default_factory=dict)  # name -> {"w_bits", "a_bits", "split"}
     skipped: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)  # Attention modules whose matmuls are quantized
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -102,7 +104,10 @@ def convert_model(model: nn.Module, config: GACConfig) -> ConversionReport:
         )
         _set_module(model, name, layer)
         report.layers[name] = {"w_bits": w_bits, "a_bits": a_bits, "split": split}
-    if config.act_scheme == "timestep" and config.a_bits is not None:
+    if config.attn_bits is not None:
+        report.attention = quantize_attention(model, config.attn_bits, config.act_scheme, config.act_timestep_groups,
+                                              skip=config.modules_to_not_convert)
+    if config.act_scheme == "timestep" and (config.a_bits is not None or config.attn_bits is not None):
         attach_timestep_context(model, config.act_timestep_groups)
     return report
 
@@ -141,32 +146,32 @@ def attach_timestep_context(model: nn.Module, num_groups: int) -> TimestepContex
     return context
 
 
-def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
-    """Switch weight and activation quantization of every converted layer on or off (off = the FP model)."""
-    for layer in quant_layers(model).values():
+def set_quant_state(module: nn.Module, weights: bool = True, acts: bool = True) -> None:
+    """Switch weight and activation quantization below ``module`` on or off (all off = the FP model)."""
+    for layer in quant_layers(module).values():
         layer.quantize_weight = weights
-        for q in layer.act_quantizers():
-            q.enabled = acts
+    for q in act_quantizers(module):
+        q.enabled = acts
 
 
 class quantization_disabled:
-    """Context manager: run the model in full precision (the converted layers keep the original weights)."""
+    """Context manager: run the model in full precision (converted layers keep their original weights until
+    ``freeze_model``)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __enter__(self):
-        self.saved = {
-            n: (l.quantize_weight, [q.enabled for q in l.act_quantizers()]) for n, l in quant_layers(self.model).items()
-        }
+        self.layers, self.quantizers = quant_layers(self.model), act_quantizers(self.model)
+        self.saved = ([l.quantize_weight for l in self.layers.values()], [q.enabled for q in self.quantizers])
         set_quant_state(self.model, weights=False, acts=False)
         return self.model
 
     def __exit__(self, *exc):
-        for n, l in quant_layers(self.model).items():
-            l.quantize_weight, enabled = self.saved[n]
-            for q, e in zip(l.act_quantizers(), enabled):
-                q.enabled = e
+        for layer, on in zip(self.layers.values(), self.saved[0]):
+            layer.quantize_weight = on
+        for q, on in zip(self.quantizers, self.saved[1]):
+            q.enabled = on
         return False
 
 

@@ -66,12 +66,6 @@ class QuantLayerMixin:
             self.weight.data.copy_(self.weight_quantizer.harden(self.weight))
             self.frozen = True
 
-    def act_quantizers(self) -> list[ActQuantizer]:
-        q = self.input_quantizer
-        if q is None:
-            return []
-        return [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
-
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     @classmethod

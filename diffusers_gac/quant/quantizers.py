@@ -12,11 +12,12 @@ quantized model can be rebuilt from its config before its weights load:
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from torch import nn
+
+from ..config import ACT_SCHEMES, WEIGHT_INITS, check_bits, check_choice
 
 WeightInit = Literal["minmax", "mse"]
 ActScheme = Literal["static", "timestep", "dynamic"]
@@ -78,10 +79,8 @@ class WeightQuantizer(nn.Module):
 
     def __init__(self, weight_shape: torch.Size | tuple[int, ...], bits: int, init: WeightInit = "mse"):
         super().__init__()
-        if not 2 <= bits <= 8:
-            raise ValueError(f"w_bits must be an integer from 2 to 8, got {bits!r}")
-        if init not in ("minmax", "mse"):
-            raise ValueError(f"weight_init must be 'minmax' or 'mse', got {init!r}")
+        check_bits("w_bits", bits)
+        check_choice("weight_init", init, WEIGHT_INITS)
         self.bits, self.init = bits, init
         channel_shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
         self.register_buffer("scale", torch.ones(channel_shape))
@@ -159,16 +158,15 @@ class ActQuantizer(nn.Module):
 
     def __init__(self, bits: int, scheme: ActScheme = "static", groups: int = 1, channel_dim: int = -1):
         super().__init__()
-        if not 2 <= bits <= 8:
-            raise ValueError(f"a_bits must be an integer from 2 to 8 (or None to keep activations in full precision), got {bits!r}")
-        if scheme not in ("static", "timestep", "dynamic"):
-            raise ValueError(f"act_scheme must be one of 'static', 'timestep', 'dynamic', got {scheme!r}")
+        check_bits("a_bits", bits)
+        check_choice("act_scheme", scheme, ACT_SCHEMES)
         self.bits, self.scheme, self.channel_dim = bits, scheme, channel_dim
         n = {"static": 1, "timestep": groups, "dynamic": 0}[scheme]
         self.scale = nn.Parameter(torch.ones(n), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(n))
         self.context: TimestepContext | None = None
         self.enabled = True
+        self.fixed_range = False  # a range known in advance (softmax probabilities): never observed or learned
         self._observed: list[list[torch.Tensor]] | None = None
 
     @property
@@ -177,7 +175,8 @@ class ActQuantizer(nn.Module):
 
     # -- range initialisation -------------------------------------------------------------------------------
     def start_observing(self) -> None:
-        self._observed = [[] for _ in range(max(self.groups, 1))]
+        if not self.fixed_range:
+            self._observed = [[] for _ in range(max(self.groups, 1))]
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
@@ -277,8 +276,3 @@ class TimestepContext:
         t = torch.as_tensor(timestep).reshape(-1).float()
         band = self.num_train_timesteps / self.num_groups
         self.groups = (t / band).floor().long().clamp(0, self.num_groups - 1).cpu()
-
-
-def lsq_grad_scale(numel: int, bits: int) -> float:
-    """LSQ's step-size gradient scale ``1 / sqrt(numel * qmax)``."""
-    return 1.0 / math.sqrt(max(numel, 1) * (2**bits - 1))

@@ -1,0 +1,56 @@
+"""Tiny randomly initialised diffusers denoisers of every family the converter supports."""
+
+import torch
+from diffusers import DiTTransformer2DModel, Transformer2DModel, UNet2DConditionModel, UNet2DModel
+
+
+def tiny_unet2d(class_conditional: bool = True) -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=8, num_class_embeds=10 if class_conditional else None,
+    ).eval()
+
+
+def tiny_unet2d_condition() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=4,
+    ).eval()
+
+
+def tiny_dit() -> DiTTransformer2DModel:
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=4, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
+    ).eval()
+
+
+def tiny_transformer2d() -> Transformer2DModel:
+    torch.manual_seed(0)
+    return Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=8, num_layers=1, norm_num_groups=4,
+        cross_attention_dim=12,
+    ).eval()
+
+
+def example_call(model, batch: int = 4, seed: int = 0) -> dict:
+    """Keywords of one denoiser call with random inputs of the right shapes."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    size = cfg.sample_size if cfg.get("sample_size") else 8
+    call = {"timestep": torch.randint(0, 1000, (batch,), generator=g)}
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+    if isinstance(model, (DiTTransformer2DModel, Transformer2DModel)):
+        call["hidden_states"] = x
+    else:
+        call["sample"] = x
+    if isinstance(model, DiTTransformer2DModel) or (isinstance(model, UNet2DModel) and cfg.num_class_embeds):
+        call["class_labels"] = torch.randint(0, 10, (batch,), generator=g)
+    if cfg.get("cross_attention_dim"):
+        call["encoder_hidden_states"] = torch.randn(batch, 3, cfg.cross_attention_dim, generator=g)
+    return call
