@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import diffusers
+import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from ..evaluation.classifier import DigitsClassifier
@@ -40,6 +43,49 @@ def load_digits_classifier(name: str = DEFAULT_MODEL) -> DigitsClassifier:
     return DigitsClassifier.from_pretrained(embedded_model_path(name) / "classifier")
 
 
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """Folder of a model given as an embedded name (``"digits"``) or a path.
+
+    A path must hold either a diffusers model (``config.json``) or a pipeline-like layout with ``unet/`` (and
+    optionally ``scheduler/``). An embedded name wins over a relative folder of the same name.
+    """
+    if isinstance(name_or_path, str) and name_or_path in EMBEDDED_MODELS:
+        return embedded_model_path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {str(name_or_path)!r} is neither an embedded model (available: {sorted(EMBEDDED_MODELS)}) "
+            f"nor an existing folder ({path.resolve()} does not exist)"
+        )
+    if not path.is_dir() or not ((path / "config.json").is_file() or (path / "unet" / "config.json").is_file()):
+        raise FileNotFoundError(f"{path} is not a model folder: expected {path / 'config.json'} or {path / 'unet' / 'config.json'}")
+    return path
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device | None = None):
+    """Load ``(unet, scheduler)`` from an embedded name or a folder (see :func:`resolve_model_path`).
+
+    The denoiser's class is read from its ``config.json`` (``_class_name``, e.g. ``UNet2DModel``) and loaded with
+    its own ``from_pretrained``, so quantized checkpoints go through their diffusers quantizer. The scheduler is a
+    ``DDIMScheduler`` built from the folder's ``scheduler/`` config when there is one, and otherwise from the
+    embedded digits model's schedule (the evaluation default).
+    """
+    path = resolve_model_path(name_or_path)
+    subfolder = "unet" if (path / "unet" / "config.json").is_file() else None
+    config = json.loads((path / (subfolder or "") / "config.json").read_text())
+    model_cls = getattr(diffusers, config.get("_class_name", "UNet2DModel"), None)
+    if model_cls is None or not hasattr(model_cls, "from_pretrained"):
+        raise ValueError(f"{path}: unknown diffusers model class {config.get('_class_name')!r} in config.json")
+    unet = model_cls.from_pretrained(path, subfolder=subfolder)
+    if device is not None:
+        unet = unet.to(device)
+    if (path / "scheduler" / "scheduler_config.json").is_file():
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    else:
+        scheduler = load_embedded_scheduler(DEFAULT_MODEL)
+    return unet.eval(), scheduler
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
@@ -47,4 +93,6 @@ __all__ = [
     "load_digits_classifier",
     "load_embedded_scheduler",
     "load_embedded_unet",
+    "load_model",
+    "resolve_model_path",
 ]

@@ -1,0 +1,174 @@
+"""One evaluation of a denoiser: seeded samples, then FD, PSNR and classifier accuracy on them.
+
+The defaults measure the embedded digits model: the features and labels come from the embedded digits
+classifier, and FD compares with the held-out test split (which neither the model nor the classifier saw).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import load_digits_split
+from .metrics import class_accuracy, classifier_features, frechet_distance, psnr
+from .sampling import sample_images
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one sampling run. ``psnr`` is ``None`` without a reference (``inf`` for identical samples);
+    ``accuracy`` is ``None`` for an unconditional model."""
+
+    fd: float
+    psnr: float | None
+    accuracy: float | None
+    num_samples: int
+    num_inference_steps: int
+    seed: int
+    scheduler: str
+    sampling_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MetricFloor:
+    """The best a generator can hope for: real test digits scored against real train digits."""
+
+    fd: float
+    accuracy: float
+    num_test: int
+    num_train: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _default_classifier() -> nn.Module:
+    # Imported here: the zoo imports this package (for the classifier class), so a top-level import would cycle.
+    from ..zoo import load_digits_classifier
+
+    return load_digits_classifier()
+
+
+def evaluate_denoiser(
+    unet: nn.Module,
+    scheduler,
+    *,
+    reference_unet: nn.Module | None = None,
+    reference_images: torch.Tensor | None = None,
+    num_samples: int = 1000,
+    num_inference_steps: int = 25,
+    seed: int = 0,
+    batch_size: int = 256,
+    classifier: nn.Module | None = None,
+    real_images: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+    show_progress: bool = True,
+) -> EvalResult:
+    """Sample ``unet`` and score the samples (clamped to ``[-1, 1]``).
+
+    Args:
+        reference_unet: the full-precision model; it is sampled from the same noise and labels and ``psnr`` is
+            measured against its samples. Passing ``unet`` itself reuses the samples (``psnr`` is ``inf``).
+        reference_images: precomputed reference samples, i.e. ``sample_images(reference_unet, scheduler,
+            num_samples, num_inference_steps=..., seed=...)[0]`` with the same settings; they avoid resampling
+            the reference when several models are compared. Takes precedence over ``reference_unet``.
+        classifier: feature network with ``features(x)`` and logits ``forward(x)``; default: the embedded digits
+            classifier.
+        real_images: images FD compares with; default: the held-out digits test split.
+        device: where ``unet`` (and ``reference_unet``) run; default: the device of ``unet``.
+    """
+    classifier = classifier if classifier is not None else _default_classifier()
+    real_images = real_images if real_images is not None else load_digits_split("test")[0]
+    sampling = dict(
+        num_inference_steps=num_inference_steps,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        show_progress=show_progress,
+    )
+    start = time.perf_counter()
+    samples, labels = sample_images(unet, scheduler, num_samples, **sampling)
+    seconds = time.perf_counter() - start
+    if reference_images is None and reference_unet is unet:
+        reference_images = samples
+    elif reference_images is None and reference_unet is not None:
+        reference_images, _ = sample_images(reference_unet, scheduler, num_samples, class_labels=labels, **sampling)
+    if reference_images is not None and reference_images.shape != samples.shape:
+        raise ValueError(
+            f"reference_images has shape {tuple(reference_images.shape)} but the samples have shape "
+            f"{tuple(samples.shape)}; sample the reference with the same num_samples"
+        )
+    samples = samples.clamp(-1, 1)
+    fd = frechet_distance(
+        classifier_features(classifier, samples, batch_size), classifier_features(classifier, real_images, batch_size)
+    )
+    return EvalResult(
+        fd=fd,
+        psnr=psnr(samples, reference_images) if reference_images is not None else None,
+        accuracy=class_accuracy(classifier, samples, labels, batch_size) if labels is not None else None,
+        num_samples=num_samples,
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        scheduler=type(scheduler).__name__,
+        sampling_seconds=round(seconds, 3),
+    )
+
+
+def metric_floor(classifier: nn.Module | None = None) -> MetricFloor:
+    """FD of the real test digits against the real train digits, and the classifier's accuracy on the test digits."""
+    classifier = classifier if classifier is not None else _default_classifier()
+    test_images, test_labels = load_digits_split("test")
+    train_images, _ = load_digits_split("train")
+    fd = frechet_distance(classifier_features(classifier, test_images), classifier_features(classifier, train_images))
+    return MetricFloor(
+        fd=fd,
+        accuracy=class_accuracy(classifier, test_images, test_labels),
+        num_test=len(test_images),
+        num_train=len(train_images),
+    )
+
+
+def summarize(results: Sequence[EvalResult]) -> dict:
+    """Mean and sample standard deviation of each metric over runs (seeds) of one model.
+
+    Returns ``fd``, ``psnr``, ``accuracy`` (means) with ``fd_std``, ``psnr_std``, ``accuracy_std`` (``None`` for a
+    single run), plus ``seeds``, ``num_samples`` and ``num_inference_steps``. A metric that is ``None`` in the runs
+    stays ``None``; an infinite PSNR (identical samples) has mean ``inf`` and std ``0.0``.
+    """
+    if not results:
+        raise ValueError("summarize needs at least one EvalResult")
+    summary: dict = {}
+    for key in ("fd", "psnr", "accuracy"):
+        values = [getattr(r, key) for r in results]
+        if any(v is None for v in values):
+            summary[key], summary[f"{key}_std"] = None, None
+            continue
+        summary[key] = float(np.mean(values))
+        if len(values) == 1:
+            summary[f"{key}_std"] = None
+        elif all(v == values[0] for v in values):
+            summary[f"{key}_std"] = 0.0
+        else:
+            summary[f"{key}_std"] = float(np.std(values, ddof=1))
+    summary["seeds"] = [r.seed for r in results]
+    summary["num_samples"] = results[0].num_samples
+    summary["num_inference_steps"] = results[0].num_inference_steps
+    return summary
+
+
+def format_mean_std(mean: float | None, std: float | None, digits: int = 2) -> str:
+    """``"12.34 ± 0.56"`` (``"12.34"`` without a std, ``"-"`` for a missing metric)."""
+    if mean is None:
+        return "-"
+    if math.isinf(mean):
+        return "inf"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"

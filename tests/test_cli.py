@@ -1,0 +1,130 @@
+"""The ``diffusers-gac`` command end to end on the embedded model (small sample counts, few steps)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_gac import zoo
+from diffusers_gac.cli import bits, build_parser, main
+
+SMALL = ["--num-samples", "20", "--steps", "3", "--quiet"]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``main(argv)`` in-process; an argparse error's ``SystemExit`` becomes its exit code."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def model_copies(tmp_path_factory):
+    """The embedded model saved again (identical weights) and a slightly perturbed copy, as ``unet/`` folders."""
+    root = tmp_path_factory.mktemp("models")
+    unet = zoo.load_embedded_unet()
+    unet.save_pretrained(root / "copy" / "unet")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    unet.save_pretrained(root / "perturbed" / "unet")
+    return root / "copy", root / "perturbed"
+
+
+def test_sample_writes_a_png_grid(tmp_path, capsys):
+    output = tmp_path / "grid.png"
+    code, out, _ = run_cli(["sample", "--output", str(output), *SMALL], capsys)
+    assert code == 0 and str(output) in out
+    with Image.open(output) as image:
+        image.verify()
+    with Image.open(output) as image:
+        # 20 samples of 8x8 with balanced labels: 10 per row, enlarged 4x with a 1-pixel border
+        assert image.format == "PNG" and image.size == ((10 * 9 + 1) * 4, (2 * 9 + 1) * 4)
+
+
+def test_sample_one_class_from_a_folder(tmp_path, capsys, model_copies):
+    output = tmp_path / "sevens.png"
+    code, _, _ = run_cli(["sample", "--model", str(model_copies[0]), "--class-label", "7", "--output", str(output), *SMALL], capsys)
+    assert code == 0 and output.is_file()
+
+
+def test_sample_rejects_a_class_the_model_lacks(tmp_path, capsys):
+    code, _, err = run_cli(["sample", "--class-label", "10", "--output", str(tmp_path / "x.png"), *SMALL], capsys)
+    assert code == 2 and "--class-label must be between 0 and 9, got 10" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_evaluate_json_against_the_embedded_reference(capsys, model_copies):
+    copy, perturbed = model_copies
+    code, out, _ = run_cli(["evaluate", str(copy), str(perturbed), "--json", "--seeds", "0", "1", *SMALL], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["model"] for r in rows] == [str(copy), str(perturbed)]
+    for row in rows:
+        assert {"model", "fd", "psnr", "accuracy"} <= row.keys()
+        assert row["seeds"] == [0, 1] and len(row["runs"]) == 2
+        assert row["num_samples"] == 20 and row["num_inference_steps"] == 3
+        assert row["fd"] > 0 and 0 <= row["accuracy"] <= 1
+    assert rows[0]["psnr"] == math.inf  # same weights, same noise: identical samples
+    assert 10 < rows[1]["psnr"] < math.inf
+
+
+def test_evaluate_without_models_scores_the_reference_itself(capsys):
+    code, out, _ = run_cli(["evaluate", *SMALL], capsys)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:2] == ["model", "steps"]
+    assert lines[2].startswith("digits") and " inf " in lines[2]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "/no/such/folder"], "/no/such/folder does not exist"),
+        (["evaluate", "--reference", "digitz"], "'digitz' is neither an embedded model (available: ['digits'])"),
+        (["sample", "--model", "nope"], "'nope' is neither an embedded model"),
+        (["evaluate", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+        (["sample", "--num-samples", "0"], "argument --num-samples: must be a positive integer, got 0"),
+        (["evaluate", "--num-samples", "many"], "expected a positive integer, got 'many'"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and message in err and out == ""
+
+
+def test_a_folder_without_a_model_is_named(tmp_path, capsys):
+    code, _, err = run_cli(["evaluate", str(tmp_path)], capsys)
+    assert code == 2 and f"{tmp_path} is not a model folder" in err
+
+
+def test_bits_type_allows_2_to_8():
+    assert bits("4") == 4
+    for bad in ("1", "9", "four"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bits(bad)
+
+
+def test_parser_has_one_subcommand_per_function():
+    parser = build_parser()
+    args = parser.parse_args(["evaluate", "--seed", "3"])
+    assert args.seeds == [3] and args.func.__name__ == "run_evaluate"
+    assert parser.parse_args(["sample"]).func.__name__ == "run_sample"
+
+
+def test_console_entry_point_reports_errors_with_exit_code_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusers_gac.cli", "evaluate", "--steps", "0"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "must be a positive integer, got 0" in result.stderr
