@@ -89,12 +89,11 @@ def test_adaround_starts_near_the_weight_and_hardens_to_its_learned_choice():
     choice = (q.alpha >= 0).float()
     floor = torch.floor(w / q.scale)
     expected = (torch.clamp(floor + choice + q.zero_point, 0, 15) - q.zero_point) * q.scale
-    hard = q.harden(w)
-    assert torch.allclose(hard, expected)
-    assert q.alpha is None
+    codes = q.harden(w)
+    assert torch.allclose((codes - q.zero_point) * q.scale, expected)
+    assert q.alpha is None and q.rounding == "nearest"
     # hardened weights sit on the 4-bit grid of their channel
-    codes = hard / q.scale + q.zero_point
-    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= 0 and codes.max() <= 15
+    assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 15
 
 
 def test_rounding_regularizer_vanishes_for_decided_rounding():
@@ -196,10 +195,22 @@ def test_quant_layer_matches_float_layer_when_quantization_is_off(make):
     assert q.weight_quantizer.scale.shape[0] == 6
 
 
-def test_freeze_bakes_the_quantized_weight():
-    layer = nn.Linear(8, 4)
-    q = QuantLinear.from_module(layer, w_bits=3, a_bits=None)
-    expected = q.weight_quantizer(q.weight).detach().clone()
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(6, 4, 3), lambda: nn.Conv2d(6, 6, 3, groups=3), lambda: nn.Linear(7, 5)])
+def test_freeze_packs_integer_codes_and_keeps_the_output(bits, make):
+    torch.manual_seed(0)
+    layer = make()
+    cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+    q = cls.from_module(layer, w_bits=bits, a_bits=None)
+    q.weight_quantizer.init_rounding(q.weight)
+    with torch.no_grad():
+        q.weight_quantizer.alpha.copy_(torch.randn_like(q.weight_quantizer.alpha))
+    q.weight_quantizer.rounding = "hard"
+    x = torch.randn(2, 6, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(3, 7)
+    expected = q(x).detach()
     q.freeze()
-    assert q.frozen and torch.allclose(q.weight, expected)
-    assert torch.allclose(q(torch.eye(8)), torch.eye(8) @ expected.T + q.bias)
+    assert q.frozen and "weight" not in dict(q.named_parameters())
+    assert q.packed_weight.dtype == torch.uint8
+    k = q.codes_per_channel
+    assert q.packed_weight.shape == (q.weight_shape[0], (k + 1) // 2 if bits <= 4 else k)
+    assert torch.allclose(q(x), expected, atol=1e-5)

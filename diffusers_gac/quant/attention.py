@@ -21,7 +21,7 @@ from .quantizers import ActQuantizer, ActScheme
 
 def _probs_quantizer(bits: int) -> ActQuantizer:
     q = ActQuantizer(bits, "static", groups=1)
-    q.scale.data.fill_(1.0 / (2**bits - 1))  # probabilities live in [0, 1]: nothing to observe or learn
+    q.scale.fill_(1.0 / (2**bits - 1))  # probabilities live in [0, 1]: nothing to observe or learn
     q.fixed_range = True
     return q
 

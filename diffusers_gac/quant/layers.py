@@ -1,47 +1,48 @@
-"""Quantized Conv2d and Linear: the original weight and bias, a weight quantizer and an input quantizer.
+"""Quantized Conv2d and Linear: a weight quantizer, an input quantizer and, once frozen, packed integer weights.
 
-State of a converted layer named ``L`` (what a checkpoint holds):
+A converted layer lives in two states.
 
-    L.weight                         original shape, full precision until frozen, then the dequantized 4-bit grid
-    L.bias                           unchanged
-    L.weight_quantizer.scale         (out_channels, 1, ...)      per output channel
-    L.weight_quantizer.zero_point    (out_channels, 1, ...)
-    L.input_quantizer.scale          (groups,)                    absent when activations stay full precision
-    L.input_quantizer.zero_point     (groups,)
-    L.input_quantizer.split          ()                           only for split inputs (UNet skip joins)
+*Calibrating* (after ``from_module``): it keeps the original ``weight`` Parameter and fake-quantizes it on the fly,
+so rounding and ranges can be learned and quantization can be switched off to recover the float model.
+
+*Frozen* (after ``freeze()``, and what a checkpoint holds): the float weight is gone. State of a layer ``L`` with
+``out`` output channels and ``k`` weights per channel (``k = in_channels/groups * kh * kw`` or ``in_features``):
+
+    L.packed_weight                  uint8 (out, ceil(k/2)) for w_bits <= 4, (out, k) otherwise; see packing.py
+    L.bias                           unchanged (float)
+    L.weight_quantizer.scale         float (out, 1[, 1, 1])       weight = (code - zero_point) * scale
+    L.weight_quantizer.zero_point    float (out, 1[, 1, 1])       an integer in [0, 2**w_bits - 1]
+    L.input_quantizer.scale          float (groups,)               absent when a_bits is None; groups = 0 if dynamic
+    L.input_quantizer.zero_point     float (groups,)
+    L.input_quantizer.split          int64 ()                      split inputs only, with .first/.second quantizers
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packing import pack_codes, packed_width, unpack_codes
 from .quantizers import ActQuantizer, ActScheme, SplitActQuantizer, WeightInit, WeightQuantizer
 
 
 class QuantLayerMixin:
-    """What the reconstruction loop needs from any quantized layer."""
+    """What the reconstruction loop and the serializer need from any quantized layer."""
 
-    weight: nn.Parameter
     weight_quantizer: WeightQuantizer
     input_quantizer: ActQuantizer | SplitActQuantizer | None
     quantize_weight: bool
     frozen: bool
 
-    def _init_quant(
-        self,
-        w_bits: int,
-        a_bits: int | None,
-        weight_init: WeightInit,
-        act_scheme: ActScheme,
-        act_groups: int,
-        channel_dim: int,
-        split: int | None,
-    ) -> None:
+    def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
+                    act_groups: int, channel_dim: int, split: int | None) -> None:
         self.w_bits, self.a_bits = w_bits, a_bits
-        self.weight_quantizer = WeightQuantizer(self.weight.shape, w_bits, weight_init)
-        self.weight_quantizer.init_range(self.weight)
+        self.weight_quantizer = WeightQuantizer(self.weight_shape, w_bits, weight_init)
+        if self.weight.device.type != "meta":
+            self.weight_quantizer.init_range(self.weight)
         if a_bits is None:
             self.input_quantizer = None
         elif split is not None:
@@ -49,22 +50,49 @@ class QuantLayerMixin:
         else:
             self.input_quantizer = ActQuantizer(a_bits, act_scheme, act_groups, channel_dim)
         self.quantize_weight = True
-        self.frozen = False  # True once the weight holds its hardened, dequantized values
+        self.frozen = False
+
+    @property
+    def codes_per_channel(self) -> int:
+        return math.prod(self.weight_shape[1:])
 
     def quantized_weight(self) -> torch.Tensor:
-        if self.frozen or not self.quantize_weight:
+        if self.frozen:
+            return self.dequantized_weight()
+        if not self.quantize_weight:
             return self.weight
         return self.weight_quantizer(self.weight)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        codes = unpack_codes(self.packed_weight, self.codes_per_channel, self.w_bits)
+        q = self.weight_quantizer
+        dtype = q.scale.dtype if self.bias is None else self.bias.dtype
+        w = codes.view(self.weight_shape).to(dtype)
+        return (w - q.zero_point.to(dtype)) * q.scale.to(dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Bake the (learned or nearest) rounding into ``weight``; the layer then only dequantizes."""
-        if not self.frozen:
-            self.weight.data.copy_(self.weight_quantizer.harden(self.weight))
-            self.frozen = True
+        """Bake the (learned or nearest) rounding into packed integer codes and drop the float weight."""
+        if self.frozen:
+            return
+        codes = self.weight_quantizer.harden(self.weight.detach()).round().reshape(self.weight_shape[0], -1)
+        del self.weight
+        self.register_buffer("packed_weight", pack_codes(codes, self.w_bits))
+        self.frozen = True
+
+    def make_frozen_placeholder(self) -> None:
+        """Become a frozen layer with empty buffers of the checkpoint's shapes (for loading pre-quantized weights)."""
+        device = self.weight.device
+        del self.weight
+        width = packed_width(self.codes_per_channel, self.w_bits)
+        self.register_buffer("packed_weight", torch.zeros(self.weight_shape[0], width, dtype=torch.uint8, device=device))
+        self.frozen = True
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, frozen={self.frozen}"
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
@@ -76,8 +104,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
             dilation=module.dilation, groups=module.groups, bias=module.bias is not None, padding_mode=module.padding_mode,
             device="meta",
         )
-        layer.weight = module.weight
-        layer.bias = module.bias
+        layer.weight, layer.bias = module.weight, module.bias
+        layer.weight_shape = tuple(module.weight.shape)
         layer._init_quant(w_bits, a_bits, weight_init, act_scheme, act_groups, channel_dim=1, split=split)
         return layer.to(module.weight.device)
 
@@ -92,8 +120,8 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         if split is not None:
             raise ValueError("split input quantizers are only defined for convolutions")
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        layer.weight = module.weight
-        layer.bias = module.bias
+        layer.weight, layer.bias = module.weight, module.bias
+        layer.weight_shape = tuple(module.weight.shape)
         layer._init_quant(w_bits, a_bits, weight_init, act_scheme, act_groups, channel_dim=-1, split=None)
         return layer.to(module.weight.device)
 

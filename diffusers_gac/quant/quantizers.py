@@ -134,13 +134,13 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> torch.Tensor:
-        """Return the dequantized weight under the hard rounding choice; afterwards ``alpha`` is gone."""
+        """Integer codes (as float) under the hard rounding choice; afterwards ``alpha`` is gone."""
         if self.rounding == "learned":
             self.rounding = "hard"
-        w_q = self.forward(weight)
+        codes = self.codes(weight)
         self.alpha = None
         self.rounding = "nearest"
-        return w_q
+        return codes
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, init={self.init}, rounding={self.rounding}"
@@ -162,7 +162,8 @@ class ActQuantizer(nn.Module):
         check_choice("act_scheme", scheme, ACT_SCHEMES)
         self.bits, self.scheme, self.channel_dim = bits, scheme, channel_dim
         n = {"static": 1, "timestep": groups, "dynamic": 0}[scheme]
-        self.scale = nn.Parameter(torch.ones(n), requires_grad=False)
+        # buffers, not parameters: the reconstruction loop turns on requires_grad for the step sizes it learns
+        self.register_buffer("scale", torch.ones(n))
         self.register_buffer("zero_point", torch.zeros(n))
         self.context: TimestepContext | None = None
         self.enabled = True
@@ -201,11 +202,11 @@ class ActQuantizer(nn.Module):
                 if not chunks:
                     continue
                 s, z = mse_range_search(torch.cat(chunks).flatten(), self.bits, dim=None)
-                self.scale.data[g], self.zero_point[g] = s[0], z[0]
+                self.scale[g], self.zero_point[g] = s[0], z[0]
                 fallback = (s[0], z[0]) if fallback is None else fallback
             for g, chunks in enumerate(self._observed):  # a group no sample fell into borrows a neighbour's range
                 if not chunks and fallback is not None:
-                    self.scale.data[g], self.zero_point[g] = fallback
+                    self.scale[g], self.zero_point[g] = fallback
         self._observed = None
 
     # -- forward --------------------------------------------------------------------------------------------
