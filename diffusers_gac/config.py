@@ -78,7 +78,7 @@ class GACConfig(QuantizationConfigMixin):
     quant_method: GACQuantizationMethod = GACQuantizationMethod.GAC
     w_bits: int = 4
     a_bits: int | None = 4
-    act_scheme: str = "timestep"
+    act_scheme: str = "dynamic"
     act_timestep_groups: int = 5
     weight_init: str = "mse"
     attn_bits: int | None = None
@@ -93,7 +93,7 @@ class GACConfig(QuantizationConfigMixin):
     weighting: str = "uniform"
     iters: int = 400
     batch_size: int = 32
-    lr_round: float = 1e-3
+    lr_round: float = 1e-2
     lr_act: float = 4e-4
     round_reg_weight: float = 0.01
     round_warmup: float = 0.2
