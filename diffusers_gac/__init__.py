@@ -2,7 +2,20 @@
 
 from .api import CalibrationReport, quantize_model, record_calibration_data
 from .calibration.data import CalibrationData, CalibrationRecorder
-from .config import GACConfig
+from .config import GACConfig, GACQuantizationMethod
+from .quantizer import GACQuantizer
+
+
+def _register_backend() -> None:
+    """Make diffusers' from_pretrained know the "gac" quantization method (it has no plugin API: its two
+    lookup tables are extended in place)."""
+    from diffusers.quantizers import auto
+
+    auto.AUTO_QUANTIZER_MAPPING[GACQuantizationMethod.GAC.value] = GACQuantizer
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[GACQuantizationMethod.GAC.value] = GACConfig
+
+
+_register_backend()
 
 __version__ = "0.1.0.dev0"
 
@@ -11,6 +24,7 @@ __all__ = [
     "CalibrationRecorder",
     "CalibrationReport",
     "GACConfig",
+    "GACQuantizer",
     "quantize_model",
     "record_calibration_data",
 ]

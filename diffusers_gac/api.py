@@ -19,6 +19,7 @@ from .calibration.weighting import SampleWeighting
 from .config import GACConfig
 from .evaluation.sampling import sample_images
 from .quant.convert import ConversionReport, convert_model, freeze_model
+from .serialization import mark_quantized
 
 logger = logging.get_logger(__name__)
 
@@ -92,6 +93,9 @@ def quantize_model(
     units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting, show_progress=show_progress)
     seconds["reconstruct"] = round(time.time() - start, 2)
     freeze_model(denoiser)
+    calibrated = GACConfig.from_dict({**config.to_dict(), "converted_layers": conversion.layers,
+                                      "quantized_attention": conversion.attention})
+    mark_quantized(denoiser, calibrated)
     return CalibrationReport(
         config=config.to_dict(),
         converted_layers=conversion.layers,

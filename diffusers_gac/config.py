@@ -73,6 +73,9 @@ class GACConfig(QuantizationConfigMixin):
         lr_round / lr_act: Adam learning rates of the rounding variables and the activation step sizes.
         round_reg_weight: weight of AdaRound's rounding regulariser; round_warmup: fraction of ``iters`` without it.
         seed: seeds every random choice of the calibration.
+    Filled in by calibration (what a saved checkpoint needs to rebuild its layers; leave them unset):
+        converted_layers: ``{layer name: {"w_bits", "a_bits", "split"}}``.
+        quantized_attention: names of the Attention modules whose matmuls are quantized.
     """
 
     quant_method: GACQuantizationMethod = GACQuantizationMethod.GAC
@@ -98,6 +101,8 @@ class GACConfig(QuantizationConfigMixin):
     round_reg_weight: float = 0.01
     round_warmup: float = 0.2
     seed: int = 0
+    converted_layers: dict[str, dict] | None = None
+    quantized_attention: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.quant_method = GACQuantizationMethod.GAC
@@ -132,6 +137,8 @@ class GACConfig(QuantizationConfigMixin):
             or not all(isinstance(m, str) for m in self.modules_to_not_convert)
         ):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
+        if self.converted_layers is not None and not isinstance(self.converted_layers, dict):
+            raise ValueError(f"converted_layers must be a dict of layer name -> settings, got {type(self.converted_layers).__name__}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

@@ -62,17 +62,15 @@ class QuantAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def quantize_attention(model: nn.Module, bits: int, scheme: ActScheme = "dynamic", groups: int = 1,
-                       skip: list[str] | None = None) -> list[str]:
-    """Quantize the matmuls of every ``Attention`` module (except names in ``skip``); returns their names."""
-    done = []
-    for name, module in model.named_modules():
-        if not isinstance(module, Attention) or any(name == s or name.startswith(s + ".") for s in skip or []):
-            continue
+def quantize_attention(model: nn.Module, bits: int, names: list[str], scheme: ActScheme = "dynamic",
+                       groups: int = 1) -> None:
+    """Quantize the matmuls of the named ``Attention`` modules."""
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, Attention):
+            raise ValueError(f"{name!r} is a {type(module).__name__}, not a diffusers Attention module")
         module.q_quantizer = ActQuantizer(bits, scheme, groups)
         module.k_quantizer = ActQuantizer(bits, scheme, groups)
         module.v_quantizer = ActQuantizer(bits, scheme, groups)
         module.probs_quantizer = _probs_quantizer(bits)
         module.set_processor(QuantAttnProcessor())
-        done.append(name)
-    return done

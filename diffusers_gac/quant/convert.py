@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..config import GACConfig
@@ -77,15 +78,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def convert_model(model: nn.Module, config: GACConfig) -> ConversionReport:
-    """Replace the model's Conv2d/Linear layers in place by quantized layers as the config says.
-
-    Also installs the hook that tells ``timestep``-scheme quantizers the timestep of each sample.
-    """
+def plan_conversion(model: nn.Module, config: GACConfig) -> ConversionReport:
+    """Decide which layers to convert and how, without touching the model."""
     report = ConversionReport()
     splits = skip_join_splits(model) if config.split_skip_inputs else {}
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_LAYERS]
-    for name, module in targets:
+    for name, module in model.named_modules():
+        if type(module) not in QUANT_LAYERS:
+            continue
         if _matches(name, config.modules_to_not_convert):
             report.skipped.append(name)
             continue
@@ -97,19 +96,37 @@ def convert_model(model: nn.Module, config: GACConfig) -> ConversionReport:
             w_bits = max(w_bits, config.special_bits)
             a_bits = None if a_bits is None else max(a_bits, config.special_bits)
         split = splits.get(name) if isinstance(module, nn.Conv2d) else None
-        cls = QUANT_LAYERS[type(module)]
-        layer = cls.from_module(
-            module, w_bits=w_bits, a_bits=a_bits, weight_init=config.weight_init, act_scheme=config.act_scheme,
-            act_groups=config.act_timestep_groups, split=split,
-        )
-        _set_module(model, name, layer)
         report.layers[name] = {"w_bits": w_bits, "a_bits": a_bits, "split": split}
     if config.attn_bits is not None:
-        report.attention = quantize_attention(model, config.attn_bits, config.act_scheme, config.act_timestep_groups,
-                                              skip=config.modules_to_not_convert)
+        report.attention = [
+            n for n, m in model.named_modules() if isinstance(m, Attention) and not _matches(n, config.modules_to_not_convert)
+        ]
+    return report
+
+
+def apply_conversion(model: nn.Module, config: GACConfig, plan: ConversionReport) -> None:
+    """Replace the planned layers in place by quantized layers (on the layers' device, meta included) and install
+    the hook that tells ``timestep``-scheme quantizers the timestep of each sample."""
+    for name, spec in plan.layers.items():
+        module = model.get_submodule(name)
+        if type(module) not in QUANT_LAYERS:
+            raise ValueError(f"cannot convert {name!r}: expected Conv2d or Linear, found {type(module).__name__}")
+        layer = QUANT_LAYERS[type(module)].from_module(
+            module, w_bits=spec["w_bits"], a_bits=spec["a_bits"], weight_init=config.weight_init,
+            act_scheme=config.act_scheme, act_groups=config.act_timestep_groups, split=spec["split"],
+        )
+        _set_module(model, name, layer)
+    if plan.attention:
+        quantize_attention(model, config.attn_bits, plan.attention, config.act_scheme, config.act_timestep_groups)
     if config.act_scheme == "timestep" and (config.a_bits is not None or config.attn_bits is not None):
         attach_timestep_context(model, config.act_timestep_groups)
-    return report
+
+
+def convert_model(model: nn.Module, config: GACConfig) -> ConversionReport:
+    """Replace the model's Conv2d/Linear layers in place by quantized layers as the config says."""
+    plan = plan_conversion(model, config)
+    apply_conversion(model, config, plan)
+    return plan
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:

@@ -1,0 +1,81 @@
+"""Rebuilding a calibrated model's layout from its config, and turning a quantized model back into a plain one.
+
+A saved checkpoint is whatever ``state_dict()`` of a frozen model holds (see ``quant/layers.py`` for the exact
+buffers of a layer): packed integer weights and quantizer ranges, no float copy of a converted weight. Its
+config.json carries the ``GACConfig`` including ``converted_layers`` and ``quantized_attention``, from which
+``build_frozen_layout`` recreates every quantized layer with buffers of the right names, shapes and dtypes
+before the weights load.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from .config import GACConfig
+from .quant.convert import ConversionReport, apply_conversion, quant_layers
+
+
+def layout_of(config: GACConfig) -> ConversionReport:
+    if not config.converted_layers:
+        raise ValueError(
+            "this checkpoint's quantization_config lists no converted_layers, so its quantized layers cannot be "
+            "rebuilt; it was not saved by a calibrated diffusers-gac model"
+        )
+    return ConversionReport(layers=dict(config.converted_layers), attention=list(config.quantized_attention or []))
+
+
+def build_frozen_layout(model: nn.Module, config: GACConfig) -> None:
+    """Convert the (meta-device) model's layers as the config records and make them frozen placeholders."""
+    apply_conversion(model, config, layout_of(config))
+    for layer in quant_layers(model).values():
+        layer.make_frozen_placeholder()
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by a plain Conv2d/Linear holding its dequantized weight; activations and
+    attention matmuls go back to full precision."""
+    for name, layer in list(quant_layers(model).items()):
+        weight = layer.quantized_weight().detach()
+        if isinstance(layer, nn.Conv2d):
+            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                              padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                              bias=layer.bias is not None, padding_mode=layer.padding_mode, device=weight.device,
+                              dtype=weight.dtype)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+        plain.weight.copy_(weight)
+        if layer.bias is not None:
+            plain.bias.copy_(layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
+    for module in model.modules():
+        if isinstance(module, Attention) and hasattr(module, "probs_quantizer"):
+            for q in ("q_quantizer", "k_quantizer", "v_quantizer", "probs_quantizer"):
+                delattr(module, q)
+            module.set_processor(AttnProcessor2_0())
+    hook = getattr(model, "_gac_timestep_hook", None)
+    if hook is not None:
+        hook.remove()
+        del model._gac_timestep_hook, model._gac_timestep_context
+    internal = getattr(model, "_internal_dict", None)
+    if internal is not None and "quantization_config" in internal:
+        model._internal_dict = FrozenDict({k: v for k, v in internal.items() if k != "quantization_config"})
+    return model
+
+
+def mark_quantized(model: nn.Module, config: GACConfig) -> None:
+    """Make a model calibrated outside ``from_pretrained`` look like one loaded through the "gac" backend, so that
+    ``save_pretrained``/``push_to_hub`` write a checkpoint ``from_pretrained`` loads back, and ``.half()`` or
+    ``.to(dtype)`` refuse."""
+    from .quantizer import GACQuantizer
+
+    model.hf_quantizer = GACQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    if hasattr(model, "register_to_config"):
+        model.register_to_config(quantization_config=config)
