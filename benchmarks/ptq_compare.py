@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jsonl", type=Path, required=True, help="append one JSON line per run (resumes)")
     p.add_argument("--table", type=Path, help="write the markdown summary here")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     a = p.parse_args(argv)
     for b in a.bits:
         parse_bits(b)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                 if key not in done:
                     jobs.append({"bits": bits, "method": method, "seed": seed, "steps": a.steps,
                                  "num_samples": a.num_samples, "base": base if method != "fp" else {},
-                                 "threads": max(1, (os.cpu_count() or 1) // a.workers)})
+                                 "threads": a.threads or max(1, (os.cpu_count() or 1) // a.workers)})
     a.jsonl.parent.mkdir(parents=True, exist_ok=True)
     print(f"{len(jobs)} runs to do", file=sys.stderr)
     with ProcessPoolExecutor(a.workers) as pool:

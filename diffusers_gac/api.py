@@ -5,8 +5,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,3 +111,62 @@ def quantize_model(
         seconds=seconds,
     )
 
+
+
+def calibrate_and_save(
+    fp_denoiser: nn.Module,
+    scheduler,
+    config: GACConfig,
+    output: str | Path,
+    *,
+    eval_samples: int = 500,
+    num_inference_steps: int = 25,
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """The main job: quantize a copy of ``fp_denoiser``, evaluate it against the original and write
+    ``output/{unet,scheduler}`` (a folder ``diffusers_gac.zoo.load_model`` and ``from_pretrained`` read),
+    ``samples.png`` and ``report.json``. The folder appears complete or not at all."""
+    from .evaluation import evaluate_denoiser, image_grid, summarize
+
+    output = Path(output)
+    denoiser = copy.deepcopy(fp_denoiser)
+    report = quantize_model(denoiser, config, scheduler=scheduler, show_progress=show_progress)
+    result: dict[str, Any] = {"calibration": report.to_dict()}
+    common = dict(num_samples=eval_samples, num_inference_steps=num_inference_steps, seed=config.seed,
+                  batch_size=batch_size, show_progress=show_progress)
+    if eval_samples > 0:
+        reference, _ = sample_images(fp_denoiser, scheduler, eval_samples, num_inference_steps=num_inference_steps,
+                                     seed=config.seed, batch_size=batch_size, show_progress=show_progress)
+        fp_eval = evaluate_denoiser(fp_denoiser, scheduler, reference_unet=fp_denoiser, **common)
+        q_eval = evaluate_denoiser(denoiser, scheduler, reference_images=reference, **common)
+        result["evaluation"] = {"full_precision": summarize([fp_eval]), "quantized": summarize([q_eval])}
+    grid_images, _ = sample_images(denoiser, scheduler, 100, num_inference_steps=num_inference_steps, seed=config.seed,
+                                   show_progress=False)
+
+    def write(folder: Path) -> None:
+        denoiser.save_pretrained(folder / "unet")
+        scheduler.save_pretrained(folder / "scheduler")
+        image_grid(grid_images, nrow=10).save(folder / "samples.png")
+        (folder / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    write_folder_atomically(output, write)
+    return result
+
+
+def write_folder_atomically(output: Path, write) -> None:
+    """Run ``write(tmp)`` into a temporary sibling folder, then rename it to ``output``: an interrupted or failed
+    write leaves no ``output`` behind (an existing empty ``output`` folder is replaced)."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"{output} already exists and is not empty")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        write(tmp)
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,5 +1,6 @@
 """The ``diffusers-gac`` command. Each subcommand only parses its arguments and calls the library.
 
+    diffusers-gac calibrate --w-bits 4 --a-bits 4 --output outputs/digits-w4a4
     diffusers-gac sample --model digits --output samples.png --num-samples 100 --steps 25
     diffusers-gac evaluate path/to/quantized --reference digits --num-samples 1000 --seeds 0 1 2 --json
 
@@ -18,6 +19,8 @@ import torch
 from diffusers.utils import logging as dlogging
 
 from . import zoo
+from .config import ACT_SCHEMES, RECONSTRUCTIONS, TIMESTEP_SELECTIONS, WEIGHTINGS, GACConfig
+from .api import calibrate_and_save
 from .data import load_digits_split
 from .evaluation import (
     evaluate_denoiser,
@@ -216,8 +219,56 @@ def format_table(rows: list[dict]) -> str:
 
 
 # -- calibrate --------------------------------------------------------------------------------------------------
-# `add_calibrate_parser` / `run_calibrate` go here (with `--w-bits/--a-bits` of type `bits`), registered in
-# build_parser below like the others.
+
+
+def optional_bits(value: str) -> int | None:
+    """``--a-bits``: a bit width, or ``none`` to keep activations in full precision."""
+    return None if value.lower() in ("none", "fp", "32") else bits(value)
+
+
+def add_calibrate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    defaults = GACConfig()
+    p = subparsers.add_parser(
+        "calibrate", parents=parents, help="quantize and calibrate a model, then evaluate it",
+        description="Quantize a model (default: the embedded digits model), calibrate it on its own sampling "
+        "trajectories, evaluate it against the full-precision model and write model, samples and report.",
+    )
+    p.add_argument("--model", type=model_ref, default=zoo.DEFAULT_MODEL, help="embedded name or model folder (default: digits)")
+    p.add_argument("--output", type=Path, required=True, help="folder to write (must not exist, or be empty)")
+    p.add_argument("--w-bits", type=bits, default=defaults.w_bits, help=f"weight bits, 2-8 (default: {defaults.w_bits})")
+    p.add_argument("--a-bits", type=optional_bits, default=defaults.a_bits, help=f"activation bits, 2-8 or none (default: {defaults.a_bits})")
+    p.add_argument("--act-scheme", choices=ACT_SCHEMES, default=defaults.act_scheme, help=f"activation ranges (default: {defaults.act_scheme})")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=defaults.weighting, help=f"calibration sample weighting (default: {defaults.weighting})")
+    p.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default=defaults.reconstruction,
+                   help=f"adaround, or none for round-to-nearest (default: {defaults.reconstruction})")
+    p.add_argument("--timesteps", choices=TIMESTEP_SELECTIONS, default=defaults.calib_timestep_selection,
+                   help=f"calibration timestep selection (default: {defaults.calib_timestep_selection})")
+    p.add_argument("--iters", type=positive_int, default=defaults.iters, help=f"optimisation steps per block (default: {defaults.iters})")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of calibration and evaluation (default: {defaults.seed})")
+    p.add_argument("--eval-samples", type=int, default=500, help="samples for the evaluation in the report; 0 skips it (default: 500)")
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        raise CLIError(f"--output {args.output} already exists and is not empty; choose a new folder")
+    if args.eval_samples < 0:
+        raise CLIError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    config = GACConfig(
+        w_bits=args.w_bits, a_bits=args.a_bits, act_scheme=args.act_scheme, weighting=args.weighting,
+        reconstruction=args.reconstruction, calib_timestep_selection=args.timesteps, iters=args.iters,
+        seed=args.seed, calib_num_inference_steps=args.steps,
+        calib_num_timesteps=min(GACConfig.calib_num_timesteps, args.steps),
+    )
+    device = args.device or default_device()
+    fp_unet, scheduler = zoo.load_model(args.model, device=device)
+    result = calibrate_and_save(fp_unet, scheduler, config, args.output, eval_samples=args.eval_samples,
+                                num_inference_steps=args.steps, batch_size=args.batch_size, show_progress=not args.quiet)
+    if "evaluation" in result:
+        e = result["evaluation"]
+        print(format_table([{"model": "full precision", **e["full_precision"]}, {"model": str(args.output), **e["quantized"]}]))
+    print(f"wrote {args.output}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = _sampling_options()
     add_sample_parser(subparsers, [sampling])
     add_evaluate_parser(subparsers, [sampling])
+    add_calibrate_parser(subparsers, [sampling])
     return parser
 
 

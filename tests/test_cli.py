@@ -128,3 +128,30 @@ def test_console_entry_point_reports_errors_with_exit_code_2():
         [sys.executable, "-m", "diffusers_gac.cli", "evaluate", "--steps", "0"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "must be a positive integer, got 0" in result.stderr
+
+
+def test_calibrate_end_to_end_writes_a_loadable_folder(tmp_path):
+    import json
+
+    from diffusers_gac.zoo import load_model
+
+    out = tmp_path / "w4a4"
+    assert main(["calibrate", "--output", str(out), "--iters", "3", "--eval-samples", "50", "--steps", "5",
+                 "--quiet"]) == 0
+    assert {p.name for p in out.iterdir()} == {"unet", "scheduler", "samples.png", "report.json"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["config"]["w_bits"] == 4
+    assert report["evaluation"]["quantized"]["psnr"] > 10
+    unet, _ = load_model(str(out))
+    assert unet.is_quantized
+
+
+def test_calibrate_refuses_a_non_empty_output_and_bad_bits(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(SystemExit) as err:
+        main(["calibrate", "--output", str(tmp_path / "taken")])
+    assert err.value.code == 2 and "not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["calibrate", "--output", str(tmp_path / "x"), "--w-bits", "9"])
+    assert err.value.code == 2 and "between 2 and 8" in capsys.readouterr().err
