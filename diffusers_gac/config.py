@@ -34,7 +34,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
 
-def _check_positive(name: str, value: Any, kind: type = int) -> None:
+def check_positive(name: str, value: Any, kind: type = int) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     if kind is int:
         ok = ok and isinstance(value, int)
@@ -73,6 +73,17 @@ class GACConfig(QuantizationConfigMixin):
         lr_round / lr_act: Adam learning rates of the rounding variables and the activation step sizes.
         round_reg_weight: weight of AdaRound's rounding regulariser; round_warmup: fraction of ``iters`` without it.
         seed: seeds every random choice of the calibration.
+    Gradient-aligned weighting (``weighting="gradient_aligned"``, see ``calibration/gac.py``):
+        gac_meta_steps: meta-steps on the sample-weight logits before a unit's reconstruction (then frozen).
+        gac_meta_every: also take a meta-step every this many reconstruction steps (0: weights stay frozen).
+        gac_meta_lr: Adam learning rate of the weight logits.
+        gac_virtual_lr / gac_virtual_step: size and kind (``"normalized"`` or ``"sgd"``) of the virtual update.
+        gac_temperature: softmax temperature of the weights.
+        gac_groups: contiguous timestep groups treated as tasks by the gradient-matching term.
+        gac_val_fraction: timestep-balanced share of the unit's samples held out for the validation objective.
+        gac_gm_weight / gac_gm_form: weight and similarity (``"cosine"`` or the paper's ``"dot"``) of the
+            gradient-matching term; 0 turns it off (plain learning-to-reweight).
+        gac_max_logit: bound on the absolute weight logits (None: unbounded, as in the paper).
     Filled in by calibration (what a saved checkpoint needs to rebuild its layers; leave them unset):
         converted_layers: ``{layer name: {"w_bits", "a_bits", "split"}}``.
         quantized_attention: names of the Attention modules whose matmuls are quantized.
@@ -101,6 +112,17 @@ class GACConfig(QuantizationConfigMixin):
     round_reg_weight: float = 0.01
     round_warmup: float = 0.2
     seed: int = 0
+    gac_meta_steps: int = 20
+    gac_meta_every: int = 0
+    gac_meta_lr: float = 0.05
+    gac_virtual_lr: float = 1e-2
+    gac_virtual_step: str = "normalized"
+    gac_temperature: float = 1.0
+    gac_groups: int = 5
+    gac_val_fraction: float = 0.05
+    gac_gm_weight: float = 1.0
+    gac_gm_form: str = "cosine"
+    gac_max_logit: float | None = 2.0
     converted_layers: dict[str, dict] | None = None
     quantized_attention: list[str] | None = None
 
@@ -120,9 +142,9 @@ class GACConfig(QuantizationConfigMixin):
         check_choice("weighting", self.weighting, WEIGHTINGS)
         for name in ("act_timestep_groups", "calib_num_inference_steps", "calib_num_timesteps",
                      "calib_samples_per_timestep", "iters", "batch_size"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("lr_round", "lr_act"):
-            _check_positive(name, getattr(self, name), float)
+            check_positive(name, getattr(self, name), float)
         if not isinstance(self.round_reg_weight, (int, float)) or self.round_reg_weight < 0:
             raise ValueError(f"round_reg_weight must be a number >= 0, got {self.round_reg_weight!r}")
         if not isinstance(self.round_warmup, (int, float)) or not 0 <= self.round_warmup < 1:
@@ -137,6 +159,21 @@ class GACConfig(QuantizationConfigMixin):
             or not all(isinstance(m, str) for m in self.modules_to_not_convert)
         ):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
+        for name in ("gac_meta_lr", "gac_virtual_lr", "gac_temperature"):
+            check_positive(name, getattr(self, name), float)
+        check_positive("gac_groups", self.gac_groups)
+        for name in ("gac_meta_steps", "gac_meta_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_choice("gac_virtual_step", self.gac_virtual_step, ("normalized", "sgd"))
+        check_choice("gac_gm_form", self.gac_gm_form, ("cosine", "dot"))
+        if not isinstance(self.gac_val_fraction, (int, float)) or not 0 <= self.gac_val_fraction < 0.5:
+            raise ValueError(f"gac_val_fraction must be a fraction in [0, 0.5), got {self.gac_val_fraction!r}")
+        if not isinstance(self.gac_gm_weight, (int, float)) or self.gac_gm_weight < 0:
+            raise ValueError(f"gac_gm_weight must be a number >= 0, got {self.gac_gm_weight!r}")
+        if self.gac_max_logit is not None:
+            check_positive("gac_max_logit", self.gac_max_logit, float)
         if self.converted_layers is not None and not isinstance(self.converted_layers, dict):
             raise ValueError(f"converted_layers must be a dict of layer name -> settings, got {type(self.converted_layers).__name__}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

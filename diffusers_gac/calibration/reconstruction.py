@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from ..config import GACConfig
 from ..quant.convert import act_quantizers, quantization_disabled, set_quant_state
-from ..quant.quantizers import ActQuantizer
+from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from .data import CalibrationData
+from .diagnostics import gradient_conflict
 from .units import Unit, UnitCache, capture_unit_inputs, capture_unit_outputs, find_units, unit_output
 from .weighting import SampleWeighting, UnitProblem, make_weighting
 
@@ -34,7 +35,8 @@ def per_sample_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
     Channels are dim 1 for image-shaped ``(B, C, H, W)`` tensors and the last dim for token-shaped ``(B, L, C)``.
     """
-    sq = (output.float() - target.float()).pow(2)
+    dtype = torch.promote_types(output.dtype, torch.float32)  # half-precision models: errors in float32
+    sq = (output.to(dtype) - target.to(dtype)).pow(2)
     if sq.dim() == 4:
         return sq.sum(1).mean((1, 2))
     if sq.dim() == 3:
@@ -77,15 +79,18 @@ class UnitReconstruction:
         self.timesteps, self.device, self.dtype, self.generator = timesteps, device, dtype, generator
         self.context = getattr(model, "_gac_timestep_context", None)
 
-    def run(self, idx: torch.Tensor) -> torch.Tensor:
-        """The unit's output for calibration samples ``idx`` (on the compute device)."""
+    def run(self, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The unit's output for calibration samples ``idx`` (on the compute device); ``params`` replaces some of
+        the unit's parameters or buffers by name (``torch.func.functional_call``), for virtual updates."""
         if self.context is not None:
             self.context.set_timesteps(self.timesteps[idx])
         args, kwargs = self.cache.call_inputs(idx, self.device, self.dtype)
-        return unit_output(self.unit.module(*args, **kwargs))
+        if params is None:
+            return unit_output(self.unit.module(*args, **kwargs))
+        return unit_output(torch.func.functional_call(self.unit.module, params, tuple(args), kwargs, strict=False))
 
-    def per_sample_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        return per_sample_error(self.run(idx), self.cache.target[idx].to(self.device))
+    def per_sample_loss(self, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return per_sample_error(self.run(idx, params), self.cache.target[idx].to(self.device))
 
     @torch.no_grad()
     def mean_loss(self, idx: torch.Tensor) -> float:
@@ -108,9 +113,11 @@ class UnitReconstruction:
 
     def trainable_params(self) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
         rounding, steps = {}, {}
-        for name, layer in self.unit.layers.items():
-            layer.weight_quantizer.init_rounding(layer.weight)
-            rounding[f"{name}.weight_quantizer.alpha"] = layer.weight_quantizer.alpha
+        for name, q in self.unit.module.named_modules():
+            if isinstance(q, WeightQuantizer):
+                layer = self.unit.module.get_submodule(name.rpartition(".")[0]) if "." in name else self.unit.module
+                q.init_rounding(layer.weight)
+                rounding[f"{name}.alpha"] = q.alpha
         for name, q in self.unit.module.named_modules():
             if isinstance(q, ActQuantizer) and q.scheme != "dynamic" and not q.fixed_range:
                 q.scale.requires_grad_(True)
@@ -124,8 +131,8 @@ class UnitReconstruction:
         if steps:
             groups.append({"params": list(steps.values()), "lr": cfg.lr_act})
         opt = torch.optim.Adam(groups)
-        problem = UnitProblem(self.unit.name, self.unit.module, {**rounding, **steps}, self.timesteps,
-                              self.per_sample_loss, self.generator)
+        problem = UnitProblem(self.unit.name, self.unit.module, rounding, steps, self.timesteps, self.per_sample_loss)
+        conflict_before = gradient_conflict(problem, cfg.gac_groups, seed=cfg.seed)
         weighting.begin_unit(problem)
         n = len(self.cache)
         for step in range(cfg.iters):
@@ -139,11 +146,12 @@ class UnitReconstruction:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        conflict_after = gradient_conflict(problem, cfg.gac_groups, seed=cfg.seed)
         for layer in self.unit.layers.values():
             layer.weight_quantizer.rounding = "hard"
         for p in steps.values():
             p.requires_grad_(False)
-        return weighting.end_unit()
+        return {**weighting.end_unit(), "conflict_before": conflict_before, "conflict_after": conflict_after}
 
 
 def reconstruct_model(

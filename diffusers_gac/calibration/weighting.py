@@ -20,16 +20,21 @@ from ..config import GACConfig
 class UnitProblem:
     """What a weighting strategy may use about the unit being reconstructed.
 
-    ``per_sample_loss(indices)`` runs the unit (with its current quantization parameters) on the given
-    calibration samples and returns their reconstruction errors, shape ``(len(indices),)``.
+    ``per_sample_loss(indices, params=None)`` runs the unit on the given calibration samples and returns their
+    reconstruction errors, shape ``(len(indices),)``; ``params`` (names relative to ``module``) stand in for the
+    unit's current quantization parameters, so a strategy can evaluate a virtual update differentiably.
     """
 
     name: str
     module: nn.Module
-    params: dict[str, nn.Parameter]
+    rounding_params: dict[str, torch.Tensor]  # AdaRound variables, by name relative to ``module``
+    step_params: dict[str, torch.Tensor]  # learned activation step sizes
     timesteps: torch.Tensor  # (num_samples,) timestep of every calibration sample
-    per_sample_loss: Callable[[torch.Tensor], torch.Tensor]
-    generator: torch.Generator
+    per_sample_loss: Callable[..., torch.Tensor]
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return {**self.rounding_params, **self.step_params}
 
     @property
     def num_samples(self) -> int:
@@ -57,16 +62,16 @@ class UniformWeighting(SampleWeighting):
 
     name = "uniform"
 
+    def __init__(self, config: GACConfig | None = None):
+        self.config = config
+
     def batch_weights(self, indices: torch.Tensor, step: int) -> torch.Tensor:
         return torch.full((len(indices),), 1.0 / len(indices))
 
 
-WEIGHTING_STRATEGIES: dict[str, type[SampleWeighting]] = {"uniform": UniformWeighting}
-
-
 def make_weighting(config: GACConfig) -> SampleWeighting:
-    if config.weighting not in WEIGHTING_STRATEGIES:
-        raise NotImplementedError(
-            f"weighting={config.weighting!r} is not available yet; implemented: {sorted(WEIGHTING_STRATEGIES)}"
-        )
-    return WEIGHTING_STRATEGIES[config.weighting]()
+    """The strategy ``config.weighting`` names."""
+    from .gac import GradientAlignedWeighting
+
+    strategies: dict[str, type[SampleWeighting]] = {"uniform": UniformWeighting, "gradient_aligned": GradientAlignedWeighting}
+    return strategies[config.weighting](config)

@@ -1,0 +1,142 @@
+import pytest
+import torch
+from torch import nn
+from tiny_models import example_call, tiny_unet2d
+
+from diffusers_gac.calibration.data import CalibrationData
+from diffusers_gac.calibration.gac import GradientAlignedWeighting, balanced_validation_split, contiguous_groups
+from diffusers_gac.calibration.reconstruction import per_sample_error, reconstruct_model
+from diffusers_gac.calibration.weighting import UnitProblem
+from diffusers_gac.config import GACConfig
+from diffusers_gac.quant.convert import convert_model
+from diffusers_gac.quant.layers import QuantConv2d
+
+
+def tiny_problem(seed=0, n=24):
+    """A single quantized conv (float64, weight-only) as a reconstruction unit with 4 timesteps."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    layer = QuantConv2d.from_module(conv, w_bits=3, a_bits=None)
+    layer.weight_quantizer.init_rounding(layer.weight)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    x = torch.randn(n, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        target = conv(x) + 0.05 * torch.randn(n, 4, 5, 5, dtype=torch.float64)
+    timesteps = torch.tensor([100.0, 300.0, 600.0, 900.0]).repeat_interleave(n // 4)
+
+    def loss(idx, params=None):
+        out = layer(x[idx]) if params is None else torch.func.functional_call(layer, params, (x[idx],), strict=False)
+        return per_sample_error(out, target[idx])
+
+    alpha = layer.weight_quantizer.alpha
+    return UnitProblem("conv", layer, {"weight_quantizer.alpha": alpha}, {}, timesteps, loss)
+
+
+def strategy(**options):
+    base = dict(weighting="gradient_aligned", gac_groups=4, gac_val_fraction=0.25, gac_virtual_lr=0.5,
+                gac_virtual_step="sgd", gac_gm_form="dot")
+    s = GradientAlignedWeighting(GACConfig(**{**base, **options}))
+    return s
+
+
+@pytest.mark.parametrize("options", [dict(gac_gm_weight=0.0), dict(gac_gm_weight=1.0),
+                                     dict(gac_gm_weight=1.0, gac_gm_form="cosine", gac_virtual_step="normalized",
+                                          gac_virtual_lr=0.05)])
+def test_meta_gradient_matches_finite_differences(options):
+    problem = tiny_problem()
+    s = strategy(gac_meta_steps=0, **options)
+    s.begin_unit(problem)
+    train, val = s.train_idx[:12], s.val_idx
+    logits = (0.3 * torch.randn(problem.num_samples, dtype=torch.float64)).requires_grad_(True)
+    objective = s.meta_objective(logits, train, val)
+    (grad,) = torch.autograd.grad(objective, logits)
+    eps = 1e-5
+    for j in train[:5].tolist():
+        bump = torch.zeros_like(logits)
+        bump[j] = eps
+        plus = s.meta_objective(logits.detach() + bump, train, val).item()
+        minus = s.meta_objective(logits.detach() - bump, train, val).item()
+        assert grad[j].item() == pytest.approx((plus - minus) / (2 * eps), rel=1e-4, abs=1e-9)
+    assert grad[val].abs().max() == 0  # validation samples carry no weight
+
+
+def test_without_matching_and_with_one_group_it_is_learning_to_reweight():
+    problem = tiny_problem()
+    s = strategy(gac_meta_steps=0, gac_gm_weight=0.0, gac_groups=1)
+    s.begin_unit(problem)
+    train, val = s.train_idx[:10], s.val_idx
+    logits = torch.randn(problem.num_samples, dtype=torch.float64, requires_grad=True)
+    # learning-to-reweight written out: one SGD step on the weighted loss, then the plain validation error
+    alpha = problem.rounding_params["weight_quantizer.alpha"]
+    w = torch.softmax(logits[train], 0)
+    (g,) = torch.autograd.grad((w * problem.per_sample_loss(train)).sum(), alpha, create_graph=True)
+    l2r = problem.per_sample_loss(val, params={"weight_quantizer.alpha": alpha - 0.5 * g}).mean()
+    gac = s.meta_objective(logits, train, val)
+    assert gac.item() == pytest.approx(l2r.item(), rel=1e-12)
+    assert torch.allclose(torch.autograd.grad(gac, logits)[0], torch.autograd.grad(l2r, logits)[0])
+
+
+def test_learned_weights_are_a_distribution_over_training_samples():
+    problem = tiny_problem()
+    s = strategy(gac_meta_steps=5, gac_meta_lr=0.5, gac_max_logit=None)
+    s.begin_unit(problem)
+    w = s.learned_weights()
+    assert torch.all(w >= 0) and w.sum().item() == pytest.approx(1.0)
+    assert torch.all(w[s.val_mask] == 0)
+    assert w[s.train_idx].std() > 0  # the meta-steps moved them
+    batch = torch.arange(problem.num_samples)
+    assert s.batch_weights(batch, 0).sum().item() == pytest.approx(1.0)
+    diag = s.end_unit()
+    assert len(diag["meta_objective"]) == 5
+    assert sum(diag["weight_mass_per_timestep"].values()) == pytest.approx(1.0)
+
+
+def test_bounded_logits_bound_the_weight_ratio():
+    problem = tiny_problem()
+    s = strategy(gac_meta_steps=10, gac_meta_lr=5.0, gac_max_logit=0.5)
+    s.begin_unit(problem)
+    w = s.learned_weights()[s.train_idx]
+    assert (w.max() / w.min()).item() <= torch.exp(torch.tensor(1.0)).item() + 1e-6
+
+
+def test_validation_split_is_timestep_balanced_and_groups_are_contiguous():
+    t = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0]).repeat_interleave(20)
+    mask = balanced_validation_split(t, 0.05, torch.Generator().manual_seed(0))
+    assert [int(mask[t == v].sum()) for v in t.unique()] == [1] * 5
+    groups = contiguous_groups(t, 2)
+    assert groups[t == 10].unique().tolist() == [0] and groups[t == 50].unique().tolist() == [1]
+    assert (groups[:-1] <= groups[1:]).all()
+
+
+def _data(model, n=24):
+    calls = [example_call(model, batch=n // 3, seed=s) for s in range(3)]
+    inputs = {k: torch.cat([c[k] for c in calls]) for k in calls[0]}
+    step_index = torch.arange(n) % 3
+    inputs["timestep"] = torch.tensor([900, 500, 100])[step_index]  # three sampler steps, as recorded data has
+    return CalibrationData(inputs=inputs, step_index=step_index, static={})
+
+
+def _calibrated_state(weighting, **options):
+    model = tiny_unet2d()
+    config = GACConfig(weighting=weighting, iters=6, batch_size=8, a_bits=8, **options)
+    convert_model(model, config)
+    reports = reconstruct_model(model, _data(tiny_unet2d()), config, show_progress=False)
+    return {k: v.clone() for k, v in model.state_dict().items()}, reports
+
+
+def test_uniform_weights_reproduce_the_uniform_baseline_exactly():
+    uniform, _ = _calibrated_state("uniform")
+    gac, _ = _calibrated_state("gradient_aligned", gac_meta_steps=0, gac_val_fraction=0.0)
+    assert uniform.keys() == gac.keys()
+    assert all(torch.equal(uniform[k], gac[k]) for k in uniform)
+
+
+def test_a_seed_makes_gac_repeatable_and_it_differs_from_uniform():
+    a, reports = _calibrated_state("gradient_aligned", gac_meta_steps=3, gac_meta_lr=0.5, gac_val_fraction=0.2)
+    b, _ = _calibrated_state("gradient_aligned", gac_meta_steps=3, gac_meta_lr=0.5, gac_val_fraction=0.2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    uniform, _ = _calibrated_state("uniform")
+    assert any(not torch.equal(a[k], uniform[k]) for k in a)
+    d = reports[0].weighting
+    assert {"meta_objective", "weight_mass_per_timestep", "conflict_before", "conflict_after"} <= set(d)
