@@ -27,7 +27,20 @@ METHODS: dict[str, dict] = {
     "rtn": {"reconstruction": "none"},
     "qdiffusion": {"reconstruction": "adaround", "weighting": "uniform", "calib_timestep_selection": "uniform"},
     "ptq4dm": {"reconstruction": "adaround", "weighting": "uniform", "calib_timestep_selection": "normal"},
+    "gac": {"reconstruction": "adaround", "weighting": "gradient_aligned", "calib_timestep_selection": "uniform"},
 }
+
+
+def method_options(method: str) -> dict:
+    """``name`` or ``name:option=value,option=value`` (e.g. ``qdiffusion:iters=800`` for an equal-time run)."""
+    name, _, extra = method.partition(":")
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from fp, {', '.join(METHODS)}")
+    options = dict(METHODS[name])
+    for item in filter(None, extra.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value and value[0] in "0123456789-[{tfn" else value
+    return options
 
 
 def parse_bits(text: str) -> dict:
@@ -62,7 +75,7 @@ def run_one(job: dict) -> dict:
     if job["method"] == "fp":
         model, report = fp, None
     else:
-        options = {**parse_bits(job["bits"]), **job["base"], **METHODS[job["method"]], "seed": seed}
+        options = {**parse_bits(job["bits"]), **job["base"], **method_options(job["method"]), "seed": seed}
         model = copy.deepcopy(fp)
         start = time.time()
         report = quantize_model(model, GACConfig(**options), scheduler=scheduler, show_progress=False)
@@ -73,7 +86,9 @@ def run_one(job: dict) -> dict:
     result = evaluate_denoiser(model, scheduler, reference_images=reference, num_samples=n, num_inference_steps=steps,
                                seed=seed, show_progress=False)
     row.update(fd=result.fd, psnr=result.psnr, accuracy=result.accuracy)
+    # each run has a process of its own (max_tasks_per_child=1), so this is the run's own peak
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    row["rss_per_run"] = True
     return row
 
 
@@ -100,14 +115,16 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
         command,
         "```",
         "",
-        "| bits | method | DDIM steps | seeds | FD ↓ | PSNR vs FP (dB) ↑ | class accuracy ↑ | calibration (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| bits | method | DDIM steps | seeds | FD ↓ | PSNR vs FP (dB) ↑ | class accuracy ↑ | calibration (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (bits, method, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], list(METHODS).index(kv[0][1]) if kv[0][1] in METHODS else -1)):
+    order = ["fp", *METHODS]
+    for (bits, method, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], order.index(kv[0][1].split(":")[0]), kv[0][1])):
         psnr = [r["psnr"] if r["psnr"] != float("inf") else None for r in rs]
         lines.append(
             f"| {bits if method != 'fp' else 'FP32'} | {method} | {steps} | {len(rs)} | {cell([r['fd'] for r in rs])} | "
-            f"{cell(psnr)} | {cell([r['accuracy'] for r in rs], 3)} | {cell([r.get('calibration_seconds') for r in rs], 0)} |"
+            f"{cell(psnr)} | {cell([r['accuracy'] for r in rs], 3)} | {cell([r.get('calibration_seconds') for r in rs], 0)} | "
+            f"{cell([r.get('peak_rss_mb') if r.get('rss_per_run') else None for r in rs], 0)} |"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -117,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", nargs="+", default=["W4A4", "W4A8"], type=str)
     p.add_argument("--methods", nargs="+", default=["fp", "rtn", "qdiffusion", "ptq4dm"],
-                   choices=["fp", *METHODS])
+                   help=f"fp, {', '.join(METHODS)}; a method may carry options: qdiffusion:iters=800")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the evaluation (and of the calibration data)")
     p.add_argument("--num-samples", type=int, default=1000)
@@ -130,6 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     for b in a.bits:
         parse_bits(b)
+    for m in a.methods:
+        if m != "fp":
+            try:
+                method_options(m)
+            except argparse.ArgumentTypeError as err:
+                p.error(str(err))
     base = {}
     for item in a.set:
         k, _, v = item.partition("=")
@@ -152,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                                  "threads": a.threads or max(1, (os.cpu_count() or 1) // a.workers)})
     a.jsonl.parent.mkdir(parents=True, exist_ok=True)
     print(f"{len(jobs)} runs to do", file=sys.stderr)
-    with ProcessPoolExecutor(a.workers) as pool:
+    with ProcessPoolExecutor(a.workers, max_tasks_per_child=1) as pool:
         for job, row in zip(jobs, pool.map(run_one, jobs)):
             row["base"] = job["base"]
             with a.jsonl.open("a") as f:

@@ -126,7 +126,8 @@ def calibrate_and_save(
 ) -> dict[str, Any]:
     """The main job: quantize a copy of ``fp_denoiser``, evaluate it against the original and write
     ``output/{unet,scheduler}`` (a folder ``diffusers_gac.zoo.load_model`` and ``from_pretrained`` read),
-    ``samples.png`` and ``report.json``. The folder appears complete or not at all."""
+    ``samples.png``, ``report.json`` and ``diagnostics.png`` (gradient conflict and learned weights per unit). The folder appears complete or not at all."""
+    from .calibration.plots import plot_calibration
     from .evaluation import evaluate_denoiser, image_grid, summarize
 
     output = Path(output)
@@ -148,6 +149,8 @@ def calibrate_and_save(
         denoiser.save_pretrained(folder / "unet")
         scheduler.save_pretrained(folder / "scheduler")
         image_grid(grid_images, nrow=10).save(folder / "samples.png")
+        if config.reconstruction != "none":
+            plot_calibration(result["calibration"]["units"], folder / "diagnostics.png")
         (folder / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
     write_folder_atomically(output, write)

@@ -138,7 +138,7 @@ def test_calibrate_end_to_end_writes_a_loadable_folder(tmp_path):
     out = tmp_path / "w4a4"
     assert main(["calibrate", "--output", str(out), "--iters", "3", "--eval-samples", "50", "--steps", "5",
                  "--quiet"]) == 0
-    assert {p.name for p in out.iterdir()} == {"unet", "scheduler", "samples.png", "report.json"}
+    assert {p.name for p in out.iterdir()} == {"unet", "scheduler", "samples.png", "report.json", "diagnostics.png"}
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"]["config"]["w_bits"] == 4
     assert report["evaluation"]["quantized"]["psnr"] > 10

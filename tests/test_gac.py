@@ -140,3 +140,17 @@ def test_a_seed_makes_gac_repeatable_and_it_differs_from_uniform():
     assert any(not torch.equal(a[k], uniform[k]) for k in a)
     d = reports[0].weighting
     assert {"meta_objective", "weight_mass_per_timestep", "conflict_before", "conflict_after"} <= set(d)
+
+
+def test_diagnostics_plot_is_written(tmp_path):
+    from dataclasses import asdict
+
+    from PIL import Image
+
+    from diffusers_gac.calibration.plots import plot_calibration
+
+    _, reports = _calibrated_state("gradient_aligned", gac_meta_steps=2, gac_val_fraction=0.2)
+    path = plot_calibration([asdict(r) for r in reports], tmp_path / "d.png", count=2)
+    assert Image.open(path).size[0] > 500
+    with pytest.raises(ValueError, match="diagnostics"):
+        plot_calibration([], tmp_path / "none.png")
