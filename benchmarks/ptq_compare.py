@@ -97,7 +97,8 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["bits"], r["method"], r["steps"]), []).append(r)
+        variant = " ".join(f"{k}={v}" for k, v in sorted(r.get("base", {}).items()) if k != "calib_num_inference_steps")
+        groups.setdefault((r["bits"], r["method"], r["steps"], variant), []).append(r)
 
     def cell(values, digits=2):
         values = [v for v in values if v is not None]
@@ -119,7 +120,8 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     order = ["fp", *METHODS]
-    for (bits, method, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], order.index(kv[0][1].split(":")[0]), kv[0][1])):
+    for (bits, method, steps, variant), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][3], order.index(kv[0][1].split(":")[0]), kv[0][1])):
+        method = f"{method} ({variant})" if variant else method
         psnr = [r["psnr"] if r["psnr"] != float("inf") else None for r in rs]
         lines.append(
             f"| {bits if method != 'fp' else 'FP32'} | {method} | {steps} | {len(rs)} | {cell([r['fd'] for r in rs])} | "

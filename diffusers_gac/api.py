@@ -24,7 +24,7 @@ from .calibration.reconstruction import UnitReport, reconstruct_model, reports_a
 from .calibration.weighting import SampleWeighting
 from .config import GACConfig
 from .evaluation.sampling import sample_images
-from .quant.convert import ConversionReport, convert_model, freeze_model
+from .quant.convert import ConversionReport, act_quantizers, convert_model, freeze_model, set_quant_state
 from .serialization import mark_quantized
 
 logger = logging.get_logger(__name__)
@@ -52,6 +52,39 @@ def record_calibration_data(
                       num_inference_steps=config.calib_num_inference_steps, seed=config.seed,
                       batch_size=batch_size or trajectories, show_progress=show_progress)
     return recorder.data
+
+
+@torch.no_grad()
+def record_quantized_trajectories(denoiser: nn.Module, scheduler, config: GACConfig, calibration_data: CalibrationData,
+                                  *, class_labels: torch.Tensor | None = None,
+                                  show_progress: bool = True) -> CalibrationData:
+    """Inputs the denoiser sees along the trajectories of its round-to-nearest quantized self (a converted model,
+    activation ranges observed on ``calibration_data``), with noise seeds disjoint from the calibration ones."""
+    observe_activation_ranges(denoiser, calibration_data, config.batch_size)
+    validation_config = GACConfig.from_dict({
+        **config.to_dict(), "calib_samples_per_timestep": config.gac_validation_trajectories,
+        "seed": config.seed + 104729,
+    })
+    data = record_calibration_data(denoiser, scheduler, validation_config, class_labels=class_labels,
+                                   show_progress=show_progress)
+    set_quant_state(denoiser, weights=False, acts=False)
+    return data
+
+
+@torch.no_grad()
+def observe_activation_ranges(model: nn.Module, data: CalibrationData, batch_size: int) -> None:
+    """Set every activation quantizer's range from the inputs it sees on ``data`` (weights quantized to nearest);
+    afterwards the whole model runs quantized."""
+    param = next(model.parameters())
+    quantizers = act_quantizers(model)
+    set_quant_state(model, weights=True, acts=True)
+    for q in quantizers:
+        q.start_observing()
+    for i in range(0, len(data), batch_size):
+        idx = torch.arange(i, min(i + batch_size, len(data)))
+        model(**data.batch(idx, device=param.device, dtype=param.dtype), return_dict=False)
+    for q in quantizers:
+        q.finish_observing()
 
 
 @dataclass
@@ -95,8 +128,17 @@ def quantize_model(
     seconds["record"] = round(time.time() - start, 2)
     conversion: ConversionReport = convert_model(denoiser, config)
     logger.info(f"converted {len(conversion)} layers; kept in full precision: {conversion.skipped}")
+    validation_data = None
+    if config.weighting == "gradient_aligned" and config.gac_validation == "quantized_trajectories":
+        if scheduler is None:
+            raise ValueError("gac_validation='quantized_trajectories' needs a scheduler to sample the quantized model")
+        start = time.time()
+        validation_data = record_quantized_trajectories(denoiser, scheduler, config, calibration_data,
+                                                        class_labels=class_labels, show_progress=show_progress)
+        seconds["record_validation"] = round(time.time() - start, 2)
     start = time.time()
-    units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting, show_progress=show_progress)
+    units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting,
+                              validation_data=validation_data, show_progress=show_progress)
     seconds["reconstruct"] = round(time.time() - start, 2)
     freeze_model(denoiser)
     calibrated = GACConfig.from_dict({**config.to_dict(), "converted_layers": conversion.layers,

@@ -84,6 +84,10 @@ class GACConfig(QuantizationConfigMixin):
         gac_gm_weight / gac_gm_form: weight and similarity (``"cosine"`` or the paper's ``"dot"``) of the
             gradient-matching term; 0 turns it off (plain learning-to-reweight).
         gac_max_logit: bound on the absolute weight logits (None: unbounded, as in the paper).
+        gac_validation: where the validation samples come from: ``"calibration"`` (a held-out share of the
+            calibration set, as in the paper) or ``"quantized_trajectories"`` (denoiser inputs recorded while the
+            round-to-nearest quantized model samples: the states the quantized sampler really visits).
+        gac_validation_trajectories: trajectories recorded for ``"quantized_trajectories"``.
     Filled in by calibration (what a saved checkpoint needs to rebuild its layers; leave them unset):
         converted_layers: ``{layer name: {"w_bits", "a_bits", "split"}}``.
         quantized_attention: names of the Attention modules whose matmuls are quantized.
@@ -123,6 +127,8 @@ class GACConfig(QuantizationConfigMixin):
     gac_gm_weight: float = 1.0
     gac_gm_form: str = "cosine"
     gac_max_logit: float | None = 2.0
+    gac_validation: str = "calibration"
+    gac_validation_trajectories: int = 8
     converted_layers: dict[str, dict] | None = None
     quantized_attention: list[str] | None = None
 
@@ -168,6 +174,8 @@ class GACConfig(QuantizationConfigMixin):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         check_choice("gac_virtual_step", self.gac_virtual_step, ("normalized", "sgd"))
         check_choice("gac_gm_form", self.gac_gm_form, ("cosine", "dot"))
+        check_choice("gac_validation", self.gac_validation, ("calibration", "quantized_trajectories"))
+        check_positive("gac_validation_trajectories", self.gac_validation_trajectories)
         if not isinstance(self.gac_val_fraction, (int, float)) or not 0 <= self.gac_val_fraction < 0.5:
             raise ValueError(f"gac_val_fraction must be a fraction in [0, 0.5), got {self.gac_val_fraction!r}")
         if not isinstance(self.gac_gm_weight, (int, float)) or self.gac_gm_weight < 0:

@@ -82,7 +82,7 @@ class GradientAlignedWeighting(SampleWeighting):
             rms = _flat(grads).pow(2).mean().add(1e-24).sqrt()
             grads = [g / rms for g in grads]
         virtual = {n: p - cfg.gac_virtual_lr * g for n, p, g in zip(names, theta, grads)}
-        val_loss = problem.per_sample_loss(val_idx, params=virtual)
+        val_loss = (problem.validation_loss or problem.per_sample_loss)(val_idx, params=virtual)
         objective = val_loss.mean()
         if cfg.gac_gm_weight > 0:
             objective = objective + cfg.gac_gm_weight * self.gradient_matching(val_loss, val_idx, virtual, problem)
@@ -92,7 +92,7 @@ class GradientAlignedWeighting(SampleWeighting):
                           problem: UnitProblem) -> torch.Tensor:
         """``- mean_{t<k} sim(G_t, G_k)`` over the timestep groups present in the validation batch."""
         rounding = [virtual[n] for n in problem.rounding_params]
-        groups = self.groups[val_idx]
+        groups = self.val_groups[val_idx]
         per_group = []
         for g in groups.unique():
             sel = groups == g
@@ -112,10 +112,15 @@ class GradientAlignedWeighting(SampleWeighting):
     def begin_unit(self, problem: UnitProblem) -> None:
         cfg = self.config
         self.problem = problem
-        self.groups = contiguous_groups(problem.timesteps, cfg.gac_groups)
-        self.val_mask = balanced_validation_split(problem.timesteps, cfg.gac_val_fraction, self.generator)
+        if problem.validation_loss is not None:  # a separate validation set: every calibration sample trains
+            self.val_mask = torch.zeros(problem.num_samples, dtype=torch.bool)
+            self.val_idx = torch.arange(len(problem.validation_timesteps))
+            self.val_groups = contiguous_groups(problem.validation_timesteps, cfg.gac_groups)
+        else:
+            self.val_mask = balanced_validation_split(problem.timesteps, cfg.gac_val_fraction, self.generator)
+            self.val_idx = torch.nonzero(self.val_mask).flatten()
+            self.val_groups = contiguous_groups(problem.timesteps, cfg.gac_groups)
         self.train_idx = torch.nonzero(~self.val_mask).flatten()
-        self.val_idx = torch.nonzero(self.val_mask).flatten()
         self.logits = torch.zeros(problem.num_samples, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.logits], lr=cfg.gac_meta_lr)
         self.trace: list[float] = []
@@ -160,4 +165,4 @@ class GradientAlignedWeighting(SampleWeighting):
         train_w = w[self.train_idx]
         ess = (train_w.sum() ** 2 / train_w.pow(2).sum()).item() / max(1, len(train_w))
         return {"meta_objective": self.trace, "weight_mass_per_timestep": mass, "effective_sample_fraction": ess,
-                "validation_samples": int(self.val_mask.sum())}
+                "validation_samples": len(self.val_idx)}

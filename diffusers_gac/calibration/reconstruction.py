@@ -78,6 +78,7 @@ class UnitReconstruction:
         self.model, self.unit, self.cache, self.config = model, unit, cache, config
         self.timesteps, self.device, self.dtype, self.generator = timesteps, device, dtype, generator
         self.context = getattr(model, "_gac_timestep_context", None)
+        self.validation: UnitReconstruction | None = None  # a separate validation set, when one is given
 
     def run(self, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The unit's output for calibration samples ``idx`` (on the compute device); ``params`` replaces some of
@@ -132,6 +133,9 @@ class UnitReconstruction:
             groups.append({"params": list(steps.values()), "lr": cfg.lr_act})
         opt = torch.optim.Adam(groups)
         problem = UnitProblem(self.unit.name, self.unit.module, rounding, steps, self.timesteps, self.per_sample_loss)
+        if self.validation is not None:
+            problem.validation_loss = self.validation.per_sample_loss
+            problem.validation_timesteps = self.validation.timesteps
         conflict_before = gradient_conflict(problem, cfg.gac_groups, seed=cfg.seed)
         weighting.begin_unit(problem)
         n = len(self.cache)
@@ -160,11 +164,14 @@ def reconstruct_model(
     config: GACConfig,
     *,
     weighting: SampleWeighting | None = None,
+    validation_data: CalibrationData | None = None,
     show_progress: bool = True,
 ) -> list[UnitReport]:
     """Calibrate a converted model unit by unit on ``data``; returns one report per unit.
 
     ``config.reconstruction == "none"`` only sets activation ranges (round-to-nearest weights).
+    ``validation_data`` (optional) is a second set of denoiser inputs whose unit inputs and full-precision
+    targets are captured like the training ones and offered to the weighting strategy as its validation set.
     """
     weighting = weighting or make_weighting(config)
     param = next(model.parameters())
@@ -182,11 +189,12 @@ def reconstruct_model(
     reports: list[UnitReport] = []
     for unit in tqdm(units, desc="calibrating units", disable=not show_progress):
         start = time.time()
-        cache = capture_unit_inputs(model, unit, _model_calls(data, capture_bs, device, dtype))
-        with quantization_disabled(model):
-            cache.target = capture_unit_outputs(model, unit, _model_calls(data, capture_bs, device, dtype))
+        cache = capture_unit_cache(model, unit, data, capture_bs, device, dtype)
         set_quant_state(unit.module, weights=True, acts=False)
         job = UnitReconstruction(model, unit, cache, timesteps, config, device, dtype, generator)
+        if validation_data is not None:
+            job.validation = UnitReconstruction(model, unit, capture_unit_cache(model, unit, validation_data, capture_bs,
+                                                device, dtype), validation_data.timesteps, config, device, dtype, generator)
         job.init_activation_ranges()
         set_quant_state(unit.module, weights=True, acts=True)
         before = job.mean_loss(eval_idx)
@@ -199,6 +207,14 @@ def reconstruct_model(
         del cache, job
     model.train(was_training)
     return reports
+
+
+def capture_unit_cache(model: nn.Module, unit: Unit, data: CalibrationData, batch_size: int, device, dtype) -> UnitCache:
+    """The unit's inputs under the current (partially quantized) model and its full-precision outputs."""
+    cache = capture_unit_inputs(model, unit, _model_calls(data, batch_size, device, dtype))
+    with quantization_disabled(model):
+        cache.target = capture_unit_outputs(model, unit, _model_calls(data, batch_size, device, dtype))
+    return cache
 
 
 def reports_as_dicts(reports: list[UnitReport]) -> list[dict[str, Any]]:

@@ -31,6 +31,9 @@ class UnitProblem:
     step_params: dict[str, torch.Tensor]  # learned activation step sizes
     timesteps: torch.Tensor  # (num_samples,) timestep of every calibration sample
     per_sample_loss: Callable[..., torch.Tensor]
+    # a separate validation set (same signature), e.g. inputs from the quantized model's own trajectories
+    validation_loss: Callable[..., torch.Tensor] | None = None
+    validation_timesteps: torch.Tensor | None = None
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
