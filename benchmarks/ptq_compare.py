@@ -110,7 +110,9 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
 
     lines = [
         f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} CPU cores), "
-        f"torch {__import__('torch').__version__}. Command:",
+        f"torch {__import__('torch').__version__}. Calibration times were taken with two benchmark processes "
+        "sharing the 2 cores (one thread each), so they are indicative; peak RSS is shown only where every run "
+        "had a process of its own. Command:",
         "",
         "```",
         command,
@@ -126,7 +128,7 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
         lines.append(
             f"| {bits if method != 'fp' else 'FP32'} | {method} | {steps} | {len(rs)} | {cell([r['fd'] for r in rs])} | "
             f"{cell(psnr)} | {cell([r['accuracy'] for r in rs], 3)} | {cell([r.get('calibration_seconds') for r in rs], 0)} | "
-            f"{cell([r.get('peak_rss_mb') if r.get('rss_per_run') else None for r in rs], 0)} |"
+            f"{cell([r['peak_rss_mb'] for r in rs], 0) if all(r.get('rss_per_run') for r in rs) else '-'} |"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

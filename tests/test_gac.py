@@ -154,3 +154,20 @@ def test_diagnostics_plot_is_written(tmp_path):
     assert Image.open(path).size[0] > 500
     with pytest.raises(ValueError, match="diagnostics"):
         plot_calibration([], tmp_path / "none.png")
+
+
+def test_validation_from_quantized_trajectories_uses_a_separate_set():
+    from diffusers import DDIMScheduler
+
+    from diffusers_gac import quantize_model
+
+    model = tiny_unet2d()
+    config = GACConfig(weighting="gradient_aligned", gac_validation="quantized_trajectories",
+                       gac_validation_trajectories=2, gac_meta_steps=2, iters=3, batch_size=8,
+                       calib_num_inference_steps=4, calib_num_timesteps=4, calib_samples_per_timestep=4)
+    report = quantize_model(model, config, scheduler=DDIMScheduler(num_train_timesteps=1000), show_progress=False)
+    assert "record_validation" in report.seconds
+    d = report.units[0].weighting
+    assert d["validation_samples"] == 2 * 4  # 2 trajectories x 4 steps, none taken from the calibration set
+    assert len(d["meta_objective"]) == 2
+    assert sum(d["weight_mass_per_timestep"].values()) == pytest.approx(1.0)
