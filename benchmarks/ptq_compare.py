@@ -39,8 +39,16 @@ def method_options(method: str) -> dict:
     options = dict(METHODS[name])
     for item in filter(None, extra.split(",")):
         key, _, value = item.partition("=")
-        options[key] = json.loads(value) if value and value[0] in "0123456789-[{tfn" else value
+        options[key] = parse_value(value)
     return options
+
+
+def parse_value(text: str):
+    """``800`` -> 800, ``null`` -> None, ``true`` -> True; anything that is not JSON stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def parse_bits(text: str) -> dict:
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     base = {}
     for item in a.set:
         k, _, v = item.partition("=")
-        base[k] = json.loads(v) if v and v[0] in "0123456789-[{tfn" else v
+        base[k] = parse_value(v)
     base.setdefault("calib_num_inference_steps", a.steps)
 
     done = set()

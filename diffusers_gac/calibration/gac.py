@@ -2,7 +2,8 @@
 
 For each unit, before reconstruction (or, with ``gac_meta_every > 0``, also during it):
 
-1. split the unit's calibration samples into a training part and a timestep-balanced validation part;
+1. split the unit's calibration samples into a training part and a timestep-balanced validation part (or, when
+   the loop offers a separate validation set, e.g. from the quantized model's own trajectories, use that);
 2. weights ``w = softmax(s / tau)`` over the samples of a training mini-batch, logits ``s`` starting equal;
 3. a differentiable virtual update of the unit's quantization parameters theta (AdaRound variables and
    activation step sizes), ``theta' = theta - eta * d(sum_i w_i l_i)/d theta`` (``gac_virtual_step="sgd"``), or
