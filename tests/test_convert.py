@@ -17,7 +17,6 @@ from diffusers_gac.quant.convert import (
     set_quant_state,
     skip_join_splits,
 )
-from diffusers_gac.quant.layers import QuantConv2d
 from diffusers_gac.quant.quantizers import SplitActQuantizer
 
 FAMILIES = {

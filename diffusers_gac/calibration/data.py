@@ -8,6 +8,7 @@ both halves of the batch in one call; both are kept.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,6 @@ class CalibrationData:
 
 def _call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Name the positional arguments of a denoiser call by its forward signature."""
-    import inspect
-
     params = [p for p in inspect.signature(module.forward).parameters if p != "self"]
     named = dict(zip(params, args))
     named.update(kwargs)

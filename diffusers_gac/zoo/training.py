@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass
