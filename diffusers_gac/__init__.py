@@ -1,8 +1,9 @@
 """diffusers-gac: post-training W4A4 quantization of diffusers models with Gradient-Aligned Calibration."""
 
-from .api import CalibrationReport, quantize_model, record_calibration_data
+from .api import CalibrationReport, quantize_model, quantize_pipeline, record_calibration_data
 from .calibration.data import CalibrationData, CalibrationRecorder
 from .config import GACConfig, GACQuantizationMethod
+from .hub import push_to_hub
 from .quantizer import GACQuantizer
 
 
@@ -25,6 +26,8 @@ __all__ = [
     "CalibrationReport",
     "GACConfig",
     "GACQuantizer",
+    "push_to_hub",
     "quantize_model",
+    "quantize_pipeline",
     "record_calibration_data",
 ]

@@ -24,6 +24,7 @@ from .calibration.reconstruction import UnitReport, reconstruct_model, reports_a
 from .calibration.weighting import SampleWeighting
 from .config import GACConfig
 from .evaluation.sampling import sample_images
+from .samplers import Sampler, scheduler_sampler
 from .quant.convert import ConversionReport, act_quantizers, convert_model, freeze_model, set_quant_state
 from .serialization import mark_quantized
 
@@ -37,36 +38,47 @@ def record_calibration_data(
     *,
     class_labels: torch.Tensor | None = None,
     batch_size: int | None = None,
+    sampler: Sampler | None = None,
+    seed: int | None = None,
+    num_trajectories: int | None = None,
     show_progress: bool = True,
 ) -> CalibrationData:
-    """Run the full-precision sampler and keep the denoiser inputs that ``config`` selects.
+    """Run the sampler and keep the denoiser inputs that ``config`` selects.
 
-    Unconditional and class-conditional denoisers only (class labels default to a balanced set). For text- or
-    otherwise conditioned denoisers, record with ``CalibrationRecorder`` around your own pipeline call.
+    The sampler is ``sampler`` (any ``run(num_trajectories, seed)``, see ``diffusers_gac.samplers``) or, without
+    one, ``scheduler`` driving an unconditional or class-conditional denoiser (class labels default to a balanced
+    set). ``num_trajectories`` (default: as many as the selection needs) caps the samples kept per step.
     """
     keep = select_steps(config.calib_num_inference_steps, config.calib_timestep_selection, config.calib_num_timesteps,
                         config.calib_samples_per_timestep, seed=config.seed)
+    if num_trajectories is not None:
+        keep = {k: min(v, num_trajectories) for k, v in keep.items()}
     trajectories = max(keep.values())
-    with CalibrationRecorder(denoiser, keep, config.calib_num_inference_steps) as recorder:
-        sample_images(denoiser, scheduler, trajectories, class_labels=class_labels,
-                      num_inference_steps=config.calib_num_inference_steps, seed=config.seed,
-                      batch_size=batch_size or trajectories, show_progress=show_progress)
+    if sampler is None:
+        if scheduler is None:
+            raise ValueError("record_calibration_data needs a scheduler or a sampler")
+        sampler = scheduler_sampler(denoiser, scheduler, config.calib_num_inference_steps, class_labels=class_labels,
+                                    batch_size=batch_size, show_progress=show_progress)
+    steps = config.calib_num_inference_steps
+    with CalibrationRecorder(denoiser, keep, steps) as recorder:
+        sampler(trajectories, config.seed if seed is None else seed)
+    if recorder.calls == 0 or recorder.calls % steps:
+        raise ValueError(
+            f"the sampler called the denoiser {recorder.calls} times, which is not a whole number of trajectories "
+            f"of calib_num_inference_steps={steps} calls; set calib_num_inference_steps to the number of denoiser "
+            "calls per trajectory"
+        )
     return recorder.data
 
 
 @torch.no_grad()
-def record_quantized_trajectories(denoiser: nn.Module, scheduler, config: GACConfig, calibration_data: CalibrationData,
-                                  *, class_labels: torch.Tensor | None = None,
-                                  show_progress: bool = True) -> CalibrationData:
+def record_quantized_trajectories(denoiser: nn.Module, sampler: Sampler, config: GACConfig,
+                                  calibration_data: CalibrationData, *, show_progress: bool = True) -> CalibrationData:
     """Inputs the denoiser sees along the trajectories of its round-to-nearest quantized self (a converted model,
     activation ranges observed on ``calibration_data``), with noise seeds disjoint from the calibration ones."""
     observe_activation_ranges(denoiser, calibration_data, config.batch_size)
-    validation_config = GACConfig.from_dict({
-        **config.to_dict(), "calib_samples_per_timestep": config.gac_validation_trajectories,
-        "seed": config.seed + 104729,
-    })
-    data = record_calibration_data(denoiser, scheduler, validation_config, class_labels=class_labels,
-                                   show_progress=show_progress)
+    data = record_calibration_data(denoiser, None, config, sampler=sampler, seed=config.seed + 104729,
+                                   num_trajectories=config.gac_validation_trajectories, show_progress=show_progress)
     set_quant_state(denoiser, weights=False, acts=False)
     return data
 
@@ -110,31 +122,37 @@ def quantize_model(
     scheduler=None,
     calibration_data: CalibrationData | None = None,
     class_labels: torch.Tensor | None = None,
+    sampler: Sampler | None = None,
     weighting: SampleWeighting | None = None,
     show_progress: bool = True,
 ) -> CalibrationReport:
     """Quantize ``denoiser`` in place and calibrate it; returns what was done and how long it took.
 
-    Calibration data is recorded from ``scheduler`` unless ``calibration_data`` is given. ``weighting``
-    overrides the strategy named by ``config.weighting``.
+    Calibration data is ``calibration_data`` or is recorded by running ``sampler`` (``run(num_trajectories,
+    seed)``, see ``diffusers_gac.samplers``), or ``scheduler`` for an unconditional or class-conditional denoiser.
+    ``weighting`` overrides the strategy named by ``config.weighting``.
     """
-    if calibration_data is None and scheduler is None:
-        raise ValueError("quantize_model needs a scheduler to record calibration data, or calibration_data")
+    if sampler is None and scheduler is not None:
+        sampler = scheduler_sampler(denoiser, scheduler, config.calib_num_inference_steps, class_labels=class_labels,
+                                    show_progress=show_progress)
+    if calibration_data is None and sampler is None:
+        raise ValueError("quantize_model needs a scheduler or a sampler to record calibration data, or calibration_data")
     seconds: dict[str, float] = {}
     start = time.time()
     if calibration_data is None:
-        calibration_data = record_calibration_data(denoiser, scheduler, config, class_labels=class_labels,
+        calibration_data = record_calibration_data(denoiser, None, config, sampler=sampler,
                                                    show_progress=show_progress)
     seconds["record"] = round(time.time() - start, 2)
     conversion: ConversionReport = convert_model(denoiser, config)
     logger.info(f"converted {len(conversion)} layers; kept in full precision: {conversion.skipped}")
     validation_data = None
     if config.weighting == "gradient_aligned" and config.gac_validation == "quantized_trajectories":
-        if scheduler is None:
-            raise ValueError("gac_validation='quantized_trajectories' needs a scheduler to sample the quantized model")
+        if sampler is None:
+            raise ValueError("gac_validation='quantized_trajectories' needs a scheduler or a sampler to sample the "
+                             "quantized model")
         start = time.time()
-        validation_data = record_quantized_trajectories(denoiser, scheduler, config, calibration_data,
-                                                        class_labels=class_labels, show_progress=show_progress)
+        validation_data = record_quantized_trajectories(denoiser, sampler, config, calibration_data,
+                                                        show_progress=show_progress)
         seconds["record_validation"] = round(time.time() - start, 2)
     start = time.time()
     units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting,
@@ -144,7 +162,7 @@ def quantize_model(
     calibrated = GACConfig.from_dict({**config.to_dict(), "converted_layers": conversion.layers,
                                       "quantized_attention": conversion.attention})
     mark_quantized(denoiser, calibrated)
-    return CalibrationReport(
+    report = CalibrationReport(
         config=config.to_dict(),
         converted_layers=conversion.layers,
         skipped_layers=conversion.skipped,
@@ -152,7 +170,45 @@ def quantize_model(
         units=units,
         seconds=seconds,
     )
+    denoiser._gac_calibration_report = report.to_dict()  # what push_to_hub's model card shows
+    return report
 
+
+
+def quantize_pipeline(
+    pipeline,
+    config: GACConfig,
+    *,
+    component: str | None = None,
+    prompts: list[str] | str | None = None,
+    class_labels: list[int] | torch.Tensor | None = None,
+    batch_size: int | None = None,
+    show_progress: bool = True,
+    **call_kwargs,
+) -> CalibrationReport:
+    """Quantize the denoiser of an already loaded pipeline in place, calibrating it with the pipeline itself.
+
+    The pipeline's own call produces the calibration trajectories: its scheduler, its text encoder with ``prompts``
+    (required by text-to-image pipelines; cycled over the ``config.calib_samples_per_timestep`` trajectories) or
+    ``class_labels`` (class-conditional pipelines; balanced by default). ``call_kwargs`` go to every pipeline call
+    (``guidance_scale=7.5``, ``negative_prompt=...``); ``batch_size`` trajectories run per call (default: all).
+    ``component`` names the denoiser (default ``unet``, else ``transformer``). Afterwards ``pipeline.save_pretrained``
+    writes the quantized denoiser as a pre-calibrated checkpoint.
+
+        pipe = StableDiffusionPipeline.from_pretrained(path)
+        quantize_pipeline(pipe, GACConfig(w_bits=4, a_bits=8), prompts=["a cat", "a city at night"], guidance_scale=7.5)
+    """
+    from .samplers import denoiser_name, pipeline_sampler
+
+    component = component or denoiser_name(pipeline)
+    denoiser = getattr(pipeline, component, None)
+    if not isinstance(denoiser, nn.Module):
+        raise ValueError(f"{type(pipeline).__name__} has no component {component!r} to quantize")
+    if getattr(denoiser, "is_quantized", False):
+        raise ValueError(f"pipeline.{component} is already quantized")
+    sampler = pipeline_sampler(pipeline, config.calib_num_inference_steps, prompts=prompts, class_labels=class_labels,
+                               batch_size=batch_size, show_progress=show_progress, call_kwargs=call_kwargs)
+    return quantize_model(denoiser, config, sampler=sampler, show_progress=show_progress)
 
 
 def calibrate_and_save(
@@ -184,6 +240,7 @@ def calibrate_and_save(
         fp_eval = evaluate_denoiser(fp_denoiser, scheduler, reference_unet=fp_denoiser, **common)
         q_eval = evaluate_denoiser(denoiser, scheduler, reference_images=reference, **common)
         result["evaluation"] = {"full_precision": summarize([fp_eval]), "quantized": summarize([q_eval])}
+        denoiser._gac_calibration_report = {**result["calibration"], "evaluation": result["evaluation"]}
     grid_images, _ = sample_images(denoiser, scheduler, 100, num_inference_steps=num_inference_steps, seed=config.seed,
                                    show_progress=False)
 

@@ -3,6 +3,7 @@
     diffusers-gac calibrate --w-bits 4 --a-bits 4 --output outputs/digits-w4a4
     diffusers-gac sample --model digits --output samples.png --num-samples 100 --steps 25
     diffusers-gac evaluate path/to/quantized --reference digits --num-samples 1000 --seeds 0 1 2 --json
+    diffusers-gac push outputs/digits-w4a4 my-org/digits-w4a4
 
 A model is an embedded name (``digits``) or a folder: a diffusers model folder (``config.json``) or one with
 ``unet/`` and optionally ``scheduler/`` subfolders (see :func:`diffusers_gac.zoo.load_model`).
@@ -271,6 +272,51 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- push -------------------------------------------------------------------------------------------------------
+
+
+def add_push_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "push", help="upload a calibrated model with its generated model card to the Hub",
+        description="Upload a calibrated model (a `calibrate` output folder or a saved quantized model) to the Hugging "
+        "Face Hub with a generated model card: bits, calibration settings, the measured quality from report.json "
+        "and the learned-weights plot.",
+    )
+    p.add_argument("model", type=Path, help="a `calibrate` output folder, or a quantized model folder")
+    p.add_argument("repo_id", help="the Hub repository, e.g. my-org/digits-w4a4")
+    p.add_argument("--base-model", default=None, help="the full-precision model's Hub id, for the card's metadata")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--dry-run", type=Path, default=None, metavar="DIR",
+                   help="write what would be uploaded into DIR instead of uploading")
+    p.set_defaults(func=run_push)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub, quantized_components, write_hub_folder
+
+    if not args.model.is_dir():
+        raise CLIError(f"model {args.model} is not a folder")
+    unet, _ = zoo.load_model(args.model)
+    if not quantized_components(unet):
+        raise CLIError(f"{args.model} holds a full-precision model; run `diffusers-gac calibrate` first")
+    evaluation = None
+    report_file = args.model / "report.json"
+    if report_file.is_file():  # written by `calibrate`: calibration report and evaluation
+        report = json.loads(report_file.read_text())
+        unet._gac_calibration_report = report.get("calibration")
+        evaluation = report.get("evaluation")
+    if args.dry_run is not None:
+        if args.dry_run.exists() and any(args.dry_run.iterdir()):
+            raise CLIError(f"--dry-run {args.dry_run} already exists and is not empty")
+        write_hub_folder(unet, args.dry_run, repo_id=args.repo_id, evaluation=evaluation, base_model=args.base_model)
+        print(f"wrote {args.dry_run} (nothing uploaded)")
+        return 0
+    commit = push_to_hub(unet, args.repo_id, evaluation=evaluation, base_model=args.base_model,
+                         private=args.private or None)
+    print(f"pushed {args.model} to {args.repo_id}: {commit}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusers-gac", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -281,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(subparsers, [sampling])
     add_evaluate_parser(subparsers, [sampling])
     add_calibrate_parser(subparsers, [sampling])
+    add_push_parser(subparsers)
     return parser
 
 

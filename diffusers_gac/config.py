@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -19,6 +19,8 @@ RECONSTRUCTIONS = ("adaround", "none")
 ACT_SCHEMES = ("static", "timestep", "dynamic")
 WEIGHT_INITS = ("minmax", "mse")
 TIMESTEP_SELECTIONS = ("uniform", "normal", "all")
+# options that hold calibration inputs (tensors, callables): used while calibrating, never serialised
+RUNTIME_FIELDS = ("calib_prompt_embeds", "calib_negative_prompt_embeds", "calib_sampler")
 
 
 def check_bits(name: str, value: Any, allow_none: bool = False) -> None:
@@ -65,6 +67,15 @@ class GACConfig(QuantizationConfigMixin):
             the late middle of the trajectory) or ``"all"``.
         calib_num_timesteps: how many sampler steps to keep (``"uniform"``/``"normal"``).
         calib_samples_per_timestep: samples kept at each kept step (the number of trajectories).
+        calib_prompt_embeds: for a text-conditional denoiser loaded with ``from_pretrained``, the prompt
+            embeddings ``(num_prompts, seq_len, dim)`` its calibration trajectories are conditioned on (cycled over
+            the trajectories). Not saved with the checkpoint.
+        calib_negative_prompt_embeds: the unconditional (empty-prompt) embeddings ``(1 or num_prompts, seq_len,
+            dim)`` for classifier-free guidance. Not saved.
+        calib_guidance_scale: classifier-free guidance scale of the calibration trajectories (1: no guidance).
+        calib_sampler: a callable ``fn(denoiser, num_trajectories, seed)`` that runs ``num_trajectories`` full
+            sampling trajectories through the denoiser in place (its calls are recorded); the most general way to
+            give a text- or otherwise-conditioned denoiser its inputs. Not saved.
     Reconstruction:
         reconstruction: ``"adaround"`` (learned rounding and activation steps, block by block) or ``"none"``
             (round-to-nearest with calibrated ranges).
@@ -88,6 +99,20 @@ class GACConfig(QuantizationConfigMixin):
             calibration set, as in the paper) or ``"quantized_trajectories"`` (denoiser inputs recorded while the
             round-to-nearest quantized model samples: the states the quantized sampler really visits).
         gac_validation_trajectories: trajectories recorded for ``"quantized_trajectories"``.
+        gac_validation_target: where the validation error is measured: ``"unit"`` (the unit's output against the
+            full-precision unit output, as the reconstruction loss) or ``"output"`` (the denoiser's output against
+            the full-precision denoiser's: the unit's virtually updated output is propagated through the rest of
+            the network, later units still in full precision).
+        gac_weight_granularity: ``"sample"`` (one learned logit per calibration sample, as in the paper) or
+            ``"timestep"`` (one logit per sampler step, shared by that step's samples).
+        gac_timestep_importance: ``"none"`` or ``"perturbation"``: the validation error of a sample is weighted by
+            how much a perturbation of the noise prediction at its sampler step moves the final sample, measured
+            once per calibration on the full-precision sampler (needs the scheduler, see ``calibration/gac.py``).
+        gac_importance_prior: start the weight logits at the log of that importance (bounded by
+            ``gac_max_logit``), so that with ``gac_meta_steps=0`` and ``gac_val_fraction=0`` it is a fixed
+            importance weighting with no meta-learning.
+        gac_importance_trajectories / gac_importance_scale: trajectories and perturbation size (relative to the
+            unit-variance noise prediction) of the importance measurement.
     Filled in by calibration (what a saved checkpoint needs to rebuild its layers; leave them unset):
         converted_layers: ``{layer name: {"w_bits", "a_bits", "split"}}``.
         quantized_attention: names of the Attention modules whose matmuls are quantized.
@@ -107,6 +132,10 @@ class GACConfig(QuantizationConfigMixin):
     calib_timestep_selection: str = "uniform"
     calib_num_timesteps: int = 25
     calib_samples_per_timestep: int = 64
+    calib_prompt_embeds: Any = field(default=None, repr=False, compare=False)
+    calib_negative_prompt_embeds: Any = field(default=None, repr=False, compare=False)
+    calib_guidance_scale: float = 1.0
+    calib_sampler: Any = field(default=None, repr=False, compare=False)
     reconstruction: str = "adaround"
     weighting: str = "uniform"
     iters: int = 400
@@ -129,6 +158,12 @@ class GACConfig(QuantizationConfigMixin):
     gac_max_logit: float | None = 2.0
     gac_validation: str = "calibration"
     gac_validation_trajectories: int = 8
+    gac_validation_target: str = "unit"
+    gac_weight_granularity: str = "sample"
+    gac_timestep_importance: str = "none"
+    gac_importance_prior: bool = False
+    gac_importance_trajectories: int = 32
+    gac_importance_scale: float = 0.05
     converted_layers: dict[str, dict] | None = None
     quantized_attention: list[str] | None = None
 
@@ -160,6 +195,7 @@ class GACConfig(QuantizationConfigMixin):
                 f"calib_num_timesteps ({self.calib_num_timesteps}) cannot exceed calib_num_inference_steps "
                 f"({self.calib_num_inference_steps}) with calib_timestep_selection='uniform'"
             )
+        self._check_calibration_inputs()
         if self.modules_to_not_convert is not None and (
             not isinstance(self.modules_to_not_convert, (list, tuple))
             or not all(isinstance(m, str) for m in self.modules_to_not_convert)
@@ -176,6 +212,15 @@ class GACConfig(QuantizationConfigMixin):
         check_choice("gac_gm_form", self.gac_gm_form, ("cosine", "dot"))
         check_choice("gac_validation", self.gac_validation, ("calibration", "quantized_trajectories"))
         check_positive("gac_validation_trajectories", self.gac_validation_trajectories)
+        check_choice("gac_validation_target", self.gac_validation_target, ("unit", "output"))
+        check_choice("gac_weight_granularity", self.gac_weight_granularity, ("sample", "timestep"))
+        check_choice("gac_timestep_importance", self.gac_timestep_importance, ("none", "perturbation"))
+        if not isinstance(self.gac_importance_prior, bool):
+            raise ValueError(f"gac_importance_prior must be True or False, got {self.gac_importance_prior!r}")
+        if self.gac_importance_prior and self.gac_timestep_importance == "none":
+            raise ValueError("gac_importance_prior=True needs gac_timestep_importance='perturbation'")
+        check_positive("gac_importance_trajectories", self.gac_importance_trajectories)
+        check_positive("gac_importance_scale", self.gac_importance_scale, float)
         if not isinstance(self.gac_val_fraction, (int, float)) or not 0 <= self.gac_val_fraction < 0.5:
             raise ValueError(f"gac_val_fraction must be a fraction in [0, 0.5), got {self.gac_val_fraction!r}")
         if not isinstance(self.gac_gm_weight, (int, float)) or self.gac_gm_weight < 0:
@@ -187,8 +232,34 @@ class GACConfig(QuantizationConfigMixin):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
+    def _check_calibration_inputs(self) -> None:
+        import torch
+
+        embeds, negative = self.calib_prompt_embeds, self.calib_negative_prompt_embeds
+        for name, value in (("calib_prompt_embeds", embeds), ("calib_negative_prompt_embeds", negative)):
+            if value is not None and (not torch.is_tensor(value) or value.dim() != 3):
+                raise ValueError(f"{name} must be a tensor of shape (num_prompts, seq_len, dim), got "
+                                 f"{tuple(value.shape) if torch.is_tensor(value) else type(value).__name__}")
+        if negative is not None:
+            if embeds is None:
+                raise ValueError("calib_negative_prompt_embeds was given without calib_prompt_embeds")
+            if negative.shape[1:] != embeds.shape[1:] or negative.shape[0] not in (1, embeds.shape[0]):
+                raise ValueError(
+                    f"calib_negative_prompt_embeds must have shape (1 or {embeds.shape[0]}, {embeds.shape[1]}, "
+                    f"{embeds.shape[2]}) to match calib_prompt_embeds, got {tuple(negative.shape)}"
+                )
+        g = self.calib_guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 1:
+            raise ValueError(f"calib_guidance_scale must be a number >= 1 (1: no guidance), got {g!r}")
+        if g > 1 and embeds is not None and negative is None:
+            raise ValueError("calib_guidance_scale > 1 needs calib_negative_prompt_embeds (the empty prompt's embeddings)")
+        if self.calib_sampler is not None and not callable(self.calib_sampler):
+            raise ValueError(f"calib_sampler must be a callable fn(denoiser, num_trajectories, seed), got "
+                             f"{type(self.calib_sampler).__name__}")
+
     def to_dict(self) -> dict[str, Any]:
-        d = copy.deepcopy(self.__dict__)
+        """The serialisable options (what config.json carries): runtime calibration inputs are left out."""
+        d = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in RUNTIME_FIELDS})
         d["quant_method"] = GACQuantizationMethod.GAC.value
         return d
 

@@ -9,6 +9,7 @@ from diffusers.utils import logging
 from torch import nn
 
 from .config import GACConfig
+from .samplers import Sampler, prompt_embeds_sampler, scheduler_sampler
 
 logger = logging.get_logger(__name__)
 
@@ -29,14 +30,35 @@ def find_scheduler(checkpoint_dir: Path | None) -> DDIMScheduler:
     return default_scheduler()
 
 
-def calibrate_loaded_model(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None) -> None:
+def is_text_conditional(model: nn.Module) -> bool:
+    config = model.config
+    return bool(config.get("cross_attention_dim") or config.get("addition_embed_type")
+                or config.get("caption_channels") or config.get("joint_attention_dim"))
+
+
+def loaded_model_sampler(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None) -> Sampler:
+    """How a model fresh out of ``from_pretrained`` gets its calibration trajectories: ``config.calib_sampler``,
+    else its scheduler over ``config.calib_prompt_embeds`` (text-conditional), else its scheduler alone."""
+    if config.calib_sampler is not None:
+        fn = config.calib_sampler
+        return lambda num_trajectories, seed: fn(model, num_trajectories, seed)
+    if config.calib_prompt_embeds is not None:
+        return prompt_embeds_sampler(model, find_scheduler(checkpoint_dir), config.calib_num_inference_steps,
+                                     config.calib_prompt_embeds, negative_prompt_embeds=config.calib_negative_prompt_embeds,
+                                     guidance_scale=config.calib_guidance_scale)
+    if is_text_conditional(model):
+        raise ValueError(
+            f"{type(model).__name__} is text-conditional: calibration needs inputs that from_pretrained cannot invent. "
+            "Pass prompt embeddings with GACConfig(calib_prompt_embeds=..., calib_negative_prompt_embeds=..., "
+            "calib_guidance_scale=...), or a sampler with GACConfig(calib_sampler=fn) where fn(denoiser, "
+            "num_trajectories, seed) runs your sampling loop; or load the pipeline in full precision and call "
+            "diffusers_gac.quantize_pipeline(pipe, config, prompts=[...])."
+        )
+    return scheduler_sampler(model, find_scheduler(checkpoint_dir), config.calib_num_inference_steps)
+
+
+def calibrate_loaded_model(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None):
     """Quantize and calibrate a model that ``from_pretrained`` just loaded in full precision."""
     from .api import quantize_model
 
-    if getattr(model.config, "cross_attention_dim", None) or getattr(model.config, "addition_embed_type", None):
-        raise ValueError(
-            f"{type(model).__name__} is text-conditional: calibration needs prompt embeddings, which from_pretrained "
-            "cannot invent. Load the model in full precision and call diffusers_gac.quantize_model(model, config, "
-            "calibration_data=...) with data recorded by diffusers_gac.CalibrationRecorder around your pipeline call."
-        )
-    quantize_model(model, config, scheduler=find_scheduler(checkpoint_dir))
+    return quantize_model(model, config, sampler=loaded_model_sampler(model, config, checkpoint_dir))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,13 @@ class GACQuantizer(DiffusersQuantizer):
             from .integration import calibrate_loaded_model
 
             calibrate_loaded_model(model, self.quantization_config, checkpoint_dir=self.checkpoint_dir)
+        else:
+            from .hub import REPORT_NAME, install_push_to_hub
+
+            report = self.checkpoint_dir / REPORT_NAME if self.checkpoint_dir else None
+            if report is not None and report.is_file():  # uploaded beside the checkpoint by diffusers_gac.push_to_hub
+                model._gac_calibration_report = json.loads(report.read_text())
+            install_push_to_hub(model)
         return model
 
     @property

@@ -79,3 +79,6 @@ def mark_quantized(model: nn.Module, config: GACConfig) -> None:
     model.quantization_method = config.quant_method
     if hasattr(model, "register_to_config"):
         model.register_to_config(quantization_config=config)
+    from .hub import install_push_to_hub
+
+    install_push_to_hub(model)

@@ -144,6 +144,22 @@ def test_calibrate_end_to_end_writes_a_loadable_folder(tmp_path):
     assert report["evaluation"]["quantized"]["psnr"] > 10
     unet, _ = load_model(str(out))
     assert unet.is_quantized
+    # what `push` would upload: the checkpoint and a card carrying the measured quality of report.json
+    preview = tmp_path / "preview"
+    assert main(["push", str(out), "my-org/digits-w4a4", "--dry-run", str(preview)]) == 0
+    card = (preview / "README.md").read_text()
+    q = report["evaluation"]["quantized"]
+    assert f"{q['psnr']:.2f}" in card and "my-org/digits-w4a4" in card
+    assert (preview / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_push_refuses_a_full_precision_model(tmp_path, capsys):
+    from diffusers_gac.zoo import embedded_model_path
+
+    with pytest.raises(SystemExit) as err:
+        main(["push", str(embedded_model_path()), "org/x", "--dry-run", str(tmp_path / "p")])
+    assert err.value.code == 2 and "full-precision model" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 def test_calibrate_refuses_a_non_empty_output_and_bad_bits(tmp_path, capsys):

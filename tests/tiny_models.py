@@ -54,3 +54,49 @@ def example_call(model, batch: int = 4, seed: int = 0) -> dict:
     if cfg.get("cross_attention_dim"):
         call["encoder_hidden_states"] = torch.randn(batch, 3, cfg.cross_attention_dim, generator=g)
     return call
+
+
+# -- tiny pipelines: randomly initialised, built offline --------------------------------------------------------
+
+def tiny_clip_tokenizer():
+    """A character-level CLIP tokenizer (no download): every lower-case letter is a token."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8)
+
+
+def tiny_sd_pipeline():
+    """A Stable-Diffusion-style pipeline: AutoencoderKL, CLIP text encoder, UNet2DConditionModel, DDIM."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=12, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
+                        latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet2d_condition(),
+                                   scheduler=DDIMScheduler(num_train_timesteps=1000), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_ldm_pipeline():
+    """An unconditional latent-diffusion pipeline: VQModel, UNet2DModel on its latents, DDIM."""
+    from diffusers import DDIMScheduler, LDMPipeline, VQModel
+
+    torch.manual_seed(0)
+    vqvae = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
+                    latent_channels=3, norm_num_groups=4, num_vq_embeddings=16, sample_size=16).eval()
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8).eval()
+    return LDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))

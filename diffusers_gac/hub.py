@@ -1,0 +1,199 @@
+"""Sharing calibrated models: a generated model card, and ``push_to_hub`` for quantized models and pipelines.
+
+``push_to_hub(model_or_pipeline, repo_id)`` writes the pre-calibrated checkpoint (``save_pretrained``), a model
+card (``README.md``: base model, bits, calibration settings, measured quality, the learned-weights plot), the plot
+itself and the calibration report into one temporary folder, and uploads it as one commit. A model calibrated by
+diffusers-gac also gets this card from its own ``model.push_to_hub(repo_id)``. ``from_pretrained(repo_id)`` then
+downloads and loads it without recalibrating (``import diffusers_gac`` first, to register the backend).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from diffusers.utils import logging
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from torch import nn
+
+from .config import GACConfig
+
+logger = logging.get_logger(__name__)
+
+PLOT_NAME = "gac_calibration.png"
+REPORT_NAME = "gac_calibration.json"
+
+
+def _gac_config(model: nn.Module) -> GACConfig | None:
+    config = getattr(model, "config", None)
+    qc = config.get("quantization_config") if hasattr(config, "get") else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "gac":
+        qc = GACConfig.from_dict(qc)
+    return qc if isinstance(qc, GACConfig) else None
+
+
+def quantized_components(obj) -> dict[str, nn.Module]:
+    """``{"": model}`` for a calibrated model, ``{component name: model}`` for a pipeline's calibrated parts."""
+    if isinstance(obj, nn.Module):
+        return {"": obj} if _gac_config(obj) is not None else {}
+    components = getattr(obj, "components", {}) or {}
+    return {name: m for name, m in components.items() if isinstance(m, nn.Module) and _gac_config(m) is not None}
+
+
+def _fp32_and_quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """Bytes of the model in FP32, and of its state as saved (packed codes, scales, unconverted weights)."""
+    from .quant.convert import quant_layers
+
+    quantized = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    fp32 = 0
+    layers = quant_layers(model)
+    state_names = set()
+    for name, layer in layers.items():
+        fp32 += layer.dequantized_weight().numel() * 4
+        state_names.update(f"{name}.{k}" for k, _ in layer.named_buffers())
+        state_names.update(f"{name}.{k}" for k, _ in layer.named_parameters() if k != "bias")
+    fp32 += sum(t.numel() * 4 for k, t in model.state_dict().items() if k not in state_names)
+    return fp32, quantized
+
+
+def _fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _quality_table(evaluation: dict[str, Any] | None) -> str:
+    if not evaluation or "quantized" not in evaluation:
+        return ("No quality numbers were given for this upload. Measure them against the full-precision model with "
+                "`diffusers_gac.evaluation.evaluate_denoiser` (or `diffusers-gac evaluate`) and pass them as "
+                "`push_to_hub(..., evaluation=...)`.")
+    q, fp = evaluation["quantized"], evaluation.get("full_precision") or {}
+    rows = ["| metric | full precision | quantized |", "|---|---|---|"]
+    names = {"fd": "FD (lower is better)", "psnr": "PSNR vs full precision, dB", "accuracy": "class accuracy"}
+    for key, label in names.items():
+        if q.get(key) is None and fp.get(key) is None:
+            continue
+        digits = 3 if key == "accuracy" else 2
+        rows.append(f"| {label} | {_fmt(fp.get(key), fp.get(f'{key}_std'), digits)} | "
+                    f"{_fmt(q.get(key), q.get(f'{key}_std'), digits)} |")
+    protocol = (f"{q.get('num_samples')} samples, {q.get('num_inference_steps')} sampler steps, seeds "
+                f"{q.get('seeds')}; the same noise for both models.")
+    return "\n".join(rows) + "\n\n" + protocol
+
+
+def _settings_table(config: GACConfig) -> str:
+    keys = ["w_bits", "a_bits", "act_scheme", "special_bits", "attn_bits", "weight_init", "calib_num_inference_steps",
+            "calib_timestep_selection", "calib_num_timesteps", "calib_samples_per_timestep", "calib_guidance_scale",
+            "reconstruction", "weighting", "iters", "batch_size", "lr_round", "lr_act", "seed"]
+    if config.weighting == "gradient_aligned":
+        keys += [k for k in config.to_dict() if k.startswith("gac_")]
+    return "\n".join(["| option | value |", "|---|---|"] + [f"| `{k}` | `{getattr(config, k)!r}` |" for k in keys])
+
+
+def model_card(obj, *, repo_id: str, evaluation: dict[str, Any] | None = None, base_model: str | None = None,
+               plots: dict[str, str] | None = None) -> ModelCard:
+    """The card of a calibrated model or pipeline: what it is, how to load it, how it was calibrated, how good it is.
+
+    ``evaluation`` is ``{"full_precision": summary, "quantized": summary}`` as ``evaluation.summarize`` returns
+    them (the ``evaluation`` of a ``calibrate_and_save`` report); ``plots`` maps a component to the file name of its
+    learned-weights plot in the repository.
+    """
+    parts = quantized_components(obj)
+    if not parts:
+        raise ValueError("nothing in this object was quantized by diffusers-gac (no quantization_config with "
+                         "quant_method 'gac'); calibrate it first")
+    first = next(iter(parts.values()))
+    config = _gac_config(first)
+    bits = f"W{config.w_bits}A{config.a_bits or 16}"
+    base_model = base_model or first.config.get("_name_or_path") or None
+    is_hub_id = bool(base_model) and not os.path.exists(base_model) and base_model.count("/") == 1
+    data = ModelCardData(library_name="diffusers", tags=["diffusers-gac", "quantized", bits.lower(), "post-training-quantization"],
+                         base_model=base_model if is_hub_id else None)
+    is_pipeline = not isinstance(obj, nn.Module)
+    cls = "DiffusionPipeline" if is_pipeline else type(obj).__name__
+    acts = f"activations at {config.a_bits} bits" if config.a_bits else "activations in full precision"
+    weighting = ("gradient-aligned (learned) sample weights" if config.weighting == "gradient_aligned"
+                 else "uniform sample weights")
+    lines = [
+        f"# {repo_id.split('/')[-1]}: {bits} quantized with diffusers-gac", "",
+        (f"A post-training quantized {'pipeline' if is_pipeline else type(obj).__name__}: weights at {config.w_bits} bits, "
+         f"{acts}, calibrated with {weighting} by diffusers-gac (post-training quantization for diffusers with "
+         "gradient-aligned calibration)."),
+        f"Base model: `{base_model}`." if base_model else "Base model: not recorded.", "",
+        "## Use", "", "```python",
+        "import diffusers_gac  # registers the \"gac\" quantization backend with diffusers",
+        f"from diffusers import {cls}", "",
+        f'model = {cls}.from_pretrained("{repo_id}")  # loads the calibrated checkpoint, no recalibration', "```", "",
+        "## Quantization", "",
+    ]
+    for name, model in parts.items():
+        fp32, packed = _fp32_and_quantized_bytes(model)
+        layers = _gac_config(model).converted_layers or {}
+        lines += [(f"- `{name or type(model).__name__}`: {len(layers)} layers converted; {packed / 2**20:.2f} MiB of "
+                   f"weights and quantizer state against {fp32 / 2**20:.2f} MiB in FP32 ({packed / max(fp32, 1):.0%}).")]
+    lines += ["", "Calibration settings:", "", _settings_table(config), "", "## Quality", "", _quality_table(evaluation), ""]
+    if plots:
+        lines += ["## What calibration learned", "",
+                  "Per unit: the gradient conflict between timestep groups and the learned weight mass per timestep.", ""]
+        lines += [f"![{name or 'calibration'}]({file})" for name, file in plots.items()]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def write_hub_folder(obj, folder: str | Path, *, repo_id: str, evaluation: dict[str, Any] | None = None,
+                     base_model: str | None = None, **save_kwargs) -> Path:
+    """Everything ``push_to_hub`` uploads, written into ``folder``: the checkpoint, README.md, plots and reports."""
+    from .calibration.plots import plot_calibration
+
+    folder = Path(folder)
+    type(obj).save_pretrained(obj, folder, **save_kwargs)  # the class method: never an instance override
+    plots = {}
+    for name, model in quantized_components(obj).items():
+        report = getattr(model, "_gac_calibration_report", None)
+        if not report:
+            continue
+        prefix = f"{name}_" if name else ""
+        (folder / f"{prefix}{REPORT_NAME}").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        units = report.get("units") or []
+        if any(u.get("weighting") for u in units):
+            plot_calibration(units, folder / f"{prefix}{PLOT_NAME}")
+            plots[name] = f"{prefix}{PLOT_NAME}"
+        if evaluation is None:
+            evaluation = report.get("evaluation")
+    model_card(obj, repo_id=repo_id, evaluation=evaluation, base_model=base_model, plots=plots).save(folder / "README.md")
+    return folder
+
+
+def push_to_hub(obj, repo_id: str, *, evaluation: dict[str, Any] | None = None, base_model: str | None = None,
+                commit_message: str | None = None, private: bool | None = None, token: str | None = None,
+                create_pr: bool = False, **save_kwargs):
+    """Upload a calibrated model or pipeline with its generated model card, in one commit; returns the commit
+    info. ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size``)."""
+    if not quantized_components(obj):
+        raise ValueError("push_to_hub: nothing in this object was quantized by diffusers-gac; calibrate it first "
+                         "(or use its own push_to_hub for a full-precision upload)")
+    repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hub_folder(obj, tmp, repo_id=repo_id, evaluation=evaluation, base_model=base_model, **save_kwargs)
+        return upload_folder(repo_id=repo_id, folder_path=tmp, token=token, create_pr=create_pr,
+                             commit_message=commit_message or "Upload diffusers-gac quantized model")
+
+
+def _model_push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                       token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                       variant: str | None = None, subfolder: str | None = None):
+    """``ModelMixin.push_to_hub`` for a calibrated model: the same arguments, plus the generated model card."""
+    if subfolder or not safe_serialization or variant:  # diffusers' own upload handles these cases
+        return type(self).push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
+                                      create_pr=create_pr, safe_serialization=safe_serialization, variant=variant,
+                                      subfolder=subfolder)
+    return push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr)
+
+
+def install_push_to_hub(model: nn.Module) -> None:
+    """Give a calibrated model a ``push_to_hub`` that also uploads the generated model card."""
+    import types
+
+    object.__setattr__(model, "push_to_hub", types.MethodType(_model_push_to_hub, model))
