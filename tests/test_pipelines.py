@@ -1,6 +1,7 @@
 """Calibration inputs for every kind of denoiser: pipelines calibrating their own denoiser (DDPM, latent diffusion,
 Stable-Diffusion-style), text-conditional models through from_pretrained, and custom samplers."""
 
+import importlib.util
 import json
 
 import pytest
@@ -25,7 +26,7 @@ def _sd_call(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         return unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]),
-                    encoder_hidden_states=torch.randn(2, 8, 12, generator=g)).sample
+                    encoder_hidden_states=torch.randn(2, 8, 64, generator=g)).sample
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,20 @@ def test_pipeline_quantization_config_with_prompt_embeds(sd_folder):
     assert isinstance(pipe.unet.conv_in, QuantConv2d)
     images = pipe(["a cat"], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_text_encoder_in_bitsandbytes_beside_a_gac_unet(sd_folder):
+    """Components may use other backends: here the text encoder in bitsandbytes 4-bit (its CPU kernels)."""
+    from transformers import BitsAndBytesConfig
+
+    cond, _ = _embeds(sd_folder, ["a cat"])
+    pipe = DiffusionPipeline.from_pretrained(sd_folder, quantization_config=PipelineQuantizationConfig(quant_mapping={
+        "unet": GACConfig(calib_prompt_embeds=cond, **FAST), "text_encoder": BitsAndBytesConfig(load_in_4bit=True)}))
+    assert isinstance(pipe.unet.conv_in, QuantConv2d)
+    assert any(type(m).__name__ == "Linear4bit" for m in pipe.text_encoder.modules())
+    images = pipe(["a cat"], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
 
 
 def test_latent_diffusion_pipeline_both_ways(tmp_path):

@@ -13,12 +13,12 @@ def tiny_unet2d(class_conditional: bool = True) -> UNet2DModel:
     ).eval()
 
 
-def tiny_unet2d_condition() -> UNet2DConditionModel:
+def tiny_unet2d_condition(cross_attention_dim: int = 12) -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12, norm_num_groups=4, attention_head_dim=4,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=4, attention_head_dim=4,
     ).eval()
 
 
@@ -70,20 +70,21 @@ def tiny_clip_tokenizer():
 
 
 def tiny_sd_pipeline():
-    """A Stable-Diffusion-style pipeline: AutoencoderKL, CLIP text encoder, UNet2DConditionModel, DDIM."""
+    """A Stable-Diffusion-style pipeline: AutoencoderKL, CLIP text encoder, UNet2DConditionModel, DDIM. Widths are
+    multiples of 64 so that bitsandbytes' CPU 4-bit kernels accept the text encoder."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=12, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )).eval()
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
                         latent_channels=4, norm_num_groups=4, sample_size=16).eval()
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet2d_condition(),
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet2d_condition(cross_attention_dim=64),
                                    scheduler=DDIMScheduler(num_train_timesteps=1000), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
