@@ -12,7 +12,7 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from tiny_models import tiny_ldm_pipeline, tiny_sd_pipeline, tiny_unet2d
+from tiny_models import tiny_dit_pipeline, tiny_ldm_pipeline, tiny_sd_pipeline, tiny_unet2d
 
 from diffusers_gac import GACConfig, quantize_pipeline
 from diffusers_gac.api import record_calibration_data
@@ -118,6 +118,18 @@ def test_latent_diffusion_pipeline_both_ways(tmp_path):
     report = quantize_pipeline(loaded, GACConfig(**FAST), batch_size=2, show_progress=False)  # two calls of 2 trajectories
     assert report.num_calibration_samples == 3 * 4
     assert isinstance(loaded.unet.conv_in, QuantConv2d)
+
+
+def test_quantize_pipeline_calibrates_a_class_conditional_transformer_with_guidance():
+    pipe = tiny_dit_pipeline()
+    report = quantize_pipeline(pipe, GACConfig(**FAST), class_labels=[1, 2, 3], guidance_scale=4.0, show_progress=False)
+    assert report.num_calibration_samples == 3 * 4 * 2  # guided: conditional and unconditional halves
+    assert pipe.transformer.is_quantized
+    images = pipe(class_labels=[1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
+    with pytest.raises(ValueError, match="takes no prompt"):
+        quantize_pipeline(tiny_dit_pipeline(), GACConfig(**FAST), prompts=["a cat"], show_progress=False)
 
 
 def test_quantize_pipeline_with_gac_validation_from_quantized_trajectories(tmp_path):

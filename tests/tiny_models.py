@@ -101,3 +101,19 @@ def tiny_ldm_pipeline():
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        norm_num_groups=4, attention_head_dim=8).eval()
     return LDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+
+
+def tiny_dit_pipeline():
+    """A class-conditional latent transformer pipeline (DiT): AutoencoderKL, DiTTransformer2DModel, DDIM. DiT's
+    pipeline uses class 1000 as the unconditional label, hence 1000 label embeddings."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=4,
+    ).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
+                        latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=1000))
