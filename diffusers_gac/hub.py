@@ -181,7 +181,7 @@ def push_to_hub(obj, repo_id: str, *, evaluation: dict[str, Any] | None = None, 
                              commit_message=commit_message or "Upload diffusers-gac quantized model")
 
 
-def _model_push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+def push_model_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
                        token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
                        variant: str | None = None, subfolder: str | None = None):
     """``ModelMixin.push_to_hub`` for a calibrated model: the same arguments, plus the generated model card."""
@@ -190,10 +190,3 @@ def _model_push_to_hub(self, repo_id: str, commit_message: str | None = None, pr
                                       create_pr=create_pr, safe_serialization=safe_serialization, variant=variant,
                                       subfolder=subfolder)
     return push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr)
-
-
-def install_push_to_hub(model: nn.Module) -> None:
-    """Give a calibrated model a ``push_to_hub`` that also uploads the generated model card."""
-    import types
-
-    object.__setattr__(model, "push_to_hub", types.MethodType(_model_push_to_hub, model))

@@ -86,12 +86,13 @@ class GACQuantizer(DiffusersQuantizer):
 
             calibrate_loaded_model(model, self.quantization_config, checkpoint_dir=self.checkpoint_dir)
         else:
-            from .hub import REPORT_NAME, install_push_to_hub
+            from .hub import REPORT_NAME
+            from .serialization import install_methods
 
             report = self.checkpoint_dir / REPORT_NAME if self.checkpoint_dir else None
             if report is not None and report.is_file():  # uploaded beside the checkpoint by diffusers_gac.push_to_hub
                 model._gac_calibration_report = json.loads(report.read_text())
-            install_push_to_hub(model)
+            install_methods(model)
         return model
 
     @property

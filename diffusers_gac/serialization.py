@@ -9,6 +9,12 @@ before the weights load.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+
 import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -79,6 +85,39 @@ def mark_quantized(model: nn.Module, config: GACConfig) -> None:
     model.quantization_method = config.quant_method
     if hasattr(model, "register_to_config"):
         model.register_to_config(quantization_config=config)
-    from .hub import install_push_to_hub
+    install_methods(model)
 
-    install_push_to_hub(model)
+
+def install_methods(model: nn.Module) -> None:
+    """Give a quantized model an atomic ``save_pretrained`` and a ``push_to_hub`` that uploads its model card."""
+    from .hub import push_model_to_hub
+
+    object.__setattr__(model, "save_pretrained", types.MethodType(atomic_save_pretrained, model))
+    object.__setattr__(model, "push_to_hub", types.MethodType(push_model_to_hub, model))
+
+
+def atomic_save_pretrained(self, save_directory, *args, **kwargs):
+    """``ModelMixin.save_pretrained``, written into a temporary sibling folder and swapped in at the end: a save
+    that fails or is interrupted leaves the previous folder (or none), never a partial checkpoint. Files the folder
+    already held are kept, as diffusers keeps them."""
+    if kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True):
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    target = Path(save_directory)
+    if target.is_file():
+        raise ValueError(f"save_pretrained: {target} is a file, not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    backup = target.with_name(f".{target.name}.previous-{tmp.name.rsplit('-', 1)[-1]}")
+    try:
+        if target.is_dir():
+            shutil.copytree(target, tmp, dirs_exist_ok=True)
+        type(self).save_pretrained(self, tmp, *args, **kwargs)
+        if target.exists():
+            os.replace(target, backup)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if backup.exists() and not target.exists():
+            os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -160,3 +160,39 @@ def test_pipeline_from_pretrained_with_a_pipeline_quantization_config(tmp_path):
     assert isinstance(pipe.unet.conv_in, QuantConv2d)
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1) and (images >= 0).all()
+
+
+def _failing_save(monkeypatch):
+    import safetensors.torch
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+
+
+def test_a_failed_save_leaves_no_folder_behind(calibrated_from_pretrained, tmp_path, monkeypatch):
+    _failing_save(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        calibrated_from_pretrained.save_pretrained(tmp_path / "w4a4")
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a temporary sibling
+
+
+def test_a_failed_save_over_a_checkpoint_keeps_the_old_one(calibrated_from_pretrained, saved, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "w4a4"
+    shutil.copytree(saved, folder)
+    (folder / "notes.txt").write_text("mine")
+    config = json.loads((folder / "config.json").read_text())
+    _failing_save(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        calibrated_from_pretrained.save_pretrained(folder, max_shard_size="200KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4a4"]
+    assert json.loads((folder / "config.json").read_text()) == config
+    assert torch.equal(_out(UNet2DModel.from_pretrained(folder)), _out(calibrated_from_pretrained))
+    monkeypatch.undo()
+    calibrated_from_pretrained.save_pretrained(folder, max_shard_size="200KB")
+    assert (folder / "notes.txt").read_text() == "mine"  # what else the folder held is kept, as diffusers does
+    assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert torch.equal(_out(UNet2DModel.from_pretrained(folder)), _out(calibrated_from_pretrained))
