@@ -9,10 +9,10 @@ before the weights load.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
-import types
 from pathlib import Path
 
 import torch
@@ -88,12 +88,32 @@ def mark_quantized(model: nn.Module, config: GACConfig) -> None:
     install_methods(model)
 
 
+class InstalledMethod:
+    """A method installed on one model instance: called like the class's method of the same name, with its
+    signature (diffusers' pipelines inspect a component's ``save_pretrained`` to choose its arguments); survives
+    ``copy.deepcopy`` and pickling, bound to the copy."""
+
+    def __init__(self, func, model: nn.Module, name: str):
+        self.func, self.model, self.name = func, model, name
+
+    def __call__(self, *args, **kwargs):
+        return self.func(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        params = list(inspect.signature(getattr(type(self.model), self.name)).parameters.values())
+        return inspect.Signature(params[1:])
+
+    def __reduce__(self):
+        return InstalledMethod, (self.func, self.model, self.name)
+
+
 def install_methods(model: nn.Module) -> None:
     """Give a quantized model an atomic ``save_pretrained`` and a ``push_to_hub`` that uploads its model card."""
     from .hub import push_model_to_hub
 
-    object.__setattr__(model, "save_pretrained", types.MethodType(atomic_save_pretrained, model))
-    object.__setattr__(model, "push_to_hub", types.MethodType(push_model_to_hub, model))
+    object.__setattr__(model, "save_pretrained", InstalledMethod(atomic_save_pretrained, model, "save_pretrained"))
+    object.__setattr__(model, "push_to_hub", InstalledMethod(push_model_to_hub, model, "push_to_hub"))
 
 
 def atomic_save_pretrained(self, save_directory, *args, **kwargs):

@@ -196,3 +196,23 @@ def test_a_failed_save_over_a_checkpoint_keeps_the_old_one(calibrated_from_pretr
     assert (folder / "notes.txt").read_text() == "mine"  # what else the folder held is kept, as diffusers does
     assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert torch.equal(_out(UNet2DModel.from_pretrained(folder)), _out(calibrated_from_pretrained))
+
+
+def test_installed_methods_survive_copies_and_keep_their_signature(calibrated_from_pretrained, tmp_path):
+    import copy
+    import inspect
+    import io
+
+    model = copy.deepcopy(calibrated_from_pretrained)
+    assert model.save_pretrained.model is model and model.push_to_hub.model is model
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert again.save_pretrained.model is again
+    # diffusers' pipelines choose a component's save arguments from this signature
+    assert {"safe_serialization", "variant", "max_shard_size"} <= set(inspect.signature(again.save_pretrained).parameters)
+    pipe = DDPMPipeline(unet=again, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path, subfolder="unet")), _out(calibrated_from_pretrained))
