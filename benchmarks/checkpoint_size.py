@@ -19,7 +19,11 @@ from diffusers.utils import logging as dlogging
 from safetensors import safe_open
 
 from diffusers_gac import GACConfig, quantize_model
-from diffusers_gac.zoo import embedded_model_path, load_embedded_scheduler, load_embedded_unet
+from diffusers_gac.zoo import (
+    embedded_model_path,
+    load_embedded_scheduler,
+    load_embedded_unet,
+)
 
 SETTINGS = {"W4A4": dict(w_bits=4, a_bits=4), "W4A8": dict(w_bits=4, a_bits=8), "W8A8": dict(w_bits=8, a_bits=8),
             "W4A4, all layers 4-bit": dict(w_bits=4, a_bits=4, special_bits=4)}

@@ -1,6 +1,8 @@
 """Diagnostics of one gradient-aligned calibration of the embedded model, for docs/results/gac.md.
 
     python benchmarks/gac_diagnostics.py --output docs/results/gac_diagnostics
+    python benchmarks/gac_diagnostics.py --output docs/results/gac_output_val_diagnostics --set \
+        gac_validation_target=output gac_weight_granularity=timestep gac_gm_weight=0 gac_timestep_importance=perturbation
 
 writes ``<output>.png`` (gradient conflict before/after per unit, learned weight mass per timestep, meta
 objective) and ``<output>.json`` (the same numbers for every unit, plus summaries).
@@ -16,6 +18,7 @@ from pathlib import Path
 from diffusers_gac import GACConfig, quantize_model
 from diffusers_gac.calibration.diagnostics import mean_off_diagonal
 from diffusers_gac.calibration.plots import plot_calibration
+from diffusers_gac.calibration.weighting import make_weighting
 from diffusers_gac.zoo import load_embedded_scheduler, load_embedded_unet
 
 
@@ -25,10 +28,20 @@ def main() -> None:
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="further GACConfig options")
     a = p.parse_args()
-    config = GACConfig(w_bits=a.w_bits, a_bits=a.a_bits, weighting="gradient_aligned", seed=a.seed)
+    extra = {}
+    for item in a.set:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    config = GACConfig(w_bits=a.w_bits, a_bits=a.a_bits, weighting="gradient_aligned", seed=a.seed, **extra)
     unet = copy.deepcopy(load_embedded_unet())
-    report = quantize_model(unet, config, scheduler=load_embedded_scheduler()).to_dict()
+    scheduler = load_embedded_scheduler()
+    report = quantize_model(unet, config, scheduler=scheduler,
+                            weighting=make_weighting(config, scheduler=scheduler)).to_dict()
     units = report["units"]
     a.output.parent.mkdir(parents=True, exist_ok=True)
     plot_calibration(units, a.output.with_suffix(".png"))
@@ -44,8 +57,12 @@ def main() -> None:
         for u in units
         if "rounding" in u["weighting"].get("conflict_before", {})
     ]
+    masses = [u["weighting"]["weight_mass_per_timestep"] for u in units if "weight_mass_per_timestep" in u["weighting"]]
+    mean_mass = {t: sum(m[t] for m in masses) / len(masses) for t in masses[0]} if masses else {}
     a.output.with_suffix(".json").write_text(json.dumps({"config": report["config"], "summary": summary,
+                                                          "mean_weight_mass_per_timestep": mean_mass,
                                                           "units": units}, indent=1, default=str) + "\n")
+    print(json.dumps({"mean_weight_mass_per_timestep": mean_mass}))
     for row in summary:
         print(json.dumps(row))
 

@@ -71,6 +71,7 @@ def run_one(job: dict) -> dict:
     from diffusers.utils import logging as dlogging
 
     from diffusers_gac import GACConfig, quantize_model
+    from diffusers_gac.calibration.weighting import make_weighting
     from diffusers_gac.evaluation import evaluate_denoiser, sample_images
     from diffusers_gac.zoo import load_embedded_scheduler, load_embedded_unet
 
@@ -86,7 +87,10 @@ def run_one(job: dict) -> dict:
         options = {**parse_bits(job["bits"]), **job["base"], **method_options(job["method"]), "seed": seed}
         model = copy.deepcopy(fp)
         start = time.time()
-        report = quantize_model(model, GACConfig(**options), scheduler=scheduler, show_progress=False)
+        config = GACConfig(**options)
+        # the strategy gets the scheduler (gac_timestep_importance samples with it); uniform ignores it
+        report = quantize_model(model, config, scheduler=scheduler, weighting=make_weighting(config, scheduler=scheduler),
+                                show_progress=False)
         row["calibration_seconds"] = round(time.time() - start, 1)
         row["config"] = report.config
         row["unit_error_before"] = sum(u.loss_before for u in report.units)
@@ -117,10 +121,10 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
         return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
     lines = [
-        f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} CPU cores), "
-        f"torch {__import__('torch').__version__}. Calibration times were taken with two benchmark processes "
-        "sharing the 2 cores (one thread each), so they are indicative; peak RSS is shown only where every run "
-        "had a process of its own. Command:",
+        (f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} CPU cores), "
+        f"torch {__import__('torch').__version__}. Calibration times are indicative: one thread per benchmark "
+        "process, and other processes (a second benchmark worker or other work) may have shared the 2 cores; peak "
+        "RSS is shown only where every run had a process of its own. Command:"),
         "",
         "```",
         command,

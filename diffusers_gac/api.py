@@ -129,8 +129,9 @@ def quantize_model(
     """Quantize ``denoiser`` in place and calibrate it; returns what was done and how long it took.
 
     Calibration data is ``calibration_data`` or is recorded by running ``sampler`` (``run(num_trajectories,
-    seed)``, see ``diffusers_gac.samplers``), or ``scheduler`` for an unconditional or class-conditional denoiser.
-    ``weighting`` overrides the strategy named by ``config.weighting``.
+    seed)``, see ``diffusers_gac.samplers``), or ``scheduler`` for an unconditional or class-conditional denoiser
+    (given both, the sampler records and the scheduler serves ``gac_timestep_importance``). ``weighting`` overrides
+    the strategy named by ``config.weighting``.
     """
     if sampler is None and scheduler is not None:
         sampler = scheduler_sampler(denoiser, scheduler, config.calib_num_inference_steps, class_labels=class_labels,
@@ -156,7 +157,7 @@ def quantize_model(
         seconds["record_validation"] = round(time.time() - start, 2)
     start = time.time()
     units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting,
-                              validation_data=validation_data, show_progress=show_progress)
+                              validation_data=validation_data, scheduler=scheduler, show_progress=show_progress)
     seconds["reconstruct"] = round(time.time() - start, 2)
     freeze_model(denoiser)
     calibrated = GACConfig.from_dict({**config.to_dict(), "converted_layers": conversion.layers,

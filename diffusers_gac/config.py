@@ -215,7 +215,7 @@ class GACConfig(QuantizationConfigMixin):
         check_choice("gac_validation_target", self.gac_validation_target, ("unit", "output"))
         check_choice("gac_weight_granularity", self.gac_weight_granularity, ("sample", "timestep"))
         check_choice("gac_timestep_importance", self.gac_timestep_importance, ("none", "perturbation"))
-        if not isinstance(self.gac_importance_prior, bool):
+        if type(self.gac_importance_prior) is not bool:
             raise ValueError(f"gac_importance_prior must be True or False, got {self.gac_importance_prior!r}")
         if self.gac_importance_prior and self.gac_timestep_importance == "none":
             raise ValueError("gac_importance_prior=True needs gac_timestep_importance='perturbation'")

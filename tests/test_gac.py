@@ -1,14 +1,20 @@
 import pytest
 import torch
-from torch import nn
 from tiny_models import example_call, tiny_unet2d
+from torch import nn
 
 from diffusers_gac.calibration.data import CalibrationData
-from diffusers_gac.calibration.gac import GradientAlignedWeighting, balanced_validation_split, contiguous_groups
+from diffusers_gac.calibration.gac import (
+    GradientAlignedWeighting,
+    balanced_validation_split,
+    contiguous_groups,
+    importance_of,
+    timestep_importance,
+)
 from diffusers_gac.calibration.reconstruction import per_sample_error, reconstruct_model
 from diffusers_gac.calibration.weighting import UnitProblem
 from diffusers_gac.config import GACConfig
-from diffusers_gac.quant.convert import convert_model
+from diffusers_gac.quant.convert import convert_model, quantization_disabled
 from diffusers_gac.quant.layers import QuantConv2d
 
 
@@ -34,15 +40,15 @@ def tiny_problem(seed=0, n=24):
 
 
 def strategy(**options):
-    base = dict(weighting="gradient_aligned", gac_groups=4, gac_val_fraction=0.25, gac_virtual_lr=0.5,
-                gac_virtual_step="sgd", gac_gm_form="dot")
+    base = {"weighting": "gradient_aligned", "gac_groups": 4, "gac_val_fraction": 0.25, "gac_virtual_lr": 0.5,
+                "gac_virtual_step": "sgd", "gac_gm_form": "dot"}
     s = GradientAlignedWeighting(GACConfig(**{**base, **options}))
     return s
 
 
-@pytest.mark.parametrize("options", [dict(gac_gm_weight=0.0), dict(gac_gm_weight=1.0),
-                                     dict(gac_gm_weight=1.0, gac_gm_form="cosine", gac_virtual_step="normalized",
-                                          gac_virtual_lr=0.05)])
+@pytest.mark.parametrize("options", [{"gac_gm_weight": 0.0}, {"gac_gm_weight": 1.0},
+                                     {"gac_gm_weight": 1.0, "gac_gm_form": "cosine", "gac_virtual_step": "normalized",
+                                          "gac_virtual_lr": 0.05}])
 def test_meta_gradient_matches_finite_differences(options):
     problem = tiny_problem()
     s = strategy(gac_meta_steps=0, **options)
@@ -170,4 +176,125 @@ def test_validation_from_quantized_trajectories_uses_a_separate_set():
     d = report.units[0].weighting
     assert d["validation_samples"] == 2 * 4  # 2 trajectories x 4 steps, none taken from the calibration set
     assert len(d["meta_objective"]) == 2
+    assert sum(d["weight_mass_per_timestep"].values()) == pytest.approx(1.0)
+
+
+def _unit_in_model(unit_name="down_blocks.0.resnets.0", **options):
+    """A unit of the tiny UNet (float64, weight-only 4 bits) as the reconstruction loop sees it, and its data."""
+    from diffusers_gac.calibration.reconstruction import (
+        UnitReconstruction,
+        capture_unit_cache,
+    )
+    from diffusers_gac.calibration.units import find_units
+    from diffusers_gac.quant.convert import set_quant_state
+
+    model = tiny_unet2d().double()
+    base = {"weighting": "gradient_aligned", "a_bits": None, "gac_groups": 3, "gac_val_fraction": 0.25, "gac_virtual_lr": 0.5,
+                "gac_virtual_step": "sgd", "gac_gm_form": "dot", "gac_meta_steps": 0, "batch_size": 8}
+    config = GACConfig(**{**base, **options})
+    convert_model(model, config)
+    model.double()
+    data = _data(model)
+    data.inputs["sample"] = data.inputs["sample"].double()
+    set_quant_state(model, weights=False, acts=False)
+    units = {u.name: u for u in find_units(model, data.batch(torch.arange(2)))}
+    unit = units[unit_name]
+    cache = capture_unit_cache(model, unit, data, 64, torch.device("cpu"), torch.float64)
+    set_quant_state(unit.module, weights=True, acts=False)
+    job = UnitReconstruction(model, unit, cache, data.timesteps, config, torch.device("cpu"), torch.float64,
+                             torch.Generator().manual_seed(0))
+    rounding, steps = job.trainable_params()
+    problem = UnitProblem(unit.name, unit.module, rounding, steps, data.timesteps, job.per_sample_loss)
+    return model, data, config, problem
+
+
+@pytest.mark.parametrize("gm_weight", [0.0, 1.0])
+def test_output_level_importance_weighted_meta_gradient_matches_finite_differences(gm_weight):
+    model, data, config, problem = _unit_in_model(gac_validation_target="output", gac_weight_granularity="timestep",
+                                                  gac_timestep_importance="perturbation", gac_gm_weight=gm_weight)
+    s = GradientAlignedWeighting(config)
+    s.importance = {900.0: 3.0, 500.0: 1.0, 100.0: 0.2}  # as measured by begin_model (which needs a scheduler)
+    s.model, s.output_data = model, data
+    with torch.no_grad(), quantization_disabled(model):
+        s.output_target = model(**data.batch(torch.arange(len(data))), return_dict=False)[0]
+    s.begin_unit(problem)
+    assert s.logits.shape == (3,)  # one logit per sampler step
+    train, val = s.train_idx[:10], s.val_idx
+    logits = torch.tensor([0.2, -0.1, 0.3], dtype=torch.float64, requires_grad=True)
+    objective = s.meta_objective(logits, train, val)
+    (grad,) = torch.autograd.grad(objective, logits)
+    eps = 1e-6
+    for j in range(3):
+        bump = torch.zeros_like(logits)
+        bump[j] = eps
+        plus = s.meta_objective(logits.detach() + bump, train, val).item()
+        minus = s.meta_objective(logits.detach() - bump, train, val).item()
+        assert grad[j].item() == pytest.approx((plus - minus) / (2 * eps), rel=1e-4, abs=1e-12)
+    # the validation error is the denoiser's output error, weighted by the importance of each sample's step
+    with torch.no_grad():
+        out = model(**data.batch(val), return_dict=False)[0]
+    expected = per_sample_error(out, s.output_target[val])
+    assert torch.allclose(s.val_loss_fn(val), expected)
+    factor = importance_of(s.importance, data.timesteps[val]) / importance_of(s.importance, data.timesteps).mean()
+    assert torch.allclose(s.val_factor[val].double(), factor, rtol=1e-6)
+
+
+def test_fixed_importance_prior_weights_steps_by_their_bounded_importance():
+    _, data, config, problem = _unit_in_model(gac_timestep_importance="perturbation", gac_importance_prior=True,
+                                              gac_val_fraction=0.0, gac_max_logit=1.0)
+    s = GradientAlignedWeighting(config)
+    s.importance = {900.0: 4.0, 500.0: 1.0, 100.0: 0.001}
+    s.begin_unit(problem)
+    assert len(s.val_idx) == 0 and s.trace == []  # no meta-learning: a fixed weighting
+    w = s.learned_weights()
+    mass = {t: w[data.timesteps == t].sum().item() for t in (900.0, 500.0, 100.0)}
+    assert mass[900.0] / mass[500.0] == pytest.approx(4.0, rel=1e-5)  # inside the bound: proportional
+    assert mass[100.0] / mass[900.0] == pytest.approx(torch.exp(torch.tensor(-2.0)).item(), rel=1e-5)  # clamped
+
+
+def test_timestep_importance_matches_ddim_at_the_last_step():
+    from diffusers import DDIMScheduler
+
+    model = tiny_unet2d()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    imp = timestep_importance(model, scheduler, 4, trajectories=6, scale=0.1, seed=3)
+    scheduler.set_timesteps(4)
+    assert list(imp) == [float(t) for t in scheduler.timesteps]
+    assert all(v >= 0 for v in imp.values())
+    # DDIM's last step returns its x_0 prediction (x - sqrt(1 - a) eps) / sqrt(a): linear in eps
+    g = torch.Generator().manual_seed(3)
+    torch.randn(6, 1, 8, 8, generator=g)
+    z = torch.randn(6, 1, 8, 8, generator=g)
+    a = scheduler.alphas_cumprod[int(scheduler.timesteps[-1])].double()
+    expected = ((1 - a) / a * z.double().pow(2).mean()).item()
+    assert imp[float(scheduler.timesteps[-1])] == pytest.approx(expected, rel=1e-3)
+
+
+def test_importance_without_a_scheduler_and_bad_options_fail_clearly():
+    with pytest.raises(ValueError, match="needs the scheduler"):
+        _calibrated_state("gradient_aligned", gac_timestep_importance="perturbation")
+    with pytest.raises(ValueError, match="gac_validation_target"):
+        GACConfig(gac_validation_target="block")
+    with pytest.raises(ValueError, match="gac_weight_granularity"):
+        GACConfig(gac_weight_granularity="batch")
+    with pytest.raises(ValueError, match="needs gac_timestep_importance"):
+        GACConfig(gac_importance_prior=True)
+    with pytest.raises(ValueError, match="gac_importance_scale"):
+        GACConfig(gac_importance_scale=0)
+
+
+def test_output_level_gac_runs_in_the_reconstruction_loop():
+    from diffusers import DDIMScheduler
+
+    model = tiny_unet2d()
+    config = GACConfig(weighting="gradient_aligned", gac_validation_target="output", gac_weight_granularity="timestep",
+                       gac_timestep_importance="perturbation", gac_importance_trajectories=2, gac_meta_steps=2,
+                       gac_val_fraction=0.2, iters=3, batch_size=8, a_bits=8, calib_num_inference_steps=4,
+                       calib_num_timesteps=4)
+    convert_model(model, config)
+    reports = reconstruct_model(model, _data(tiny_unet2d()), config, scheduler=DDIMScheduler(num_train_timesteps=1000),
+                                show_progress=False)
+    d = reports[0].weighting
+    # measured at the sampler steps nearest to the data's timesteps 900, 500, 100 only
+    assert len(d["meta_objective"]) == 2 and sorted(d["timestep_importance"]) == [0.0, 500.0, 750.0]
     assert sum(d["weight_mass_per_timestep"].values()) == pytest.approx(1.0)

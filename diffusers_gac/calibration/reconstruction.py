@@ -9,8 +9,9 @@ averaged over positions, and ``w`` from a ``SampleWeighting`` strategy. State is
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from diffusers.utils import logging
@@ -22,7 +23,14 @@ from ..quant.convert import act_quantizers, quantization_disabled, set_quant_sta
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from .data import CalibrationData
 from .diagnostics import gradient_conflict
-from .units import Unit, UnitCache, capture_unit_inputs, capture_unit_outputs, find_units, unit_output
+from .units import (
+    Unit,
+    UnitCache,
+    capture_unit_inputs,
+    capture_unit_outputs,
+    find_units,
+    unit_output,
+)
 from .weighting import SampleWeighting, UnitProblem, make_weighting
 
 logger = logging.get_logger(__name__)
@@ -165,6 +173,7 @@ def reconstruct_model(
     *,
     weighting: SampleWeighting | None = None,
     validation_data: CalibrationData | None = None,
+    scheduler: Any = None,
     show_progress: bool = True,
 ) -> list[UnitReport]:
     """Calibrate a converted model unit by unit on ``data``; returns one report per unit.
@@ -172,8 +181,10 @@ def reconstruct_model(
     ``config.reconstruction == "none"`` only sets activation ranges (round-to-nearest weights).
     ``validation_data`` (optional) is a second set of denoiser inputs whose unit inputs and full-precision
     targets are captured like the training ones and offered to the weighting strategy as its validation set.
+    ``scheduler`` (optional) is handed to the strategy ``config.weighting`` names when ``weighting`` is not given
+    (``gac_timestep_importance`` samples with it).
     """
-    weighting = weighting or make_weighting(config)
+    weighting = weighting or make_weighting(config, scheduler=scheduler)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     generator = torch.Generator().manual_seed(config.seed)
@@ -183,6 +194,7 @@ def reconstruct_model(
     model.eval()
     set_quant_state(model, weights=False, acts=False)
     units = find_units(model, data.batch(torch.arange(min(2, len(data))), device=device, dtype=dtype))
+    weighting.begin_model(model, data, validation_data)
     eval_idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))[:EVAL_SAMPLES]
     timesteps = data.timesteps
     capture_bs = max(config.batch_size, 64)

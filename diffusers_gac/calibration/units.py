@@ -7,13 +7,13 @@ its own. Units are returned in the order the model executes them, found by runni
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-from torch import nn
-
 from diffusers.utils import logging
+from torch import nn
 
 from ..quant.convert import quant_layers
 from ..quant.layers import QuantLayerMixin

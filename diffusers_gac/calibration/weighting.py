@@ -7,8 +7,9 @@ one place. A strategy sees the unit being reconstructed through ``UnitProblem``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,10 @@ class SampleWeighting:
 
     name = "base"
 
+    def begin_model(self, model: nn.Module, data: Any, validation_data: Any = None) -> None:
+        """Called once before the first unit, the converted model still running in full precision, with the
+        calibration data (and the separate validation data, if any)."""
+
     def begin_unit(self, problem: UnitProblem) -> None:
         """Called before a unit's reconstruction starts (a learned strategy fits its weights here)."""
 
@@ -72,9 +77,11 @@ class UniformWeighting(SampleWeighting):
         return torch.full((len(indices),), 1.0 / len(indices))
 
 
-def make_weighting(config: GACConfig) -> SampleWeighting:
-    """The strategy ``config.weighting`` names."""
+def make_weighting(config: GACConfig, scheduler: Any = None) -> SampleWeighting:
+    """The strategy ``config.weighting`` names (``scheduler``: for strategies that sample, see ``gac.py``)."""
     from .gac import GradientAlignedWeighting
 
-    strategies: dict[str, type[SampleWeighting]] = {"uniform": UniformWeighting, "gradient_aligned": GradientAlignedWeighting}
+    if config.weighting == "gradient_aligned":
+        return GradientAlignedWeighting(config, scheduler=scheduler)
+    strategies: dict[str, type[SampleWeighting]] = {"uniform": UniformWeighting}
     return strategies[config.weighting](config)
