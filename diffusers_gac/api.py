@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +21,9 @@ from .calibration.reconstruction import UnitReport, reconstruct_model, reports_a
 from .calibration.weighting import SampleWeighting
 from .config import GACConfig
 from .evaluation.sampling import sample_images
-from .samplers import Sampler, scheduler_sampler
 from .quant.convert import ConversionReport, act_quantizers, convert_model, freeze_model, set_quant_state
-from .serialization import mark_quantized
+from .samplers import Sampler, scheduler_sampler
+from .serialization import mark_quantized, replace_folder_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -175,7 +172,6 @@ def quantize_model(
     return report
 
 
-
 def quantize_pipeline(
     pipeline,
     config: GACConfig,
@@ -263,13 +259,4 @@ def write_folder_atomically(output: Path, write) -> None:
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} already exists and is not empty")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        write(tmp)
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    replace_folder_atomically(output, write)

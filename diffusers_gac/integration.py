@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from diffusers import DDIMScheduler
 from diffusers.utils import logging
 from torch import nn
 
 from .config import GACConfig
-from .samplers import Sampler, prompt_embeds_sampler, scheduler_sampler
+from .samplers import prompt_embeds_sampler
 
 logger = logging.get_logger(__name__)
 
@@ -36,18 +37,17 @@ def is_text_conditional(model: nn.Module) -> bool:
                 or config.get("caption_channels") or config.get("joint_attention_dim"))
 
 
-def loaded_model_sampler(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None,
-                         scheduler=None) -> Sampler:
-    """How a model fresh out of ``from_pretrained`` gets its calibration trajectories: ``config.calib_sampler``,
-    else its scheduler over ``config.calib_prompt_embeds`` (text-conditional), else its scheduler alone. The
-    scheduler is ``scheduler`` or the one ``find_scheduler(checkpoint_dir)`` finds."""
+def calibration_inputs(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """How a model fresh out of ``from_pretrained`` gets its calibration trajectories, as ``quantize_model``
+    keywords: ``config.calib_sampler``, else the scheduler over ``config.calib_prompt_embeds`` (text-conditional),
+    else the scheduler alone (which also serves ``gac_timestep_importance``)."""
     if config.calib_sampler is not None:
         fn = config.calib_sampler
-        return lambda num_trajectories, seed: fn(model, num_trajectories, seed)
+        return {"sampler": lambda num_trajectories, seed: fn(model, num_trajectories, seed)}
     if config.calib_prompt_embeds is not None:
-        return prompt_embeds_sampler(model, scheduler or find_scheduler(checkpoint_dir), config.calib_num_inference_steps,
-                                     config.calib_prompt_embeds, negative_prompt_embeds=config.calib_negative_prompt_embeds,
-                                     guidance_scale=config.calib_guidance_scale)
+        return {"sampler": prompt_embeds_sampler(
+            model, find_scheduler(checkpoint_dir), config.calib_num_inference_steps, config.calib_prompt_embeds,
+            negative_prompt_embeds=config.calib_negative_prompt_embeds, guidance_scale=config.calib_guidance_scale)}
     if is_text_conditional(model):
         raise ValueError(
             f"{type(model).__name__} is text-conditional: calibration needs inputs that from_pretrained cannot invent. "
@@ -56,14 +56,11 @@ def loaded_model_sampler(model: nn.Module, config: GACConfig, checkpoint_dir: Pa
             "num_trajectories, seed) runs your sampling loop; or load the pipeline in full precision and call "
             "diffusers_gac.quantize_pipeline(pipe, config, prompts=[...])."
         )
-    return scheduler_sampler(model, scheduler or find_scheduler(checkpoint_dir), config.calib_num_inference_steps)
+    return {"scheduler": find_scheduler(checkpoint_dir)}
 
 
 def calibrate_loaded_model(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None):
     """Quantize and calibrate a model that ``from_pretrained`` just loaded in full precision."""
     from .api import quantize_model
 
-    if config.calib_sampler is not None or is_text_conditional(model):
-        return quantize_model(model, config, sampler=loaded_model_sampler(model, config, checkpoint_dir))
-    # an unconditional or class-conditional model: the scheduler also serves gac_timestep_importance
-    return quantize_model(model, config, scheduler=find_scheduler(checkpoint_dir))
+    return quantize_model(model, config, **calibration_inputs(model, config, checkpoint_dir))

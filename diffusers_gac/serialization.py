@@ -125,13 +125,22 @@ def atomic_save_pretrained(self, save_directory, *args, **kwargs):
     target = Path(save_directory)
     if target.is_file():
         raise ValueError(f"save_pretrained: {target} is a file, not a folder")
+    replace_folder_atomically(target, lambda tmp: type(self).save_pretrained(self, tmp, *args, **kwargs),
+                              keep_existing=True)
+
+
+def replace_folder_atomically(target: Path, write, *, keep_existing: bool = False) -> None:
+    """Run ``write(tmp)`` into a temporary sibling folder, then swap it in for ``target``: a write that fails or is
+    interrupted leaves the previous ``target`` (or none), never a partial folder. With ``keep_existing`` the files
+    ``target`` already holds are copied in first, so ``write`` adds to them."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     backup = target.with_name(f".{target.name}.previous-{tmp.name.rsplit('-', 1)[-1]}")
     try:
-        if target.is_dir():
+        if keep_existing and target.is_dir():
             shutil.copytree(target, tmp, dirs_exist_ok=True)
-        type(self).save_pretrained(self, tmp, *args, **kwargs)
+        write(tmp)
         if target.exists():
             os.replace(target, backup)
         os.replace(tmp, target)

@@ -152,9 +152,9 @@ def test_custom_sampler_through_the_config():
     folder_model = tiny_unet2d(class_conditional=False)
     config = GACConfig(calib_sampler=sampler, seed=5, **FAST)
     from diffusers_gac import quantize_model
-    from diffusers_gac.integration import loaded_model_sampler
+    from diffusers_gac.integration import calibration_inputs
 
-    quantize_model(folder_model, config, sampler=loaded_model_sampler(folder_model, config), show_progress=False)
+    quantize_model(folder_model, config, **calibration_inputs(folder_model, config), show_progress=False)
     assert calls == [("UNet2DModel", 4, 5)]
     assert "calib_sampler" not in config.to_dict()
 

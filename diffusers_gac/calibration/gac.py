@@ -281,11 +281,9 @@ class GradientAlignedWeighting(SampleWeighting):
         b = min(cfg.batch_size, len(self.train_idx))
         train = self.train_idx[torch.randperm(len(self.train_idx), generator=self.generator)[:b]]
         val = self.val_idx[torch.randperm(len(self.val_idx), generator=self.generator)[: max(b, 2 * cfg.gac_groups)]]
-        # double backward: fused attention kernels have no second derivative, the math kernel has
-        with sdpa_kernel(SDPBackend.MATH):
-            objective = self.meta_objective(self.logits, train, val)
-            self.optimizer.zero_grad(set_to_none=True)
-            objective.backward(inputs=[self.logits])
+        objective = self.meta_objective(self.logits, train, val)  # on the math attention kernel, see there
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward(inputs=[self.logits])
         self.optimizer.step()
         if cfg.gac_max_logit is not None:  # bounded weights: no sample outweighs another by more than e^(2 bound / tau)
             with torch.no_grad():
