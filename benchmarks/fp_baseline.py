@@ -23,8 +23,8 @@ import diffusers
 import torch
 
 from diffusers_gac import zoo
-from diffusers_gac.cli import default_device, positive_int
-from diffusers_gac.data import load_digits_split
+from diffusers_gac.cli.common import default_device, positive_int
+from diffusers_gac.zoo import load_digits_split
 from diffusers_gac.evaluation import evaluate_denoiser, format_mean_std, metric_floor, summarize
 
 

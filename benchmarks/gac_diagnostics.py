@@ -18,7 +18,6 @@ from pathlib import Path
 from diffusers_gac import GACConfig, quantize_model
 from diffusers_gac.calibration.diagnostics import mean_off_diagonal
 from diffusers_gac.calibration.plots import plot_calibration
-from diffusers_gac.calibration.weighting import make_weighting
 from diffusers_gac.zoo import load_embedded_scheduler, load_embedded_unet
 
 
@@ -40,8 +39,7 @@ def main() -> None:
     config = GACConfig(w_bits=a.w_bits, a_bits=a.a_bits, weighting="gradient_aligned", seed=a.seed, **extra)
     unet = copy.deepcopy(load_embedded_unet())
     scheduler = load_embedded_scheduler()
-    report = quantize_model(unet, config, scheduler=scheduler,
-                            weighting=make_weighting(config, scheduler=scheduler)).to_dict()
+    report = quantize_model(unet, config, scheduler=scheduler).to_dict()
     units = report["units"]
     a.output.parent.mkdir(parents=True, exist_ok=True)
     plot_calibration(units, a.output.with_suffix(".png"))

@@ -32,8 +32,7 @@ def main() -> None:
 
     from diffusers_gac import GACConfig, quantize_model
     from diffusers_gac.calibration.gac import timestep_importance
-    from diffusers_gac.calibration.weighting import make_weighting
-    from diffusers_gac.evaluation.sampling import balanced_labels
+    from diffusers_gac.sampling import balanced_labels, denoise, fresh_scheduler, predict_noise
     from diffusers_gac.zoo import load_embedded_scheduler, load_embedded_unet
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,26 +50,28 @@ def main() -> None:
     scheduler = load_embedded_scheduler()
     config = GACConfig(**options)
     quantized = copy.deepcopy(fp)
-    quantize_model(quantized, config, scheduler=scheduler, weighting=make_weighting(config, scheduler=scheduler),
-                   show_progress=False)
+    quantize_model(quantized, config, scheduler=scheduler, show_progress=False)
 
     g = torch.Generator().manual_seed(a.seed + 1)
     noise = torch.randn(a.num_samples, 1, 8, 8, generator=g)
     labels = balanced_labels(a.num_samples, fp.config.num_class_embeds)
-    sampler = type(scheduler).from_config(scheduler.config)
+    conditioning = {"class_labels": labels}
+    sampler = fresh_scheduler(scheduler)
 
-    @torch.no_grad()
     def run(quantized_steps: set[int]) -> tuple[torch.Tensor, list[float]]:
-        sampler.set_timesteps(a.steps)
-        x, eps_err = noise.clone() * sampler.init_noise_sigma, []
-        for k, t in enumerate(sampler.timesteps):
-            inp = sampler.scale_model_input(x, t)
-            out = fp(inp, t, class_labels=labels).sample
+        """The full-precision trajectory with the quantized prediction at ``quantized_steps``; with none, also the
+        quantized model's prediction error along it."""
+        eps_err = []
+
+        def on_step(k, t, model_input, out):
             if not quantized_steps:
-                eps_err.append((quantized(inp, t, class_labels=labels).sample - out).pow(2).mean().item())
+                q = predict_noise(quantized, model_input, t, conditioning)
+                eps_err.append((q - out).pow(2).mean().item())
             if k in quantized_steps:
-                out = quantized(inp, t, class_labels=labels).sample
-            x = sampler.step(out, t, x).prev_sample
+                return predict_noise(quantized, model_input, t, conditioning)
+            return None
+
+        x = denoise(fp, sampler, noise, num_inference_steps=a.steps, conditioning=conditioning, on_step=on_step)
         return x, eps_err
 
     reference, eps_err = run(set())
@@ -78,7 +79,6 @@ def main() -> None:
     share = [(run({k})[0] - reference).pow(2).mean().item() for k in range(a.steps)]
     importance = timestep_importance(fp, scheduler, a.steps, trajectories=config.gac_importance_trajectories,
                                      scale=config.gac_importance_scale, seed=a.seed)
-    sampler.set_timesteps(a.steps)
     result = {
         "command": "python benchmarks/gac_step_attribution.py " + " ".join(
             [f"--output {a.output}", f"--seed {a.seed}", f"--steps {a.steps}", f"--num-samples {a.num_samples}"]

@@ -71,7 +71,6 @@ def run_one(job: dict) -> dict:
     from diffusers.utils import logging as dlogging
 
     from diffusers_gac import GACConfig, quantize_model
-    from diffusers_gac.calibration.weighting import make_weighting
     from diffusers_gac.evaluation import evaluate_denoiser, sample_images
     from diffusers_gac.zoo import load_embedded_scheduler, load_embedded_unet
 
@@ -88,9 +87,7 @@ def run_one(job: dict) -> dict:
         model = copy.deepcopy(fp)
         start = time.time()
         config = GACConfig(**options)
-        # the strategy gets the scheduler (gac_timestep_importance samples with it); uniform ignores it
-        report = quantize_model(model, config, scheduler=scheduler, weighting=make_weighting(config, scheduler=scheduler),
-                                show_progress=False)
+        report = quantize_model(model, config, scheduler=scheduler, show_progress=False)
         row["calibration_seconds"] = round(time.time() - start, 1)
         row["config"] = report.config
         row["unit_error_before"] = sum(u.loss_before for u in report.units)

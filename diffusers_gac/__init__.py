@@ -1,19 +1,24 @@
 """diffusers-gac: post-training W4A4 quantization of diffusers models with Gradient-Aligned Calibration."""
 
-from .api import CalibrationReport, quantize_model, quantize_pipeline, record_calibration_data
+from ._quiet import quiet_imports
+
+with quiet_imports():
+    from diffusers.quantizers import auto as _auto
+
+from .api import quantize_model, quantize_pipeline, record_calibration_data
 from .calibration.data import CalibrationData, CalibrationRecorder
-from .config import GACConfig, GACQuantizationMethod
+from .calibration.flow import CalibrationReport
+from .config import CalibrationInputs, GACConfig, GACQuantizationMethod, QuantizedLayout
 from .hub import push_to_hub
 from .quantizer import GACQuantizer
+from .saving import save_pretrained
 
 
 def _register_backend() -> None:
     """Make diffusers' from_pretrained know the "gac" quantization method (it has no plugin API: its two
     lookup tables are extended in place)."""
-    from diffusers.quantizers import auto
-
-    auto.AUTO_QUANTIZER_MAPPING[GACQuantizationMethod.GAC.value] = GACQuantizer
-    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[GACQuantizationMethod.GAC.value] = GACConfig
+    _auto.AUTO_QUANTIZER_MAPPING[GACQuantizationMethod.GAC.value] = GACQuantizer
+    _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[GACQuantizationMethod.GAC.value] = GACConfig
 
 
 _register_backend()
@@ -22,12 +27,15 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CalibrationData",
+    "CalibrationInputs",
     "CalibrationRecorder",
     "CalibrationReport",
     "GACConfig",
     "GACQuantizer",
+    "QuantizedLayout",
     "push_to_hub",
     "quantize_model",
     "quantize_pipeline",
     "record_calibration_data",
+    "save_pretrained",
 ]

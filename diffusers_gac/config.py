@@ -1,12 +1,26 @@
-"""``GACConfig``: every option of a calibration, validated up front with errors that name the option."""
+"""``GACConfig``: the options of a quantization, validated up front with errors that name the option.
+
+A config holds three kinds of things, kept apart:
+
+* **options** (plain fields): what the user chooses. The *format* options decide the layout of the quantized model
+  (bits, activation scheme, which layers); the *calibration* options decide how it is calibrated. Both are
+  serialisable; a checkpoint's ``config.json`` keeps the format options at the top level and the calibration options
+  under ``"calibration"`` (only those that shaped the result).
+* **runtime inputs** (``calibration_inputs``, a :class:`CalibrationInputs`): tensors and callables a calibration is
+  run on; used while calibrating, never saved.
+* **outputs** (``layout``, a :class:`QuantizedLayout`): written by calibration, never set by the user: which layers
+  were converted and how, so a saved checkpoint can rebuild its quantized layers before its weights load.
+"""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 
@@ -19,8 +33,11 @@ RECONSTRUCTIONS = ("adaround", "none")
 ACT_SCHEMES = ("static", "timestep", "dynamic")
 WEIGHT_INITS = ("minmax", "mse")
 TIMESTEP_SELECTIONS = ("uniform", "normal", "all")
-# options that hold calibration inputs (tensors, callables): used while calibrating, never serialised
-RUNTIME_FIELDS = ("calib_prompt_embeds", "calib_negative_prompt_embeds", "calib_sampler")
+
+# options that fix the quantized layout: needed to rebuild a checkpoint (top level of config.json)
+FORMAT_OPTIONS = ("w_bits", "a_bits", "act_scheme", "act_timestep_groups", "attn_bits", "special_bits",
+                  "split_skip_inputs", "modules_to_not_convert")
+FORMAT_VERSION = 1
 
 
 def check_bits(name: str, value: Any, allow_none: bool = False) -> None:
@@ -45,10 +62,71 @@ def check_positive(name: str, value: Any, kind: type = int) -> None:
 
 
 @dataclass
+class CalibrationInputs:
+    """Inputs a calibration runs on when ``from_pretrained`` cannot find them by itself. Used while calibrating,
+    never written to ``config.json``.
+
+    Args:
+        prompt_embeds: for a text-conditional denoiser, the prompt embeddings ``(num_prompts, seq_len, dim)`` its
+            calibration trajectories are conditioned on (cycled over the trajectories).
+        negative_prompt_embeds: the unconditional (empty-prompt) embeddings ``(1 or num_prompts, seq_len, dim)``,
+            needed for classifier-free guidance (``GACConfig.calib_guidance_scale > 1``).
+        sampler: a callable ``fn(denoiser, num_trajectories, seed)`` that runs ``num_trajectories`` whole sampling
+            trajectories through the denoiser in place (its calls are recorded); the most general way to give a
+            text- or otherwise-conditioned denoiser its inputs.
+    """
+
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    sampler: Callable[[Any, int, int], Any] | None = None
+
+    def __post_init__(self) -> None:
+        embeds, negative = self.prompt_embeds, self.negative_prompt_embeds
+        for name, value in (("prompt_embeds", embeds), ("negative_prompt_embeds", negative)):
+            if value is not None and (not torch.is_tensor(value) or value.dim() != 3):
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"CalibrationInputs.{name} must be a tensor of shape (num_prompts, seq_len, dim), "
+                                 f"got {shape}")
+        if negative is not None:
+            if embeds is None:
+                raise ValueError("CalibrationInputs.negative_prompt_embeds was given without prompt_embeds")
+            if negative.shape[1:] != embeds.shape[1:] or negative.shape[0] not in (1, embeds.shape[0]):
+                raise ValueError(
+                    f"CalibrationInputs.negative_prompt_embeds must have shape (1 or {embeds.shape[0]}, "
+                    f"{embeds.shape[1]}, {embeds.shape[2]}) to match prompt_embeds, got {tuple(negative.shape)}"
+                )
+        if self.sampler is not None and not callable(self.sampler):
+            raise ValueError("CalibrationInputs.sampler must be a callable fn(denoiser, num_trajectories, seed), got "
+                             f"{type(self.sampler).__name__}")
+
+
+@dataclass
+class QuantizedLayout:
+    """What calibration decided about the model's layout; what a saved checkpoint needs to rebuild its layers.
+
+    ``layers`` maps every converted Conv2d/Linear to ``{"w_bits", "a_bits", "split"}`` (``split``: channels of the
+    first part of a concatenated skip input, or None); ``attention`` names the Attention modules whose matmuls
+    are quantized.
+    """
+
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attention: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": copy.deepcopy(self.layers), "attention": list(self.attention)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantizedLayout:
+        if not isinstance(d, dict) or not isinstance(d.get("layers"), dict):
+            raise ValueError(f"layout must be a dict with a 'layers' mapping, got {type(d).__name__}")
+        return cls(layers=copy.deepcopy(d["layers"]), attention=list(d.get("attention") or []))
+
+
+@dataclass
 class GACConfig(QuantizationConfigMixin):
     """Post-training quantization of a diffusers denoiser with (gradient-aligned) block reconstruction.
 
-    Quantization:
+    Format (saved; they decide the quantized layout):
         w_bits: weight bits (2-8), per output channel, uniform affine.
         a_bits: bits of every quantized layer's input (2-8), or ``None`` for weight-only quantization.
         act_scheme: ``"static"`` (one learned range per tensor), ``"timestep"`` (one learned range per timestep
@@ -56,7 +134,6 @@ class GACConfig(QuantizationConfigMixin):
         act_timestep_groups: number of timestep groups for ``act_scheme="timestep"``.
         attn_bits: bits of the attention matmul inputs (queries, keys, values, softmax probabilities), or ``None``
             to keep those matmuls in full precision.
-        weight_init: weight range initialisation, ``"mse"`` (error-minimising search) or ``"minmax"``.
         special_bits: bits (weights and inputs) of the first layer, the last layer and the timestep embedding;
             ``None`` keeps them in full precision. Other layers use ``w_bits``/``a_bits``.
         split_skip_inputs: give the two halves of concatenated UNet skip inputs their own quantizers.
@@ -67,16 +144,10 @@ class GACConfig(QuantizationConfigMixin):
             the late middle of the trajectory) or ``"all"``.
         calib_num_timesteps: how many sampler steps to keep (``"uniform"``/``"normal"``).
         calib_samples_per_timestep: samples kept at each kept step (the number of trajectories).
-        calib_prompt_embeds: for a text-conditional denoiser loaded with ``from_pretrained``, the prompt
-            embeddings ``(num_prompts, seq_len, dim)`` its calibration trajectories are conditioned on (cycled over
-            the trajectories). Not saved with the checkpoint.
-        calib_negative_prompt_embeds: the unconditional (empty-prompt) embeddings ``(1 or num_prompts, seq_len,
-            dim)`` for classifier-free guidance. Not saved.
-        calib_guidance_scale: classifier-free guidance scale of the calibration trajectories (1: no guidance).
-        calib_sampler: a callable ``fn(denoiser, num_trajectories, seed)`` that runs ``num_trajectories`` full
-            sampling trajectories through the denoiser in place (its calls are recorded); the most general way to
-            give a text- or otherwise-conditioned denoiser its inputs. Not saved.
+        calib_guidance_scale: classifier-free guidance scale of calibration trajectories driven by
+            ``calibration_inputs.prompt_embeds`` (1: no guidance).
     Reconstruction:
+        weight_init: weight range initialisation, ``"mse"`` (error-minimising search) or ``"minmax"``.
         reconstruction: ``"adaround"`` (learned rounding and activation steps, block by block) or ``"none"``
             (round-to-nearest with calibrated ranges).
         weighting: how calibration samples are weighted in the reconstruction loss (``"uniform"``).
@@ -113,29 +184,31 @@ class GACConfig(QuantizationConfigMixin):
             importance weighting with no meta-learning.
         gac_importance_trajectories / gac_importance_scale: trajectories and perturbation size (relative to the
             unit-variance noise prediction) of the importance measurement.
-    Filled in by calibration (what a saved checkpoint needs to rebuild its layers; leave them unset):
-        converted_layers: ``{layer name: {"w_bits", "a_bits", "split"}}``.
-        quantized_attention: names of the Attention modules whose matmuls are quantized.
+    Runtime inputs (never saved):
+        calibration_inputs: a :class:`CalibrationInputs` (prompt embeddings or a sampler) for denoisers whose
+            calibration trajectories ``from_pretrained`` cannot produce by itself (text-conditional ones).
+    Written by calibration (leave unset):
+        layout: the :class:`QuantizedLayout` of the calibrated model.
     """
 
     quant_method: GACQuantizationMethod = GACQuantizationMethod.GAC
+    # -- format ---------------------------------------------------------------------------------------------------
     w_bits: int = 4
     a_bits: int | None = 4
     act_scheme: str = "dynamic"
     act_timestep_groups: int = 5
-    weight_init: str = "mse"
     attn_bits: int | None = None
     special_bits: int | None = 8
     split_skip_inputs: bool = True
     modules_to_not_convert: list[str] | None = None
+    # -- calibration data -----------------------------------------------------------------------------------------
     calib_num_inference_steps: int = 25
     calib_timestep_selection: str = "uniform"
     calib_num_timesteps: int = 25
     calib_samples_per_timestep: int = 64
-    calib_prompt_embeds: Any = field(default=None, repr=False, compare=False)
-    calib_negative_prompt_embeds: Any = field(default=None, repr=False, compare=False)
     calib_guidance_scale: float = 1.0
-    calib_sampler: Any = field(default=None, repr=False, compare=False)
+    # -- reconstruction -------------------------------------------------------------------------------------------
+    weight_init: str = "mse"
     reconstruction: str = "adaround"
     weighting: str = "uniform"
     iters: int = 400
@@ -145,6 +218,7 @@ class GACConfig(QuantizationConfigMixin):
     round_reg_weight: float = 0.01
     round_warmup: float = 0.2
     seed: int = 0
+    # -- gradient-aligned weighting -------------------------------------------------------------------------------
     gac_meta_steps: int = 20
     gac_meta_every: int = 0
     gac_meta_lr: float = 0.05
@@ -164,11 +238,14 @@ class GACConfig(QuantizationConfigMixin):
     gac_importance_prior: bool = False
     gac_importance_trajectories: int = 32
     gac_importance_scale: float = 0.05
-    converted_layers: dict[str, dict] | None = None
-    quantized_attention: list[str] | None = None
+    # -- runtime inputs and outputs -------------------------------------------------------------------------------
+    calibration_inputs: CalibrationInputs | None = field(default=None, repr=False, compare=False)
+    layout: QuantizedLayout | None = None
 
     def __post_init__(self) -> None:
         self.quant_method = GACQuantizationMethod.GAC
+        if isinstance(self.layout, dict):
+            self.layout = QuantizedLayout.from_dict(self.layout)
         self.post_init()
 
     def post_init(self) -> None:
@@ -195,12 +272,27 @@ class GACConfig(QuantizationConfigMixin):
                 f"calib_num_timesteps ({self.calib_num_timesteps}) cannot exceed calib_num_inference_steps "
                 f"({self.calib_num_inference_steps}) with calib_timestep_selection='uniform'"
             )
-        self._check_calibration_inputs()
+        g = self.calib_guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 1:
+            raise ValueError(f"calib_guidance_scale must be a number >= 1 (1: no guidance), got {g!r}")
+        inputs = self.calibration_inputs
+        if inputs is not None and not isinstance(inputs, CalibrationInputs):
+            raise ValueError(f"calibration_inputs must be a diffusers_gac.CalibrationInputs, got {type(inputs).__name__}")
+        if g > 1 and inputs is not None and inputs.prompt_embeds is not None and inputs.negative_prompt_embeds is None:
+            raise ValueError("calib_guidance_scale > 1 needs calibration_inputs.negative_prompt_embeds (the empty "
+                             "prompt's embeddings)")
         if self.modules_to_not_convert is not None and (
             not isinstance(self.modules_to_not_convert, (list, tuple))
             or not all(isinstance(m, str) for m in self.modules_to_not_convert)
         ):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
+        self._check_gac_options()
+        if self.layout is not None and not isinstance(self.layout, QuantizedLayout):
+            raise ValueError(f"layout must be a QuantizedLayout (written by calibration), got {type(self.layout).__name__}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def _check_gac_options(self) -> None:
         for name in ("gac_meta_lr", "gac_virtual_lr", "gac_temperature"):
             check_positive(name, getattr(self, name), float)
         check_positive("gac_groups", self.gac_groups)
@@ -227,50 +319,49 @@ class GACConfig(QuantizationConfigMixin):
             raise ValueError(f"gac_gm_weight must be a number >= 0, got {self.gac_gm_weight!r}")
         if self.gac_max_logit is not None:
             check_positive("gac_max_logit", self.gac_max_logit, float)
-        if self.converted_layers is not None and not isinstance(self.converted_layers, dict):
-            raise ValueError(f"converted_layers must be a dict of layer name -> settings, got {type(self.converted_layers).__name__}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
-    def _check_calibration_inputs(self) -> None:
-        import torch
+    # -- the three kinds --------------------------------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Every serialisable option (format and calibration), in declaration order."""
+        return tuple(f.name for f in fields(cls) if f.name not in ("quant_method", "calibration_inputs", "layout"))
 
-        embeds, negative = self.calib_prompt_embeds, self.calib_negative_prompt_embeds
-        for name, value in (("calib_prompt_embeds", embeds), ("calib_negative_prompt_embeds", negative)):
-            if value is not None and (not torch.is_tensor(value) or value.dim() != 3):
-                raise ValueError(f"{name} must be a tensor of shape (num_prompts, seq_len, dim), got "
-                                 f"{tuple(value.shape) if torch.is_tensor(value) else type(value).__name__}")
-        if negative is not None:
-            if embeds is None:
-                raise ValueError("calib_negative_prompt_embeds was given without calib_prompt_embeds")
-            if negative.shape[1:] != embeds.shape[1:] or negative.shape[0] not in (1, embeds.shape[0]):
-                raise ValueError(
-                    f"calib_negative_prompt_embeds must have shape (1 or {embeds.shape[0]}, {embeds.shape[1]}, "
-                    f"{embeds.shape[2]}) to match calib_prompt_embeds, got {tuple(negative.shape)}"
-                )
-        g = self.calib_guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 1:
-            raise ValueError(f"calib_guidance_scale must be a number >= 1 (1: no guidance), got {g!r}")
-        if g > 1 and embeds is not None and negative is None:
-            raise ValueError("calib_guidance_scale > 1 needs calib_negative_prompt_embeds (the empty prompt's embeddings)")
-        if self.calib_sampler is not None and not callable(self.calib_sampler):
-            raise ValueError(f"calib_sampler must be a callable fn(denoiser, num_trajectories, seed), got "
-                             f"{type(self.calib_sampler).__name__}")
+    def calibration_options(self) -> dict[str, Any]:
+        """The calibration options that shaped this calibration: the ``gac_*`` ones only for learned weights."""
+        names = [n for n in self.option_names() if n not in FORMAT_OPTIONS]
+        if self.weighting != "gradient_aligned" or self.reconstruction == "none":
+            names = [n for n in names if not n.startswith("gac_")]
+        return {n: copy.deepcopy(getattr(self, n)) for n in names}
+
+    def options(self) -> dict[str, Any]:
+        """Every serialisable option as a flat dict (what ``GACConfig(**options)`` takes back)."""
+        return {n: copy.deepcopy(getattr(self, n)) for n in self.option_names()}
 
     def to_dict(self) -> dict[str, Any]:
-        """The serialisable options (what config.json carries): runtime calibration inputs are left out."""
-        d = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in RUNTIME_FIELDS})
-        d["quant_method"] = GACQuantizationMethod.GAC.value
+        """What config.json carries: the format options, the calibration options under ``"calibration"`` and, once
+        calibrated, the ``"layout"``. Runtime inputs are never included."""
+        d: dict[str, Any] = {"quant_method": GACQuantizationMethod.GAC.value, "format_version": FORMAT_VERSION}
+        d.update({n: copy.deepcopy(getattr(self, n)) for n in FORMAT_OPTIONS})
+        d["calibration"] = self.calibration_options()
+        if self.layout is not None:
+            d["layout"] = self.layout.to_dict()
         return d
 
     def to_diff_dict(self) -> dict[str, Any]:
-        """Only the options that differ from the defaults (plus ``quant_method``)."""
-        default = GACConfig().to_dict()
-        return {k: v for k, v in self.to_dict().items() if k == "quant_method" or default.get(k) != v}
+        """Only the options that differ from the defaults (plus ``quant_method`` and the layout, if any)."""
+        default = GACConfig().options()
+        d = {"quant_method": GACQuantizationMethod.GAC.value}
+        d.update({k: v for k, v in self.options().items() if default[k] != v})
+        if self.layout is not None:
+            d["layout"] = f"{len(self.layout.layers)} converted layers"
+        return d
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        known = {k: v for k, v in config_dict.items() if k in cls.__dataclass_fields__ and k != "quant_method"}
+        """Build a config from ``to_dict()`` output (config.json) or from flat options; ``kwargs`` override."""
+        flat = {k: v for k, v in config_dict.items() if k not in ("quant_method", "format_version", "calibration")}
+        flat.update(config_dict.get("calibration") or {})
+        known = {k: v for k, v in flat.items() if k in cls.__dataclass_fields__}
         config = cls(**known)
         unused = {k: v for k, v in kwargs.items() if not hasattr(config, k)}
         for k, v in kwargs.items():

@@ -1,15 +1,15 @@
 """Sharing calibrated models: a generated model card, and ``push_to_hub`` for quantized models and pipelines.
 
-``push_to_hub(model_or_pipeline, repo_id)`` writes the pre-calibrated checkpoint (``save_pretrained``), a model
-card (``README.md``: base model, bits, calibration settings, measured quality, the learned-weights plot), the plot
-itself and the calibration report into one temporary folder, and uploads it as one commit. A model calibrated by
-diffusers-gac also gets this card from its own ``model.push_to_hub(repo_id)``. ``from_pretrained(repo_id)`` then
-downloads and loads it without recalibrating (``import diffusers_gac`` first, to register the backend).
+``push_to_hub(model_or_pipeline, repo_id)`` writes the pre-calibrated checkpoint (diffusers' own
+``save_pretrained``), each calibrated component's report and learned-weights plot, and a model card
+(``README.md``: base model, bits, calibration settings, measured quality, the plot) into one temporary folder, and
+uploads it as one commit. ``from_pretrained(repo_id)`` then downloads and loads it without recalibrating
+(``import diffusers_gac`` first, to register the backend). diffusers' own ``push_to_hub`` of a calibrated model or
+pipeline uploads a loadable checkpoint too, with diffusers' generic card.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,34 +19,14 @@ from diffusers.utils import logging
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from torch import nn
 
-from .config import GACConfig
+from .config import FORMAT_OPTIONS, GACConfig
+from .quant.convert import quant_layers
+from .saving import calibration_report, gac_config, quantized_components, write_checkpoint
 
 logger = logging.get_logger(__name__)
 
-PLOT_NAME = "gac_calibration.png"
-REPORT_NAME = "gac_calibration.json"
-
-
-def _gac_config(model: nn.Module) -> GACConfig | None:
-    config = getattr(model, "config", None)
-    qc = config.get("quantization_config") if hasattr(config, "get") else None
-    if isinstance(qc, dict) and qc.get("quant_method") == "gac":
-        qc = GACConfig.from_dict(qc)
-    return qc if isinstance(qc, GACConfig) else None
-
-
-def quantized_components(obj) -> dict[str, nn.Module]:
-    """``{"": model}`` for a calibrated model, ``{component name: model}`` for a pipeline's calibrated parts."""
-    if isinstance(obj, nn.Module):
-        return {"": obj} if _gac_config(obj) is not None else {}
-    components = getattr(obj, "components", {}) or {}
-    return {name: m for name, m in components.items() if isinstance(m, nn.Module) and _gac_config(m) is not None}
-
-
 def _fp32_and_quantized_bytes(model: nn.Module) -> tuple[int, int]:
     """Bytes of the model in FP32, and of its state as saved (packed codes, scales, unconverted weights)."""
-    from .quant.convert import quant_layers
-
     quantized = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     fp32 = 0
     layers = quant_layers(model)
@@ -85,12 +65,9 @@ def _quality_table(evaluation: dict[str, Any] | None) -> str:
 
 
 def _settings_table(config: GACConfig) -> str:
-    keys = ["w_bits", "a_bits", "act_scheme", "special_bits", "attn_bits", "weight_init", "calib_num_inference_steps",
-            "calib_timestep_selection", "calib_num_timesteps", "calib_samples_per_timestep", "calib_guidance_scale",
-            "reconstruction", "weighting", "iters", "batch_size", "lr_round", "lr_act", "seed"]
-    if config.weighting == "gradient_aligned":
-        keys += [k for k in config.to_dict() if k.startswith("gac_")]
-    return "\n".join(["| option | value |", "|---|---|"] + [f"| `{k}` | `{getattr(config, k)!r}` |" for k in keys])
+    """The format options and the calibration options that shaped the result, one row each."""
+    options = {k: getattr(config, k) for k in FORMAT_OPTIONS} | config.calibration_options()
+    return "\n".join(["| option | value |", "|---|---|"] + [f"| `{k}` | `{v!r}` |" for k, v in options.items()])
 
 
 def model_card(obj, *, repo_id: str, evaluation: dict[str, Any] | None = None, base_model: str | None = None,
@@ -98,7 +75,7 @@ def model_card(obj, *, repo_id: str, evaluation: dict[str, Any] | None = None, b
     """The card of a calibrated model or pipeline: what it is, how to load it, how it was calibrated, how good it is.
 
     ``evaluation`` is ``{"full_precision": summary, "quantized": summary}`` as ``evaluation.summarize`` returns
-    them (the ``evaluation`` of a ``calibrate_and_save`` report); ``plots`` maps a component to the file name of its
+    them (the ``evaluation`` of a ``diffusers-gac calibrate`` report); ``plots`` maps a component to the path of its
     learned-weights plot in the repository.
     """
     parts = quantized_components(obj)
@@ -106,7 +83,7 @@ def model_card(obj, *, repo_id: str, evaluation: dict[str, Any] | None = None, b
         raise ValueError("nothing in this object was quantized by diffusers-gac (no quantization_config with "
                          "quant_method 'gac'); calibrate it first")
     first = next(iter(parts.values()))
-    config = _gac_config(first)
+    config = gac_config(first)
     bits = f"W{config.w_bits}A{config.a_bits or 16}"
     base_model = base_model or first.config.get("_name_or_path") or None
     is_hub_id = bool(base_model) and not os.path.exists(base_model) and base_model.count("/") == 1
@@ -131,7 +108,7 @@ def model_card(obj, *, repo_id: str, evaluation: dict[str, Any] | None = None, b
     ]
     for name, model in parts.items():
         fp32, packed = _fp32_and_quantized_bytes(model)
-        layers = _gac_config(model).converted_layers or {}
+        layers = gac_config(model).layout.layers
         lines += [(f"- `{name or type(model).__name__}`: {len(layers)} layers converted; {packed / 2**20:.2f} MiB of "
                    f"weights and quantizer state against {fp32 / 2**20:.2f} MiB in FP32 ({packed / max(fp32, 1):.0%}).")]
     lines += ["", "Calibration settings:", "", _settings_table(config), "", "## Quality", "", _quality_table(evaluation), ""]
@@ -144,24 +121,13 @@ def model_card(obj, *, repo_id: str, evaluation: dict[str, Any] | None = None, b
 
 def write_hub_folder(obj, folder: str | Path, *, repo_id: str, evaluation: dict[str, Any] | None = None,
                      base_model: str | None = None, **save_kwargs) -> Path:
-    """Everything ``push_to_hub`` uploads, written into ``folder``: the checkpoint, README.md, plots and reports."""
-    from .calibration.plots import plot_calibration
-
+    """Everything ``push_to_hub`` uploads, written into ``folder``: the checkpoint, reports, plots and README.md.
+    Without ``evaluation``, the quality numbers come from a calibration report that carries them."""
     folder = Path(folder)
-    type(obj).save_pretrained(obj, folder, **save_kwargs)  # the class method: never an instance override
-    plots = {}
-    for name, model in quantized_components(obj).items():
-        report = getattr(model, "_gac_calibration_report", None)
-        if not report:
-            continue
-        prefix = f"{name}_" if name else ""
-        (folder / f"{prefix}{REPORT_NAME}").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        units = report.get("units") or []
-        if any(u.get("weighting") for u in units):
-            plot_calibration(units, folder / f"{prefix}{PLOT_NAME}")
-            plots[name] = f"{prefix}{PLOT_NAME}"
-        if evaluation is None:
-            evaluation = report.get("evaluation")
+    plots = write_checkpoint(obj, folder, **save_kwargs)
+    if evaluation is None:
+        reports = [calibration_report(m) or {} for m in quantized_components(obj).values()]
+        evaluation = next((r["evaluation"] for r in reports if r.get("evaluation")), None)
     model_card(obj, repo_id=repo_id, evaluation=evaluation, base_model=base_model, plots=plots).save(folder / "README.md")
     return folder
 
@@ -179,14 +145,3 @@ def push_to_hub(obj, repo_id: str, *, evaluation: dict[str, Any] | None = None, 
         write_hub_folder(obj, tmp, repo_id=repo_id, evaluation=evaluation, base_model=base_model, **save_kwargs)
         return upload_folder(repo_id=repo_id, folder_path=tmp, token=token, create_pr=create_pr,
                              commit_message=commit_message or "Upload diffusers-gac quantized model")
-
-
-def push_model_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
-                       token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
-                       variant: str | None = None, subfolder: str | None = None):
-    """``ModelMixin.push_to_hub`` for a calibrated model: the same arguments, plus the generated model card."""
-    if subfolder or not safe_serialization or variant:  # diffusers' own upload handles these cases
-        return type(self).push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
-                                      create_pr=create_pr, safe_serialization=safe_serialization, variant=variant,
-                                      subfolder=subfolder)
-    return push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr)

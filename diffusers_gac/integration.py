@@ -10,7 +10,7 @@ from diffusers.utils import logging
 from torch import nn
 
 from .config import GACConfig
-from .samplers import prompt_embeds_sampler
+from .sampling import prompt_embeds_sampler, scheduler_sampler
 
 logger = logging.get_logger(__name__)
 
@@ -38,29 +38,25 @@ def is_text_conditional(model: nn.Module) -> bool:
 
 
 def calibration_inputs(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None) -> dict[str, Any]:
-    """How a model fresh out of ``from_pretrained`` gets its calibration trajectories, as ``quantize_model``
-    keywords: ``config.calib_sampler``, else the scheduler over ``config.calib_prompt_embeds`` (text-conditional),
-    else the scheduler alone (which also serves ``gac_timestep_importance``)."""
-    if config.calib_sampler is not None:
-        fn = config.calib_sampler
+    """How a model fresh out of ``from_pretrained`` gets its calibration trajectories, as ``calibrate`` keywords:
+    ``config.calibration_inputs.sampler``, else the scheduler over its ``prompt_embeds`` (text-conditional), else
+    the scheduler alone (which also serves ``gac_timestep_importance``)."""
+    inputs = config.calibration_inputs
+    if inputs is not None and inputs.sampler is not None:
+        fn = inputs.sampler
         return {"sampler": lambda num_trajectories, seed: fn(model, num_trajectories, seed)}
-    if config.calib_prompt_embeds is not None:
+    if inputs is not None and inputs.prompt_embeds is not None:
         return {"sampler": prompt_embeds_sampler(
-            model, find_scheduler(checkpoint_dir), config.calib_num_inference_steps, config.calib_prompt_embeds,
-            negative_prompt_embeds=config.calib_negative_prompt_embeds, guidance_scale=config.calib_guidance_scale)}
+            model, find_scheduler(checkpoint_dir), config.calib_num_inference_steps, inputs.prompt_embeds,
+            negative_prompt_embeds=inputs.negative_prompt_embeds, guidance_scale=config.calib_guidance_scale)}
     if is_text_conditional(model):
         raise ValueError(
             f"{type(model).__name__} is text-conditional: calibration needs inputs that from_pretrained cannot invent. "
-            "Pass prompt embeddings with GACConfig(calib_prompt_embeds=..., calib_negative_prompt_embeds=..., "
-            "calib_guidance_scale=...), or a sampler with GACConfig(calib_sampler=fn) where fn(denoiser, "
-            "num_trajectories, seed) runs your sampling loop; or load the pipeline in full precision and call "
+            "Pass prompt embeddings with GACConfig(calibration_inputs=CalibrationInputs(prompt_embeds=..., "
+            "negative_prompt_embeds=...), calib_guidance_scale=...), or a sampler with "
+            "GACConfig(calibration_inputs=CalibrationInputs(sampler=fn)) where fn(denoiser, num_trajectories, seed) "
+            "runs your sampling loop; or load the pipeline in full precision and call "
             "diffusers_gac.quantize_pipeline(pipe, config, prompts=[...])."
         )
-    return {"scheduler": find_scheduler(checkpoint_dir)}
-
-
-def calibrate_loaded_model(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None):
-    """Quantize and calibrate a model that ``from_pretrained`` just loaded in full precision."""
-    from .api import quantize_model
-
-    return quantize_model(model, config, **calibration_inputs(model, config, checkpoint_dir))
+    scheduler = find_scheduler(checkpoint_dir)
+    return {"scheduler": scheduler, "sampler": scheduler_sampler(model, scheduler, config.calib_num_inference_steps)}

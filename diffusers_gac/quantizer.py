@@ -1,15 +1,19 @@
 """``GACQuantizer``: the diffusers loading hooks for the "gac" backend, and nothing else.
 
 * Loading a full-precision checkpoint with ``quantization_config=GACConfig(...)`` calibrates after the weights
-  are loaded (``_process_model_after_weight_loading``); the scheduler comes from the config, from the pipeline
-  folder the model sits in, or is DDIM over diffusers' default linear schedule.
-* Loading a checkpoint saved after calibration (its config.json carries the GACConfig with the list of converted
-  layers) rebuilds the frozen quantized layers on the meta device before the weights load; quantizer state is
-  loaded exactly, never cast to ``torch_dtype``.
+  are loaded (``_process_model_after_weight_loading``); calibration inputs come from ``integration.py``.
+* Loading a checkpoint saved after calibration (its config.json carries the GACConfig with its ``layout``)
+  rebuilds the frozen quantized layers on the meta device before the weights load (``quant.convert.requantize``);
+  quantizer state is loaded exactly, never cast to ``torch_dtype``.
+
+The quantizer object a model carries (``model.hf_quantizer``) also holds the report of the calibration that
+produced it (``calibration_report``), which ``diffusers_gac.save_pretrained`` and ``push_to_hub`` write beside the
+checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,13 +21,19 @@ from typing import Any
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.utils import get_module_from_name, logging
+from torch import nn
 
+from .calibration.flow import calibrate
 from .config import GACConfig
+from .integration import calibration_inputs
+from .quant.convert import dequantize_model, requantize
 
 logger = logging.get_logger(__name__)
 
 # State of quantized layers that must load bit-exact (codes) or unrounded (scales) whatever torch_dtype says.
 QUANT_STATE_SUFFIXES = ("packed_weight", "quantizer.scale", "quantizer.zero_point", "quantizer.split")
+# The calibration report, written beside a checkpoint by diffusers_gac.save_pretrained / push_to_hub.
+REPORT_NAME = "gac_calibration.json"
 
 
 class GACQuantizer(DiffusersQuantizer):
@@ -34,6 +44,7 @@ class GACQuantizer(DiffusersQuantizer):
     def __init__(self, quantization_config: GACConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.checkpoint_dir: Path | None = None
+        self.calibration_report: dict[str, Any] | None = None
 
     def validate_environment(self, *args, **kwargs) -> None:
         device_map = kwargs.get("device_map")
@@ -51,9 +62,7 @@ class GACQuantizer(DiffusersQuantizer):
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         if self.pre_quantized:
-            from .serialization import build_frozen_layout
-
-            build_frozen_layout(model, self.quantization_config)
+            requantize(model, self.quantization_config)
         return model
 
     def check_if_quantized_param(self, model, param_value: torch.Tensor, param_name: str, state_dict: dict[str, Any],
@@ -82,17 +91,15 @@ class GACQuantizer(DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
-            from .integration import calibrate_loaded_model
-
-            calibrate_loaded_model(model, self.quantization_config, checkpoint_dir=self.checkpoint_dir)
-        else:
-            from .hub import REPORT_NAME
-            from .serialization import install_methods
-
-            report = self.checkpoint_dir / REPORT_NAME if self.checkpoint_dir else None
-            if report is not None and report.is_file():  # uploaded beside the checkpoint by diffusers_gac.push_to_hub
-                model._gac_calibration_report = json.loads(report.read_text())
-            install_methods(model)
+            config = dataclasses.replace(self.quantization_config)  # never the caller's object
+            report = calibrate(model, config, **calibration_inputs(model, config, self.checkpoint_dir))
+            config.layout = report.layout
+            config.calibration_inputs = None  # the caller's tensors are not kept alive by the model
+            self.quantization_config = config
+            self.calibration_report = report.to_dict()
+            model.register_to_config(quantization_config=config)
+        elif self.checkpoint_dir is not None and (self.checkpoint_dir / REPORT_NAME).is_file():
+            self.calibration_report = json.loads((self.checkpoint_dir / REPORT_NAME).read_text())
         return model
 
     @property
@@ -108,6 +115,17 @@ class GACQuantizer(DiffusersQuantizer):
         return True
 
     def _dequantize(self, model):
-        from .serialization import dequantize_model
-
         return dequantize_model(model)
+
+
+def mark_calibrated(model: nn.Module, config: GACConfig, report: dict[str, Any] | None = None) -> None:
+    """Give a model calibrated outside ``from_pretrained`` what the backend gives a loaded one: ``hf_quantizer``
+    (holding the config and the calibration report) and the config in ``model.config``, so that diffusers'
+    ``save_pretrained`` writes a checkpoint ``from_pretrained`` loads back and ``.half()``/``.to(dtype)`` refuse."""
+    quantizer = GACQuantizer(config, pre_quantized=True)
+    quantizer.calibration_report = report
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    if hasattr(model, "register_to_config"):
+        model.register_to_config(quantization_config=config)

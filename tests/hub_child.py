@@ -34,7 +34,7 @@ def push(workdir: Path) -> dict:
                    scheduler=DDIMScheduler(num_train_timesteps=1000), show_progress=False)
     reference = probe(model)
     torch.save(reference, workdir / "reference.pt")
-    commit = model.push_to_hub("org/tiny-w4a4")  # the model's own method: checkpoint + generated card
+    commit = diffusers_gac.push_to_hub(model, "org/tiny-w4a4")  # checkpoint, report, plot, generated card
     out["model_commit"] = str(commit)
     loaded = UNet2DModel.from_pretrained("org/tiny-w4a4")
     out["model_identical"] = bool(torch.equal(probe(loaded), reference))
@@ -49,6 +49,8 @@ def push(workdir: Path) -> dict:
     pipe.push_to_hub("org/tiny-ddpm-w4a4-native")  # diffusers' own pipeline upload also round-trips
     native = DiffusionPipeline.from_pretrained("org/tiny-ddpm-w4a4-native")
     out["native_pipeline_identical"] = bool(torch.equal(probe(native.unet), pipe_reference))
+    model.push_to_hub("org/tiny-w4a4-native")  # diffusers' own model upload too
+    out["native_model_identical"] = bool(torch.equal(probe(UNet2DModel.from_pretrained("org/tiny-w4a4-native")), reference))
     return out
 
 

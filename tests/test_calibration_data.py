@@ -3,10 +3,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tiny_models import tiny_unet2d, tiny_unet2d_condition
 
-from diffusers_gac.api import record_calibration_data
+from diffusers_gac import record_calibration_data
 from diffusers_gac.calibration.data import CalibrationData, CalibrationRecorder, select_steps
 from diffusers_gac.config import GACConfig
-from diffusers_gac.evaluation.sampling import sample_images
+from diffusers_gac.sampling import sample_images
 
 
 def test_uniform_selection_is_evenly_spaced():
@@ -99,7 +99,7 @@ def test_calibration_data_batch_and_save_round_trip(tmp_path):
 def test_record_calibration_data_follows_the_config():
     unet = tiny_unet2d()
     config = GACConfig(calib_num_inference_steps=6, calib_num_timesteps=3, calib_samples_per_timestep=5)
-    data = record_calibration_data(unet, _scheduler(), config, show_progress=False)
+    data = record_calibration_data(unet, config, scheduler=_scheduler(), show_progress=False)
     assert len(data) == 15
     assert sorted(data.step_index.unique().tolist()) == [0, 2, 5]
     assert data.inputs["class_labels"].min() >= 0 and data.inputs["class_labels"].max() < 10

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteSchedu
 
 from conftest import tiny_unet_config
 from diffusers_gac import zoo
-from diffusers_gac.data import load_digits_split
+from diffusers_gac.zoo import load_digits_split
 from diffusers_gac.evaluation import (
     EvalResult,
     class_accuracy,
@@ -27,6 +27,7 @@ from diffusers_gac.evaluation import (
     summarize,
     torchmetrics_fid,
 )
+from diffusers_gac.evaluation.evaluate import score_samples
 
 FAST = dict(num_inference_steps=4, show_progress=False)
 
@@ -124,7 +125,7 @@ def test_unconditional_denoiser_has_no_labels(digits_scheduler):
     unet = UNet2DModel(**tiny_unet_config(num_class_embeds=None)).eval()
     images, labels = sample_images(unet, digits_scheduler, 3, **FAST)
     assert labels is None and images.shape == (3, 1, 8, 8)
-    with pytest.raises(ValueError, match="unconditional"):
+    with pytest.raises(ValueError, match="takes no class labels"):
         sample_images(unet, digits_scheduler, 3, class_labels=1, **FAST)
 
 
@@ -247,12 +248,20 @@ def test_torchmetrics_fid_names_the_eval_extra_when_missing():
 # -- evaluate_denoiser -----------------------------------------------------------------------------------------
 
 
-def test_model_against_itself_is_identical(digits_unet, digits_scheduler, digits_classifier):
-    result = evaluate_denoiser(
-        digits_unet, digits_scheduler, reference_unet=digits_unet, num_samples=20, classifier=digits_classifier, **FAST
-    )
+def test_model_as_its_own_reference_samples_once_and_scores_like_an_explicit_reference(
+        digits_unet, digits_scheduler, digits_classifier):
+    calls = []
+    handle = digits_unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        result = evaluate_denoiser(digits_unet, digits_scheduler, reference_unet=digits_unet, num_samples=20,
+                                   classifier=digits_classifier, **FAST)
+    finally:
+        handle.remove()
+    assert len(calls) == FAST["num_inference_steps"]  # one batch, sampled once: the samples are reused as reference
+    samples, labels = sample_images(digits_unet, digits_scheduler, 20, **FAST)
+    explicit = score_samples(samples, labels, reference_images=samples, classifier=digits_classifier)
     assert isinstance(result, EvalResult)
-    assert result.psnr == math.inf
+    assert (result.fd, result.psnr, result.accuracy) == (explicit["fd"], math.inf, explicit["accuracy"])
     assert (result.num_samples, result.num_inference_steps, result.seed) == (20, 4, 0)
     assert result.scheduler == "DDIMScheduler"
 

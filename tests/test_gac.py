@@ -7,12 +7,11 @@ from diffusers_gac.calibration.data import CalibrationData
 from diffusers_gac.calibration.gac import (
     GradientAlignedWeighting,
     balanced_validation_split,
-    contiguous_groups,
     importance_of,
     timestep_importance,
 )
-from diffusers_gac.calibration.reconstruction import per_sample_error, reconstruct_model
-from diffusers_gac.calibration.weighting import UnitProblem
+from diffusers_gac.calibration.problem import UnitProblem, contiguous_groups, per_sample_error
+from diffusers_gac.calibration.reconstruction import reconstruct_model
 from diffusers_gac.config import GACConfig
 from diffusers_gac.quant.convert import convert_model, quantization_disabled
 from diffusers_gac.quant.layers import QuantConv2d

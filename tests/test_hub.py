@@ -14,7 +14,9 @@ from tiny_models import tiny_unet2d
 
 import diffusers_gac
 from diffusers_gac import GACConfig, quantize_model
-from diffusers_gac.hub import PLOT_NAME, REPORT_NAME, model_card, write_hub_folder
+from diffusers_gac.hub import model_card, write_hub_folder
+from diffusers_gac.quantizer import REPORT_NAME
+from diffusers_gac.saving import PLOT_NAME
 
 FAST = dict(iters=4, calib_num_inference_steps=5, calib_num_timesteps=3, calib_samples_per_timestep=4, batch_size=8)
 CHILD = Path(__file__).parent / "hub_child.py"
@@ -44,7 +46,7 @@ def pushed(tmp_path_factory):
 
 def test_model_push_and_load_by_repo_id(pushed):
     hub, result, _ = pushed
-    assert result["model_is_quantized"] and result["model_identical"]
+    assert result["model_is_quantized"] and result["model_identical"] and result["native_model_identical"]
     files = hub.repos["org/tiny-w4a4"].commits[-1][1]
     assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", PLOT_NAME, REPORT_NAME} <= set(files)
     assert json.loads(files["config.json"])["quantization_config"]["quant_method"] == "gac"
@@ -68,7 +70,7 @@ def test_pipeline_push_and_load_by_repo_id(pushed):
     assert result["pipeline_identical"] and result["native_pipeline_identical"]
     files = hub.repos["org/tiny-ddpm-w4a4"].commits[-1][1]
     assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
-            "README.md", f"unet_{REPORT_NAME}"} <= set(files)
+            "README.md", f"unet/{REPORT_NAME}"} <= set(files)
     assert "DiffusionPipeline.from_pretrained" in files["README.md"].decode()
 
 
@@ -109,8 +111,8 @@ def test_hub_folder_is_a_loadable_checkpoint(calibrated, tmp_path):
     assert (tmp_path / PLOT_NAME).is_file() and (tmp_path / "README.md").is_file()
     loaded = UNet2DModel.from_pretrained(tmp_path)
     # the calibration report is read back from beside the checkpoint
-    assert [(u["name"], u["loss_after"]) for u in loaded._gac_calibration_report["units"]] == [
-        (u["name"], u["loss_after"]) for u in calibrated._gac_calibration_report["units"]]
+    assert [(u["name"], u["loss_after"]) for u in loaded.hf_quantizer.calibration_report["units"]] == [
+        (u["name"], u["loss_after"]) for u in calibrated.hf_quantizer.calibration_report["units"]]
     call = dict(sample=torch.randn(2, 1, 8, 8), timestep=torch.tensor([3, 700]), class_labels=torch.tensor([0, 1]))
     with torch.no_grad():
         assert torch.equal(loaded(**call).sample, calibrated(**call).sample)

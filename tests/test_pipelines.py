@@ -14,10 +14,9 @@ from diffusers import (
 )
 from tiny_models import tiny_dit_pipeline, tiny_ldm_pipeline, tiny_sd_pipeline, tiny_unet2d
 
-from diffusers_gac import GACConfig, quantize_pipeline
-from diffusers_gac.api import record_calibration_data
+from diffusers_gac import CalibrationInputs, GACConfig, quantize_pipeline, record_calibration_data
 from diffusers_gac.quant.layers import QuantConv2d
-from diffusers_gac.samplers import scheduler_sampler
+from diffusers_gac.sampling import scheduler_sampler
 
 FAST = dict(iters=4, calib_num_inference_steps=5, calib_num_timesteps=3, calib_samples_per_timestep=4, batch_size=8)
 
@@ -68,26 +67,28 @@ def test_quantize_pipeline_needs_prompts_for_a_text_pipeline(sd_folder):
 
 
 def test_text_conditional_from_pretrained_without_inputs_says_how_to_pass_them(sd_folder):
-    with pytest.raises(ValueError, match="calib_prompt_embeds.*calib_sampler.*quantize_pipeline"):
+    with pytest.raises(ValueError, match="CalibrationInputs.prompt_embeds=.*CalibrationInputs.sampler=fn.*quantize_pipeline"):
         UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet", quantization_config=GACConfig(**FAST))
 
 
 def test_text_conditional_from_pretrained_with_prompt_embeds(sd_folder, tmp_path):
     cond, uncond = _embeds(sd_folder, ["a cat", "a dog"])
-    config = GACConfig(calib_prompt_embeds=cond, calib_negative_prompt_embeds=uncond, calib_guidance_scale=3.0, **FAST)
+    config = GACConfig(calibration_inputs=CalibrationInputs(prompt_embeds=cond, negative_prompt_embeds=uncond),
+                       calib_guidance_scale=3.0, **FAST)
     unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet", quantization_config=config)
     assert isinstance(unet.conv_in, QuantConv2d)
-    assert unet._gac_calibration_report["num_calibration_samples"] == 3 * 4 * 2
+    assert unet.hf_quantizer.calibration_report["num_calibration_samples"] == 3 * 4 * 2
     unet.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert "calib_prompt_embeds" not in saved and saved["calib_guidance_scale"] == 3.0  # no tensors in config.json
+    assert "calibration_inputs" not in saved and "prompt_embeds" not in json.dumps(saved)  # no tensors in config.json
+    assert saved["calibration"]["calib_guidance_scale"] == 3.0
     assert torch.equal(_sd_call(UNet2DConditionModel.from_pretrained(tmp_path)), _sd_call(unet))
 
 
 def test_pipeline_quantization_config_with_prompt_embeds(sd_folder):
     cond, _ = _embeds(sd_folder, ["a cat"])
     pipe = DiffusionPipeline.from_pretrained(sd_folder, quantization_config=PipelineQuantizationConfig(
-        quant_mapping={"unet": GACConfig(calib_prompt_embeds=cond, **FAST)}))
+        quant_mapping={"unet": GACConfig(calibration_inputs=CalibrationInputs(prompt_embeds=cond), **FAST)}))
     assert isinstance(pipe.unet.conv_in, QuantConv2d)
     images = pipe(["a cat"], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 16, 16, 3)
@@ -100,7 +101,7 @@ def test_text_encoder_in_bitsandbytes_beside_a_gac_unet(sd_folder):
 
     cond, _ = _embeds(sd_folder, ["a cat"])
     pipe = DiffusionPipeline.from_pretrained(sd_folder, quantization_config=PipelineQuantizationConfig(quant_mapping={
-        "unet": GACConfig(calib_prompt_embeds=cond, **FAST), "text_encoder": BitsAndBytesConfig(load_in_4bit=True)}))
+        "unet": GACConfig(calibration_inputs=CalibrationInputs(prompt_embeds=cond), **FAST), "text_encoder": BitsAndBytesConfig(load_in_4bit=True)}))
     assert isinstance(pipe.unet.conv_in, QuantConv2d)
     assert any(type(m).__name__ == "Linear4bit" for m in pipe.text_encoder.modules())
     images = pipe(["a cat"], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -141,7 +142,7 @@ def test_quantize_pipeline_with_gac_validation_from_quantized_trajectories(tmp_p
     assert all(u.weighting.get("validation_samples") == 3 * 2 for u in report.units)
 
 
-def test_custom_sampler_through_the_config():
+def test_custom_sampler_through_the_config(tmp_path):
     calls = []
     scheduler = tiny_ldm_pipeline().scheduler
 
@@ -149,14 +150,12 @@ def test_custom_sampler_through_the_config():
         calls.append((type(denoiser).__name__, num_trajectories, seed))
         scheduler_sampler(denoiser, scheduler, FAST["calib_num_inference_steps"], show_progress=False)(num_trajectories, seed)
 
-    folder_model = tiny_unet2d(class_conditional=False)
-    config = GACConfig(calib_sampler=sampler, seed=5, **FAST)
-    from diffusers_gac import quantize_model
-    from diffusers_gac.integration import calibration_inputs
-
-    quantize_model(folder_model, config, **calibration_inputs(folder_model, config), show_progress=False)
-    assert calls == [("UNet2DModel", 4, 5)]
-    assert "calib_sampler" not in config.to_dict()
+    tiny_unet2d(class_conditional=False).save_pretrained(tmp_path)
+    config = GACConfig(calibration_inputs=CalibrationInputs(sampler=sampler), seed=5, **FAST)
+    model = UNet2DModel.from_pretrained(tmp_path, quantization_config=config)
+    assert calls == [("UNet2DModel", 4, 5)] and isinstance(model.conv_in, QuantConv2d)
+    assert "calibration_inputs" not in config.to_dict()
+    assert model.config.quantization_config.calibration_inputs is None  # the model does not keep the caller's inputs
 
 
 def test_a_sampler_with_the_wrong_number_of_steps_is_refused():
@@ -164,24 +163,31 @@ def test_a_sampler_with_the_wrong_number_of_steps_is_refused():
     scheduler = tiny_ldm_pipeline().scheduler
     wrong = scheduler_sampler(unet, scheduler, 4, show_progress=False)  # 4 denoiser calls per trajectory, not 5
     with pytest.raises(ValueError, match="calib_num_inference_steps=5"):
-        record_calibration_data(unet, None, GACConfig(**FAST), sampler=wrong, show_progress=False)
+        record_calibration_data(unet, GACConfig(**FAST), sampler=wrong)
 
 
 @pytest.mark.parametrize("options, match", [
-    (dict(calib_prompt_embeds=torch.zeros(2, 8)), "calib_prompt_embeds must be a tensor of shape"),
-    (dict(calib_negative_prompt_embeds=torch.zeros(1, 8, 12)), "without calib_prompt_embeds"),
-    (dict(calib_prompt_embeds=torch.zeros(2, 8, 12), calib_negative_prompt_embeds=torch.zeros(1, 7, 12)),
+    (dict(prompt_embeds=torch.zeros(2, 8)), "prompt_embeds must be a tensor of shape"),
+    (dict(negative_prompt_embeds=torch.zeros(1, 8, 12)), "without prompt_embeds"),
+    (dict(prompt_embeds=torch.zeros(2, 8, 12), negative_prompt_embeds=torch.zeros(1, 7, 12)),
      r"must have shape \(1 or 2, 8, 12\)"),
-    (dict(calib_prompt_embeds=torch.zeros(2, 8, 12), calib_guidance_scale=5.0), "needs calib_negative_prompt_embeds"),
-    (dict(calib_guidance_scale=0.5), "calib_guidance_scale must be a number >= 1"),
-    (dict(calib_sampler="not callable"), "calib_sampler must be a callable"),
+    (dict(sampler="not callable"), "sampler must be a callable"),
 ])
-def test_calibration_input_options_are_validated(options, match):
+def test_calibration_inputs_are_validated(options, match):
     with pytest.raises(ValueError, match=match):
-        GACConfig(**options)
+        CalibrationInputs(**options)
+
+
+def test_guidance_needs_negative_embeddings():
+    with pytest.raises(ValueError, match="calib_guidance_scale must be a number >= 1"):
+        GACConfig(calib_guidance_scale=0.5)
+    with pytest.raises(ValueError, match="needs calibration_inputs.negative_prompt_embeds"):
+        GACConfig(calibration_inputs=CalibrationInputs(prompt_embeds=torch.zeros(2, 8, 12)), calib_guidance_scale=5.0)
+    with pytest.raises(ValueError, match="calibration_inputs must be a diffusers_gac.CalibrationInputs"):
+        GACConfig(calibration_inputs={"prompt_embeds": torch.zeros(2, 8, 12)})
 
 
 def test_class_conditional_model_keeps_working_through_from_pretrained(tmp_path):
     tiny_unet2d().save_pretrained(tmp_path)
     model = UNet2DModel.from_pretrained(tmp_path, quantization_config=GACConfig(**FAST))
-    assert model._gac_calibration_report["num_calibration_samples"] == 3 * 4
+    assert model.hf_quantizer.calibration_report["num_calibration_samples"] == 3 * 4

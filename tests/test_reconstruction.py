@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffusers_gac import GACConfig, quantize_model
-from diffusers_gac.calibration.reconstruction import per_sample_error, rounding_beta
+from diffusers_gac.calibration.problem import per_sample_error
+from diffusers_gac.calibration.reconstruction import rounding_beta
 
 
 def test_per_sample_error_sums_channels_and_averages_positions():

@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from .gac import contiguous_groups
-from .weighting import UnitProblem
+from .problem import UnitProblem, contiguous_groups
 
 
 def cosine_distance_matrix(vectors: list[torch.Tensor]) -> list[list[float]]:

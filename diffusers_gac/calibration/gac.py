@@ -1,4 +1,4 @@
-"""Gradient-Aligned Calibration: per-sample weights learned by a meta-gradient (docs/method.md, section 3).
+"""Gradient-Aligned Calibration: per-sample weights learned by a meta-gradient (see docs/method.md).
 
 For each unit, before reconstruction (or, with ``gac_meta_every > 0``, also during it):
 
@@ -44,17 +44,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import GACConfig
-from ..evaluation.sampling import balanced_labels, num_class_labels
+from ..sampling import denoise, fresh_scheduler, resolve_labels, sample_shape
+from .problem import UnitProblem, contiguous_groups, per_sample_error
 from .units import unit_output
-from .weighting import SampleWeighting, UnitProblem
-
-
-def contiguous_groups(timesteps: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Group index of every sample: the distinct timesteps, sorted, cut into ``num_groups`` contiguous bands."""
-    distinct = timesteps.unique(sorted=True)
-    num_groups = max(1, min(num_groups, len(distinct)))
-    band = torch.div(torch.arange(len(distinct)) * num_groups, len(distinct), rounding_mode="floor")
-    return band[torch.searchsorted(distinct, timesteps)]
+from .weighting import SampleWeighting
 
 
 def balanced_validation_split(timesteps: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -81,33 +74,24 @@ def timestep_importance(denoiser: torch.nn.Module, scheduler, num_inference_step
     output at step ``k``; the importance of step ``k`` is the mean squared change of the final sample divided by
     ``scale ** 2``. Returns ``{timestep value: importance}``; with ``only`` (the timesteps the calibration data
     holds), for the sampler steps nearest to those only: the others would cost a sampler run each and go unused.
-    ``denoiser`` is called as a diffusers UNet
-    (``denoiser(x, t, class_labels=...)``, balanced labels for a class-conditional one).
+    A class-conditional denoiser gets balanced labels.
     """
-    param = next(denoiser.parameters())
-    device, dtype = param.device, param.dtype
     generator = torch.Generator().manual_seed(seed)
-    size = denoiser.config.sample_size
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (trajectories, denoiser.config.in_channels, *hw)
+    shape = sample_shape(denoiser, trajectories)
     noise = torch.randn(shape, generator=generator)
-    push = torch.randn(shape, generator=generator).to(device=device, dtype=dtype) * scale
-    num_classes = num_class_labels(denoiser)
-    extra = {"class_labels": balanced_labels(trajectories, num_classes).to(device)} if num_classes else {}
-    sampler = type(scheduler).from_config(scheduler.config)
+    push = torch.randn(shape, generator=generator) * scale
+    labels = resolve_labels(denoiser, trajectories, None)
+    conditioning = {"class_labels": labels} if labels is not None else None
+    sampler = fresh_scheduler(scheduler)
 
     def final_sample(perturbed_step: int | None) -> torch.Tensor:
-        sampler.set_timesteps(num_inference_steps, device=device)
-        x = noise.to(device=device, dtype=dtype) * sampler.init_noise_sigma
-        for k, t in enumerate(sampler.timesteps):
-            out = denoiser(sampler.scale_model_input(x, t), t, **extra).sample
-            if k == perturbed_step:
-                out = out + push
-            x = sampler.step(out, t, x).prev_sample
-        return x.float()
+        def perturb(k: int, t, model_input, out: torch.Tensor) -> torch.Tensor | None:
+            return out + push.to(out) if k == perturbed_step else None
+
+        return denoise(denoiser, sampler, noise, num_inference_steps=num_inference_steps, conditioning=conditioning,
+                       on_step=perturb).float()
 
     base = final_sample(None)
-    sampler.set_timesteps(num_inference_steps, device=device)
     steps = [float(t) for t in sampler.timesteps]
     wanted = set(range(len(steps)))
     if only is not None:  # the sampler step nearest to each wanted timestep
@@ -167,9 +151,6 @@ class GradientAlignedWeighting(SampleWeighting):
 
     def output_loss(self, problem: UnitProblem):
         """Per-sample validation loss at the denoiser's output, ``params`` standing in for the unit's."""
-        # reconstruction imports this module, so import from it here
-        from .reconstruction import per_sample_error
-
         model, prefix = self.model, problem.name
         if model is None or model.get_submodule(prefix) is not problem.module:
             raise RuntimeError("gac_validation_target='output' needs begin_model(model, ...) with the unit's model")

@@ -16,13 +16,15 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import GACConfig
 from ..quant.convert import act_quantizers, quantization_disabled, set_quant_state
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
+from ..sampling import progress_bar
 from .data import CalibrationData
 from .diagnostics import gradient_conflict
+from .gac import GradientAlignedWeighting
+from .problem import UnitProblem, per_sample_error
 from .units import (
     Unit,
     UnitCache,
@@ -31,25 +33,11 @@ from .units import (
     find_units,
     unit_output,
 )
-from .weighting import SampleWeighting, UnitProblem, make_weighting
+from .weighting import SampleWeighting, UniformWeighting
 
 logger = logging.get_logger(__name__)
 
 EVAL_SAMPLES = 256  # fixed subset on which a unit's error is reported before and after reconstruction
-
-
-def per_sample_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels and averaged over positions, one value per sample.
-
-    Channels are dim 1 for image-shaped ``(B, C, H, W)`` tensors and the last dim for token-shaped ``(B, L, C)``.
-    """
-    dtype = torch.promote_types(output.dtype, torch.float32)  # half-precision models: errors in float32
-    sq = (output.to(dtype) - target.to(dtype)).pow(2)
-    if sq.dim() == 4:
-        return sq.sum(1).mean((1, 2))
-    if sq.dim() == 3:
-        return sq.sum(-1).mean(1)
-    return sq.reshape(sq.shape[0], -1).sum(1)
 
 
 def rounding_beta(step: int, iters: int, warmup: float, start: float = 20.0, end: float = 2.0) -> float | None:
@@ -166,6 +154,13 @@ class UnitReconstruction:
         return {**weighting.end_unit(), "conflict_before": conflict_before, "conflict_after": conflict_after}
 
 
+def make_weighting(config: GACConfig, scheduler: Any = None) -> SampleWeighting:
+    """The strategy ``config.weighting`` names (``scheduler``: for strategies that sample, see ``gac.py``)."""
+    if config.weighting == "gradient_aligned":
+        return GradientAlignedWeighting(config, scheduler=scheduler)
+    return UniformWeighting(config)
+
+
 def reconstruct_model(
     model: nn.Module,
     data: CalibrationData,
@@ -199,7 +194,8 @@ def reconstruct_model(
     timesteps = data.timesteps
     capture_bs = max(config.batch_size, 64)
     reports: list[UnitReport] = []
-    for unit in tqdm(units, desc="calibrating units", disable=not show_progress):
+    progress = progress_bar(len(units), "calibrating units", show_progress)
+    for unit in units:
         start = time.time()
         cache = capture_unit_cache(model, unit, data, capture_bs, device, dtype)
         set_quant_state(unit.module, weights=True, acts=False)
@@ -217,6 +213,8 @@ def reconstruct_model(
         reports.append(report)
         logger.info(f"{unit.name}: error {before:.4g} -> {after:.4g} ({report.seconds:.1f}s)")
         del cache, job
+        progress.update(1)
+    progress.close()
     model.train(was_training)
     return reports
 

@@ -2,47 +2,19 @@
 
 The reconstruction loop asks its strategy for the weights of each mini-batch and never looks inside it, so
 ``uniform`` (every sample counts the same: the Q-Diffusion / BRECQ baseline) and learned weightings differ in
-one place. A strategy sees the unit being reconstructed through ``UnitProblem``.
+one place. A strategy sees the unit being reconstructed through ``UnitProblem``; ``reconstruction.make_weighting``
+builds the one a config names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import GACConfig
-
-
-@dataclass
-class UnitProblem:
-    """What a weighting strategy may use about the unit being reconstructed.
-
-    ``per_sample_loss(indices, params=None)`` runs the unit on the given calibration samples and returns their
-    reconstruction errors, shape ``(len(indices),)``; ``params`` (names relative to ``module``) stand in for the
-    unit's current quantization parameters, so a strategy can evaluate a virtual update differentiably.
-    """
-
-    name: str
-    module: nn.Module
-    rounding_params: dict[str, torch.Tensor]  # AdaRound variables, by name relative to ``module``
-    step_params: dict[str, torch.Tensor]  # learned activation step sizes
-    timesteps: torch.Tensor  # (num_samples,) timestep of every calibration sample
-    per_sample_loss: Callable[..., torch.Tensor]
-    # a separate validation set (same signature), e.g. inputs from the quantized model's own trajectories
-    validation_loss: Callable[..., torch.Tensor] | None = None
-    validation_timesteps: torch.Tensor | None = None
-
-    @property
-    def params(self) -> dict[str, torch.Tensor]:
-        return {**self.rounding_params, **self.step_params}
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.timesteps)
+from .problem import UnitProblem
 
 
 class SampleWeighting:
@@ -75,13 +47,3 @@ class UniformWeighting(SampleWeighting):
 
     def batch_weights(self, indices: torch.Tensor, step: int) -> torch.Tensor:
         return torch.full((len(indices),), 1.0 / len(indices))
-
-
-def make_weighting(config: GACConfig, scheduler: Any = None) -> SampleWeighting:
-    """The strategy ``config.weighting`` names (``scheduler``: for strategies that sample, see ``gac.py``)."""
-    from .gac import GradientAlignedWeighting
-
-    if config.weighting == "gradient_aligned":
-        return GradientAlignedWeighting(config, scheduler=scheduler)
-    strategies: dict[str, type[SampleWeighting]] = {"uniform": UniformWeighting}
-    return strategies[config.weighting](config)

@@ -1,7 +1,8 @@
 """Seeded sampling and the metrics that compare a (quantized) denoiser with its full-precision reference."""
 
-from .classifier import DigitsClassifier
+from ..sampling import balanced_labels, num_class_labels, sample_images
 from .evaluate import EvalResult, MetricFloor, evaluate_denoiser, format_mean_std, metric_floor, summarize
+from .images import image_grid, to_unit_range
 from .metrics import (
     class_accuracy,
     classifier_features,
@@ -10,10 +11,8 @@ from .metrics import (
     torchmetrics_fid,
     torchmetrics_inception_score,
 )
-from .sampling import balanced_labels, image_grid, num_class_labels, sample_images
 
 __all__ = [
-    "DigitsClassifier",
     "EvalResult",
     "MetricFloor",
     "balanced_labels",
@@ -28,6 +27,7 @@ __all__ = [
     "psnr",
     "sample_images",
     "summarize",
+    "to_unit_range",
     "torchmetrics_fid",
     "torchmetrics_inception_score",
 ]

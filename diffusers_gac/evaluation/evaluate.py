@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import load_digits_split
+from ..sampling import sample_images
+from ..zoo import load_digits_classifier, load_digits_split
 from .metrics import class_accuracy, classifier_features, frechet_distance, psnr
-from .sampling import sample_images
 
 
 @dataclass
@@ -51,13 +51,6 @@ class MetricFloor:
         return asdict(self)
 
 
-def _default_classifier() -> nn.Module:
-    # Imported here: the zoo imports this package (for the classifier class), so a top-level import would cycle.
-    from ..zoo import load_digits_classifier
-
-    return load_digits_classifier()
-
-
 def evaluate_denoiser(
     unet: nn.Module,
     scheduler,
@@ -70,7 +63,6 @@ def evaluate_denoiser(
     batch_size: int = 256,
     classifier: nn.Module | None = None,
     real_images: torch.Tensor | None = None,
-    device: str | torch.device | None = None,
     show_progress: bool = True,
 ) -> EvalResult:
     """Sample ``unet`` and score the samples (clamped to ``[-1, 1]``).
@@ -84,15 +76,11 @@ def evaluate_denoiser(
         classifier: feature network with ``features(x)`` and logits ``forward(x)``; default: the embedded digits
             classifier.
         real_images: images FD compares with; default: the held-out digits test split.
-        device: where ``unet`` (and ``reference_unet``) run; default: the device of ``unet``.
     """
-    classifier = classifier if classifier is not None else _default_classifier()
-    real_images = real_images if real_images is not None else load_digits_split("test")[0]
     sampling = dict(
         num_inference_steps=num_inference_steps,
         batch_size=batch_size,
         seed=seed,
-        device=device,
         show_progress=show_progress,
     )
     start = time.perf_counter()
@@ -102,6 +90,24 @@ def evaluate_denoiser(
         reference_images = samples
     elif reference_images is None and reference_unet is not None:
         reference_images, _ = sample_images(reference_unet, scheduler, num_samples, class_labels=labels, **sampling)
+    return EvalResult(
+        **score_samples(samples, labels, reference_images=reference_images, classifier=classifier,
+                        real_images=real_images, batch_size=batch_size),
+        num_samples=num_samples,
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        scheduler=type(scheduler).__name__,
+        sampling_seconds=round(seconds, 3),
+    )
+
+
+def score_samples(samples: torch.Tensor, labels: torch.Tensor | None, *, reference_images: torch.Tensor | None = None,
+                  classifier: nn.Module | None = None, real_images: torch.Tensor | None = None,
+                  batch_size: int = 256) -> dict[str, float | None]:
+    """``fd``, ``psnr`` (against ``reference_images``, else None) and ``accuracy`` (for ``labels``, else None) of
+    model-space samples, clamped to ``[-1, 1]`` first; defaults as in :func:`evaluate_denoiser`."""
+    classifier = classifier if classifier is not None else load_digits_classifier()
+    real_images = real_images if real_images is not None else load_digits_split("test")[0]
     if reference_images is not None and reference_images.shape != samples.shape:
         raise ValueError(
             f"reference_images has shape {tuple(reference_images.shape)} but the samples have shape "
@@ -111,21 +117,16 @@ def evaluate_denoiser(
     fd = frechet_distance(
         classifier_features(classifier, samples, batch_size), classifier_features(classifier, real_images, batch_size)
     )
-    return EvalResult(
-        fd=fd,
-        psnr=psnr(samples, reference_images) if reference_images is not None else None,
-        accuracy=class_accuracy(classifier, samples, labels, batch_size) if labels is not None else None,
-        num_samples=num_samples,
-        num_inference_steps=num_inference_steps,
-        seed=seed,
-        scheduler=type(scheduler).__name__,
-        sampling_seconds=round(seconds, 3),
-    )
+    return {
+        "fd": fd,
+        "psnr": psnr(samples, reference_images) if reference_images is not None else None,
+        "accuracy": class_accuracy(classifier, samples, labels, batch_size) if labels is not None else None,
+    }
 
 
 def metric_floor(classifier: nn.Module | None = None) -> MetricFloor:
     """FD of the real test digits against the real train digits, and the classifier's accuracy on the test digits."""
-    classifier = classifier if classifier is not None else _default_classifier()
+    classifier = classifier if classifier is not None else load_digits_classifier()
     test_images, test_labels = load_digits_split("test")
     train_images, _ = load_digits_split("train")
     fd = frechet_distance(classifier_features(classifier, test_images), classifier_features(classifier, train_images))

@@ -1,6 +1,6 @@
 """Sample-quality metrics: PSNR against reference samples, Frechet distance of features, classifier accuracy.
 
-The digits metrics use the small :class:`~diffusers_gac.evaluation.classifier.DigitsClassifier`; for RGB image
+The digits metrics use the small :class:`~diffusers_gac.zoo.DigitsClassifier`; for RGB image
 models, :func:`torchmetrics_fid` and :func:`torchmetrics_inception_score` wrap torchmetrics (the ``eval`` extra).
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import to_unit_range
+from .images import to_unit_range
 
 ArrayLike = torch.Tensor | np.ndarray
 

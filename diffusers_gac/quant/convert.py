@@ -10,13 +10,12 @@ Which layers, at which bits:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from ..config import GACConfig
+from ..config import GACConfig, QuantizedLayout
 from .attention import quantize_attention
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear
 from .quantizers import ActQuantizer, TimestepContext
@@ -61,37 +60,23 @@ def skip_join_splits(model: nn.Module) -> dict[str, int]:
     return splits
 
 
-@dataclass
-class ConversionReport:
-    """Which layers were converted, and how."""
-
-    layers: dict[str, dict] = field(default_factory=dict)  # name -> {"w_bits", "a_bits", "split"}
-    skipped: list[str] = field(default_factory=list)
-    attention: list[str] = field(default_factory=list)  # Attention modules whose matmuls are quantized
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def plan_conversion(model: nn.Module, config: GACConfig) -> ConversionReport:
+def plan_conversion(model: nn.Module, config: GACConfig) -> QuantizedLayout:
     """Decide which layers to convert and how, without touching the model."""
-    report = ConversionReport()
+    report = QuantizedLayout()
     splits = skip_join_splits(model) if config.split_skip_inputs else {}
     for name, module in model.named_modules():
         if type(module) not in QUANT_LAYERS:
             continue
         if _matches(name, config.modules_to_not_convert):
-            report.skipped.append(name)
             continue
         w_bits, a_bits = config.w_bits, config.a_bits
         if is_special_layer(name):
             if config.special_bits is None:
-                report.skipped.append(name)
                 continue
             w_bits = max(w_bits, config.special_bits)
             a_bits = None if a_bits is None else max(a_bits, config.special_bits)
@@ -104,7 +89,7 @@ def plan_conversion(model: nn.Module, config: GACConfig) -> ConversionReport:
     return report
 
 
-def apply_conversion(model: nn.Module, config: GACConfig, plan: ConversionReport) -> None:
+def apply_conversion(model: nn.Module, config: GACConfig, plan: QuantizedLayout) -> None:
     """Replace the planned layers in place by quantized layers (on the layers' device, meta included) and install
     the hook that tells ``timestep``-scheme quantizers the timestep of each sample."""
     for name, spec in plan.layers.items():
@@ -122,7 +107,7 @@ def apply_conversion(model: nn.Module, config: GACConfig, plan: ConversionReport
         attach_timestep_context(model, config.act_timestep_groups)
 
 
-def convert_model(model: nn.Module, config: GACConfig) -> ConversionReport:
+def convert_model(model: nn.Module, config: GACConfig) -> QuantizedLayout:
     """Replace the model's Conv2d/Linear layers in place by quantized layers as the config says."""
     plan = plan_conversion(model, config)
     apply_conversion(model, config, plan)
@@ -131,6 +116,11 @@ def convert_model(model: nn.Module, config: GACConfig) -> ConversionReport:
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+
+
+def float_layers(model: nn.Module) -> list[str]:
+    """Names of the Conv2d/Linear layers still in full precision."""
+    return [n for n, m in model.named_modules() if type(m) in QUANT_LAYERS]
 
 
 def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
@@ -197,3 +187,49 @@ def freeze_model(model: nn.Module) -> None:
     """Harden every layer's rounding into its weight (the model then holds 2^bits-level weights)."""
     for layer in quant_layers(model).values():
         layer.freeze()
+
+
+def requantize(model: nn.Module, config: GACConfig) -> None:
+    """Rebuild a calibrated model's quantized layers from its config, as frozen placeholders whose buffers have the
+    checkpoint's names, shapes and dtypes (on the model's device, meta included), ready for the weights to load."""
+    if config.layout is None or not config.layout.layers:
+        raise ValueError(
+            "this checkpoint's quantization_config has no layout (the list of converted layers), so its quantized "
+            "layers cannot be rebuilt; it was not saved by a model calibrated with diffusers-gac"
+        )
+    apply_conversion(model, config, config.layout)
+    for layer in quant_layers(model).values():
+        layer.make_frozen_placeholder()
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by a plain Conv2d/Linear holding its dequantized weight; activations and
+    attention matmuls go back to full precision, and the quantization config leaves the model's config."""
+    for name, layer in list(quant_layers(model).items()):
+        weight = layer.quantized_weight().detach()
+        if isinstance(layer, nn.Conv2d):
+            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                              padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                              bias=layer.bias is not None, padding_mode=layer.padding_mode, device=weight.device,
+                              dtype=weight.dtype)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+        plain.weight.copy_(weight)
+        if layer.bias is not None:
+            plain.bias.copy_(layer.bias)
+        _set_module(model, name, plain)
+    for module in model.modules():
+        if isinstance(module, Attention) and hasattr(module, "probs_quantizer"):
+            for q in ("q_quantizer", "k_quantizer", "v_quantizer", "probs_quantizer"):
+                delattr(module, q)
+            module.set_processor(AttnProcessor2_0())
+    hook = getattr(model, "_gac_timestep_hook", None)
+    if hook is not None:
+        hook.remove()
+        del model._gac_timestep_hook, model._gac_timestep_context
+    internal = getattr(model, "_internal_dict", None)
+    if internal is not None and "quantization_config" in internal:
+        model._internal_dict = FrozenDict({k: v for k, v in internal.items() if k != "quantization_config"})
+    return model

@@ -9,7 +9,8 @@ import diffusers
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from ..evaluation.classifier import DigitsClassifier
+from .classifier import DigitsClassifier
+from .data import load_digits_split
 
 EMBEDDED_MODELS = {"digits": Path(__file__).parent / "digits"}
 DEFAULT_MODEL = "digits"
@@ -88,9 +89,11 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.dev
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DigitsClassifier",
     "EMBEDDED_MODELS",
     "embedded_model_path",
     "load_digits_classifier",
+    "load_digits_split",
     "load_embedded_scheduler",
     "load_embedded_unet",
     "load_model",

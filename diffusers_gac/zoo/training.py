@@ -20,8 +20,8 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as dlogging
 from tqdm.auto import tqdm
 
-from ..data import IMAGE_SIZE, NUM_CLASSES, load_digits_split
-from ..evaluation.classifier import DigitsClassifier
+from .classifier import DigitsClassifier
+from .data import IMAGE_SIZE, NUM_CLASSES, load_digits_split
 
 logger = dlogging.get_logger(__name__)
 

@@ -46,8 +46,3 @@ def load_digits_split(split: Split = "train") -> tuple[torch.Tensor, torch.Tenso
     images = torch.from_numpy(digits.images[idx].astype(np.float32)) / 16.0 * 2.0 - 1.0
     labels = torch.from_numpy(digits.target[idx].astype(np.int64))
     return images.unsqueeze(1), labels
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """Map model-space images in ``[-1, 1]`` to ``[0, 1]`` (clamped)."""
-    return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
