@@ -27,12 +27,39 @@ def parse_value(text: str):
         return text
 
 
+@torch.no_grad()
+def timestep_importance(denoiser, scheduler, num_inference_steps: int, *, trajectories: int = 32,
+                        scale: float = 0.05, seed: int = 0) -> dict[float, float]:
+    """How much an error in the noise prediction at each sampler step moves the final sample: the mean squared
+    change of the final sample when ``scale * z`` (``z`` a fixed standard normal) is added to the prediction at that
+    step only, divided by ``scale ** 2``, over ``trajectories`` seeded noises. ``{timestep: importance}``."""
+    from diffusers_gac.sampling import denoise, fresh_scheduler, resolve_labels, sample_shape
+
+    generator = torch.Generator().manual_seed(seed)
+    shape = sample_shape(denoiser, trajectories)
+    noise = torch.randn(shape, generator=generator)
+    push = torch.randn(shape, generator=generator) * scale
+    labels = resolve_labels(denoiser, trajectories, None)
+    conditioning = {"class_labels": labels} if labels is not None else None
+    sampler = fresh_scheduler(scheduler)
+
+    def final_sample(perturbed_step):
+        def perturb(step):
+            return step.prediction + push.to(step.prediction) if step.index == perturbed_step else None
+
+        return denoise(denoiser, sampler, noise, num_inference_steps=num_inference_steps, conditioning=conditioning,
+                       on_step=perturb).float()
+
+    base = final_sample(None)
+    steps = [float(t) for t in sampler.timesteps]
+    return {t: ((final_sample(k) - base).pow(2).mean() / scale**2).item() for k, t in enumerate(steps)}
+
+
 def main() -> None:
     from diffusers.utils import logging as dlogging
 
     from diffusers_gac import GACConfig, quantize_model
-    from diffusers_gac.calibration.gac import timestep_importance
-    from diffusers_gac.sampling import balanced_labels, denoise, fresh_scheduler, predict_noise
+    from diffusers_gac.sampling import balanced_labels, denoise, fresh_scheduler
     from diffusers_gac.zoo import load_embedded_scheduler, load_embedded_unet
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,12 +90,11 @@ def main() -> None:
         quantized model's prediction error along it."""
         eps_err = []
 
-        def on_step(k, t, model_input, out):
+        def on_step(step):
             if not quantized_steps:
-                q = predict_noise(quantized, model_input, t, conditioning)
-                eps_err.append((q - out).pow(2).mean().item())
-            if k in quantized_steps:
-                return predict_noise(quantized, model_input, t, conditioning)
+                eps_err.append((step.predict(quantized) - step.prediction).pow(2).mean().item())
+            if step.index in quantized_steps:
+                return step.predict(quantized)
             return None
 
         x = denoise(fp, sampler, noise, num_inference_steps=a.steps, conditioning=conditioning, on_step=on_step)
@@ -77,8 +103,7 @@ def main() -> None:
     reference, eps_err = run(set())
     every, _ = run(set(range(a.steps)))
     share = [(run({k})[0] - reference).pow(2).mean().item() for k in range(a.steps)]
-    importance = timestep_importance(fp, scheduler, a.steps, trajectories=config.gac_importance_trajectories,
-                                     scale=config.gac_importance_scale, seed=a.seed)
+    importance = timestep_importance(fp, scheduler, a.steps, seed=a.seed)
     result = {
         "command": "python benchmarks/gac_step_attribution.py " + " ".join(
             [f"--output {a.output}", f"--seed {a.seed}", f"--steps {a.steps}", f"--num-samples {a.num_samples}"]

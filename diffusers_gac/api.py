@@ -62,9 +62,8 @@ def quantize_model(
     """Quantize ``denoiser`` in place and calibrate it; returns what was done and how long it took.
 
     Calibration data is ``calibration_data`` or is recorded by running ``sampler`` (``run(num_trajectories,
-    seed)``, see ``diffusers_gac.sampling``), or ``scheduler`` for an unconditional or class-conditional denoiser
-    (given both, the sampler records and the scheduler serves ``gac_timestep_importance``). ``weighting`` overrides
-    the strategy named by ``config.weighting``. Afterwards the model saves and loads like one calibrated by
+    seed)``, see ``diffusers_gac.sampling``), or ``scheduler`` for an unconditional or class-conditional denoiser.
+    ``weighting`` overrides the strategy named by ``config.weighting``. Afterwards the model saves and loads like one calibrated by
     ``from_pretrained``.
     """
     if sampler is None and scheduler is not None:
@@ -72,8 +71,8 @@ def quantize_model(
                                     show_progress=show_progress)
     if calibration_data is None and sampler is None:
         raise ValueError("quantize_model needs a scheduler or a sampler to record calibration data, or calibration_data")
-    report = calibrate(denoiser, config, calibration_data=calibration_data, sampler=sampler, scheduler=scheduler,
-                       weighting=weighting or make_weighting(config, scheduler=scheduler), show_progress=show_progress)
+    report = calibrate(denoiser, config, calibration_data=calibration_data, sampler=sampler,
+                       weighting=weighting or make_weighting(config), show_progress=show_progress)
     calibrated = dataclasses.replace(config, layout=report.layout, calibration_inputs=None)
     mark_calibrated(denoiser, calibrated, report.to_dict())
     return report

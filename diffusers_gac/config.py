@@ -28,7 +28,7 @@ class GACQuantizationMethod(str, Enum):
     GAC = "gac"
 
 
-WEIGHTINGS = ("uniform", "gradient_aligned")
+WEIGHTINGS = ("uniform", "gradient_aligned", "fisher")
 RECONSTRUCTIONS = ("adaround", "none")
 ACT_SCHEMES = ("static", "timestep", "dynamic")
 WEIGHT_INITS = ("minmax", "mse")
@@ -150,14 +150,17 @@ class GACConfig(QuantizationConfigMixin):
         weight_init: weight range initialisation, ``"mse"`` (error-minimising search) or ``"minmax"``.
         reconstruction: ``"adaround"`` (learned rounding and activation steps, block by block) or ``"none"``
             (round-to-nearest with calibrated ranges).
-        weighting: how calibration samples are weighted in the reconstruction loss (``"uniform"``).
+        weighting: how calibration samples are weighted in the reconstruction loss: ``"uniform"`` (every sample
+            alike, Q-Diffusion), ``"gradient_aligned"`` (weights learned by GAC, below) or ``"fisher"`` (a fixed
+            per-timestep weighting by the unit's output sensitivity, the non-learned baseline; ``calibration/fisher.py``).
         iters: optimisation steps per unit; batch_size: samples per step.
         lr_round / lr_act: Adam learning rates of the rounding variables and the activation step sizes.
         round_reg_weight: weight of AdaRound's rounding regulariser; round_warmup: fraction of ``iters`` without it.
         seed: seeds every random choice of the calibration.
-    Gradient-aligned weighting (``weighting="gradient_aligned"``, see ``calibration/gac.py``):
-        gac_meta_steps: meta-steps on the sample-weight logits before a unit's reconstruction (then frozen).
-        gac_meta_every: also take a meta-step every this many reconstruction steps (0: weights stay frozen).
+    Gradient-aligned weighting (``weighting="gradient_aligned"``, see ``calibration/gac.py``; ``GACConfig.paper()``
+    gives the paper's formulation):
+        gac_meta_steps: meta-steps on the weight logits before a unit's reconstruction (the paper's order).
+        gac_meta_every: a meta-step every this many reconstruction steps once AdaRound's warm-up is over (0: none).
         gac_meta_lr: Adam learning rate of the weight logits.
         gac_virtual_lr / gac_virtual_step: size and kind (``"normalized"`` or ``"sgd"``) of the virtual update.
         gac_temperature: softmax temperature of the weights.
@@ -174,16 +177,11 @@ class GACConfig(QuantizationConfigMixin):
             full-precision unit output, as the reconstruction loss) or ``"output"`` (the denoiser's output against
             the full-precision denoiser's: the unit's virtually updated output is propagated through the rest of
             the network, later units still in full precision).
-        gac_weight_granularity: ``"sample"`` (one learned logit per calibration sample, as in the paper) or
-            ``"timestep"`` (one logit per sampler step, shared by that step's samples).
-        gac_timestep_importance: ``"none"`` or ``"perturbation"``: the validation error of a sample is weighted by
-            how much a perturbation of the noise prediction at its sampler step moves the final sample, measured
-            once per calibration on the full-precision sampler (needs the scheduler, see ``calibration/gac.py``).
-        gac_importance_prior: start the weight logits at the log of that importance (bounded by
-            ``gac_max_logit``), so that with ``gac_meta_steps=0`` and ``gac_val_fraction=0`` it is a fixed
-            importance weighting with no meta-learning.
-        gac_importance_trajectories / gac_importance_scale: trajectories and perturbation size (relative to the
-            unit-variance noise prediction) of the importance measurement.
+        gac_weight_granularity: ``"timestep"`` (one logit per sampler step, shared by that step's samples) or
+            ``"sample"`` (one logit per calibration sample, as in the paper).
+        gac_val_rounding: rounding of the weights in the validation pass: ``"hard"`` (the final choice, with
+            straight-through gradients: the error reconstruction ends with) or ``"soft"`` (AdaRound's soft rounding,
+            as in the paper).
     Runtime inputs (never saved):
         calibration_inputs: a :class:`CalibrationInputs` (prompt embeddings or a sampler) for denoisers whose
             calibration trajectories ``from_pretrained`` cannot produce by itself (text-conditional ones).
@@ -219,8 +217,8 @@ class GACConfig(QuantizationConfigMixin):
     round_warmup: float = 0.2
     seed: int = 0
     # -- gradient-aligned weighting -------------------------------------------------------------------------------
-    gac_meta_steps: int = 20
-    gac_meta_every: int = 0
+    gac_meta_steps: int = 0
+    gac_meta_every: int = 10
     gac_meta_lr: float = 0.05
     gac_virtual_lr: float = 1e-2
     gac_virtual_step: str = "normalized"
@@ -233,11 +231,8 @@ class GACConfig(QuantizationConfigMixin):
     gac_validation: str = "calibration"
     gac_validation_trajectories: int = 8
     gac_validation_target: str = "unit"
-    gac_weight_granularity: str = "sample"
-    gac_timestep_importance: str = "none"
-    gac_importance_prior: bool = False
-    gac_importance_trajectories: int = 32
-    gac_importance_scale: float = 0.05
+    gac_weight_granularity: str = "timestep"
+    gac_val_rounding: str = "hard"
     # -- runtime inputs and outputs -------------------------------------------------------------------------------
     calibration_inputs: CalibrationInputs | None = field(default=None, repr=False, compare=False)
     layout: QuantizedLayout | None = None
@@ -305,20 +300,24 @@ class GACConfig(QuantizationConfigMixin):
         check_choice("gac_validation", self.gac_validation, ("calibration", "quantized_trajectories"))
         check_positive("gac_validation_trajectories", self.gac_validation_trajectories)
         check_choice("gac_validation_target", self.gac_validation_target, ("unit", "output"))
-        check_choice("gac_weight_granularity", self.gac_weight_granularity, ("sample", "timestep"))
-        check_choice("gac_timestep_importance", self.gac_timestep_importance, ("none", "perturbation"))
-        if type(self.gac_importance_prior) is not bool:
-            raise ValueError(f"gac_importance_prior must be True or False, got {self.gac_importance_prior!r}")
-        if self.gac_importance_prior and self.gac_timestep_importance == "none":
-            raise ValueError("gac_importance_prior=True needs gac_timestep_importance='perturbation'")
-        check_positive("gac_importance_trajectories", self.gac_importance_trajectories)
-        check_positive("gac_importance_scale", self.gac_importance_scale, float)
+        check_choice("gac_weight_granularity", self.gac_weight_granularity, ("timestep", "sample"))
+        check_choice("gac_val_rounding", self.gac_val_rounding, ("hard", "soft"))
         if not isinstance(self.gac_val_fraction, (int, float)) or not 0 <= self.gac_val_fraction < 0.5:
             raise ValueError(f"gac_val_fraction must be a fraction in [0, 0.5), got {self.gac_val_fraction!r}")
         if not isinstance(self.gac_gm_weight, (int, float)) or self.gac_gm_weight < 0:
             raise ValueError(f"gac_gm_weight must be a number >= 0, got {self.gac_gm_weight!r}")
         if self.gac_max_logit is not None:
             check_positive("gac_max_logit", self.gac_max_logit, float)
+
+    @classmethod
+    def paper(cls, **options) -> GACConfig:
+        """GAC as the paper formulates it: one logit per calibration sample, 20 meta-steps before each unit's
+        reconstruction (weights frozen after), soft rounding in the validation pass, gradient matching by cosine
+        over 5 timestep groups, a 5% validation split. ``options`` override or add (``w_bits``, ``a_bits``, ...)."""
+        paper = dict(weighting="gradient_aligned", gac_weight_granularity="sample", gac_meta_steps=20, gac_meta_every=0,
+                     gac_val_rounding="soft", gac_gm_weight=1.0, gac_gm_form="cosine", gac_groups=5,
+                     gac_val_fraction=0.05)
+        return cls(**{**paper, **options})
 
     # -- the three kinds --------------------------------------------------------------------------------------------
     @classmethod

@@ -40,7 +40,7 @@ def is_text_conditional(model: nn.Module) -> bool:
 def calibration_inputs(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """How a model fresh out of ``from_pretrained`` gets its calibration trajectories, as ``calibrate`` keywords:
     ``config.calibration_inputs.sampler``, else the scheduler over its ``prompt_embeds`` (text-conditional), else
-    the scheduler alone (which also serves ``gac_timestep_importance``)."""
+    the scheduler alone."""
     inputs = config.calibration_inputs
     if inputs is not None and inputs.sampler is not None:
         fn = inputs.sampler
@@ -58,5 +58,4 @@ def calibration_inputs(model: nn.Module, config: GACConfig, checkpoint_dir: Path
             "runs your sampling loop; or load the pipeline in full precision and call "
             "diffusers_gac.quantize_pipeline(pipe, config, prompts=[...])."
         )
-    scheduler = find_scheduler(checkpoint_dir)
-    return {"scheduler": scheduler, "sampler": scheduler_sampler(model, scheduler, config.calib_num_inference_steps)}
+    return {"sampler": scheduler_sampler(model, find_scheduler(checkpoint_dir), config.calib_num_inference_steps)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,8 +28,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 Sampler = Callable[[int, int], Any]
-# on_step(step_index, timestep, model_input, noise_prediction) -> noise prediction to use (or None: unchanged)
-StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None]
+
+
+@dataclass
+class DenoiseStep:
+    """What an ``on_step`` hook of :func:`denoise` sees: one step of a batch of trajectories."""
+
+    index: int  # the sampler step, 0 first
+    timestep: torch.Tensor
+    model_input: torch.Tensor  # the scaled noisy input (one copy, before classifier-free guidance doubles it)
+    prediction: torch.Tensor  # the (guided) noise prediction the sampler is about to use
+    conditioning: dict[str, torch.Tensor] | None = None
+    negative_conditioning: dict[str, torch.Tensor] | None = None
+    guidance_scale: float = 1.0
+
+    def predict(self, denoiser: nn.Module) -> torch.Tensor:
+        """Another denoiser's prediction for the same input, conditioning and guidance."""
+        return predict_noise(denoiser, self.model_input, self.timestep, self.conditioning,
+                             self.negative_conditioning, self.guidance_scale)
+
+
+# on_step(step) -> the noise prediction to use instead (or None: unchanged)
+StepHook = Callable[[DenoiseStep], torch.Tensor | None]
 
 
 def num_class_labels(denoiser: nn.Module) -> int | None:
@@ -117,7 +138,7 @@ def denoise(
         model_input = scheduler.scale_model_input(x, t)
         out = predict_noise(denoiser, model_input, t, conditioning, negative_conditioning, guidance_scale)
         if on_step is not None:
-            replaced = on_step(k, t, model_input, out)
+            replaced = on_step(DenoiseStep(k, t, model_input, out, conditioning, negative_conditioning, guidance_scale))
             out = out if replaced is None else replaced
         x = scheduler.step(out, t, x, **(step_kwargs or {})).prev_sample
         if progress is not None:

@@ -22,13 +22,15 @@ def cosine_distance_matrix(vectors: list[torch.Tensor]) -> list[list[float]]:
 
 def gradient_conflict(problem: UnitProblem, num_groups: int, samples_per_group: int = 64,
                       seed: int = 0) -> dict[str, Any]:
-    """Per-timestep-group gradients of the unit's error and their pairwise cosine distances."""
+    """Per-timestep-group gradients of the unit's error on its training samples and their pairwise cosine
+    distances."""
     generator = torch.Generator().manual_seed(seed)
-    groups = contiguous_groups(problem.timesteps, num_groups)
+    train = problem.train_idx if len(problem.train_idx) else torch.arange(problem.num_samples)
+    groups = contiguous_groups(problem.timesteps[train], num_groups)
     out: dict[str, Any] = {"group_timesteps": []}
     grads = {"rounding": [], "steps": []}
     for g in groups.unique():
-        idx = torch.nonzero(groups == g).flatten()
+        idx = train[torch.nonzero(groups == g).flatten()]
         idx = idx[torch.randperm(len(idx), generator=generator)[:samples_per_group]]
         t = problem.timesteps[idx]
         out["group_timesteps"].append([float(t.min()), float(t.max())])

@@ -106,18 +106,17 @@ def calibrate(
     *,
     calibration_data: CalibrationData | None = None,
     sampler: Sampler | None = None,
-    scheduler=None,
     weighting: SampleWeighting | None = None,
     show_progress: bool = True,
 ) -> CalibrationReport:
     """Quantize ``denoiser`` in place and calibrate it: the whole flow, on a plain module.
 
-    Calibration data is ``calibration_data`` or is recorded by running ``sampler``. ``scheduler`` serves strategies
-    that sample (``gac_timestep_importance``); ``weighting`` overrides the strategy ``config.weighting`` names. The
+    Calibration data is ``calibration_data`` or is recorded by running ``sampler``; ``weighting`` overrides the
+    strategy ``config.weighting`` names. The
     returned report carries the layout to save with the model; the model holds frozen quantized layers.
     """
     if calibration_data is None and sampler is None:
-        raise ValueError("calibration needs a sampler (or a scheduler) to record calibration data, or calibration_data")
+        raise ValueError("calibration needs a sampler to record calibration data, or calibration_data")
     seconds: dict[str, float] = {}
     start = time.time()
     if calibration_data is None:
@@ -136,7 +135,7 @@ def calibrate(
         seconds["record_validation"] = round(time.time() - start, 2)
     start = time.time()
     units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting,
-                              validation_data=validation_data, scheduler=scheduler, show_progress=show_progress)
+                              validation_data=validation_data, show_progress=show_progress)
     seconds["reconstruct"] = round(time.time() - start, 2)
     freeze_model(denoiser)
     return CalibrationReport(config=config.options(), layout=layout, skipped_layers=skipped,

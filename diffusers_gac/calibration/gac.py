@@ -1,37 +1,34 @@
-"""Gradient-Aligned Calibration: per-sample weights learned by a meta-gradient (see docs/method.md).
+"""Gradient-Aligned Calibration (GAC): sample weights for block reconstruction, learned by a meta-gradient.
 
-For each unit, before reconstruction (or, with ``gac_meta_every > 0``, also during it):
+Every calibration sample ``i`` of a unit gets a logit ``s``: one per sampler step by default
+(``gac_weight_granularity="timestep"``: a step's samples share it), or one per sample as in the paper
+(``"sample"``). In a reconstruction mini-batch, sample ``i`` weighs ``softmax(s / tau)_i`` over the batch. A share of
+the samples (``gac_val_fraction``, balanced over timesteps) is held out as the validation set; it never trains the
+unit, nor sets its activation ranges. A meta-step moves the logits:
 
-1. split the unit's calibration samples into a training part and a timestep-balanced validation part (or, when
-   the loop offers a separate validation set, e.g. from the quantized model's own trajectories, use that);
-2. weights ``w = softmax(s / tau)`` over the samples of a training mini-batch, logits ``s`` starting equal;
-3. a differentiable virtual update of the unit's quantization parameters theta (AdaRound variables and
-   activation step sizes), ``theta' = theta - eta * d(sum_i w_i l_i)/d theta`` (``gac_virtual_step="sgd"``), or
-   with that gradient divided by its root mean square (``"normalized"``, an Adam-like step whose size does not
-   depend on the loss scale);
-4. the validation objective at theta': ``L_val = mean validation error + gac_gm_weight * L_gm`` where
+1. a training mini-batch that holds every sampler step at least once, and a virtual update of the unit's
+   quantization parameters theta (AdaRound variables, learned activation step sizes) on it:
+   ``theta' = theta - eta * g``, ``g`` the gradient of ``sum_i w_i(s) l_i(theta)``, divided by its root mean square
+   (``gac_virtual_step="normalized"``; ``"sgd"`` uses it raw);
+2. the validation objective at theta', ``L_val = mean_v l_v(theta') + gac_gm_weight * L_gm(theta')`` with
    ``L_gm = - mean over pairs of timestep groups (t, k) of sim(G_t, G_k)``, ``G_t`` the gradient of group t's
-   validation error with respect to the AdaRound variables at theta' (``sim`` is the dot product, as in the
-   paper, or the cosine); ``s`` moves down the exact gradient of ``L_val`` (autograd through the virtual step,
-   Hessian-vector products included), with Adam.
+   validation error with respect to the AdaRound variables at theta' (``sim``: cosine, or the paper's dot product).
+   With ``gac_val_rounding="hard"`` the validation pass rounds the weights as reconstruction will in the end
+   (``h(alpha) >= 0.5``, straight-through gradients), so the objective holds the rounding error that reconstruction
+   fights; ``"soft"`` uses AdaRound's soft rounding, as the paper's meta phase does;
+3. the logits step down the exact gradient of ``L_val`` (autograd through the virtual step, Hessian-vector products
+   included; ``tests/test_gac.py`` checks it against finite differences) with Adam, bounded by ``gac_max_logit``.
 
-Which ``G_t``: the gradient with respect to theta' (not to the sample weights). Everything is differentiated
-exactly; ``tests/test_gac.py`` checks the meta-gradient against finite differences.
+When: ``gac_meta_steps`` meta-steps before the unit's reconstruction (the paper's order: weights then frozen), and
+one every ``gac_meta_every`` reconstruction steps once AdaRound's warm-up is over, when the rounding variables have
+moved and the rounding regulariser starts to bind. The defaults (per-step logits, interleaved meta-steps, hard
+rounding in the validation pass) reach every logit at every meta-step; ``GACConfig.paper(...)`` gives the paper's
+formulation (per-sample logits, 20 meta-steps before reconstruction, soft rounding).
 
-Options beyond the paper (all off by default):
-
-* ``gac_validation_target="output"``: the validation error is the denoiser's output error against the
-  full-precision denoiser on the validation inputs, the unit's parameters replaced by theta' inside the whole
-  network (earlier units quantized, later ones still in full precision), instead of the unit's own error;
-* ``gac_timestep_importance="perturbation"``: each validation sample's error is multiplied by the importance of
-  its sampler step for the final sample (``timestep_importance``), normalised to mean 1 over the calibration set.
-  The measurement needs the scheduler: ``GradientAlignedWeighting(config, scheduler=...)``, passed to
-  ``quantize_model(..., weighting=...)`` or ``reconstruct_model(..., scheduler=...)``;
-* ``gac_importance_prior``: the logits start at the log importance (bounded), a fixed timestep weighting that
-  the meta-steps may then move;
-* ``gac_weight_granularity="timestep"``: one logit per sampler step instead of one per sample. With per-sample
-  logits a meta-step's gradient reaches only the ``batch_size`` samples of its mini-batch, so 20 meta-steps touch
-  each of ~1,600 samples less than once on average; per-step logits are all reached by nearly every meta-step.
+``gac_validation_target="output"`` measures the validation error at the denoiser's output instead of the unit's
+(the unit's virtually updated parameters placed inside the whole network; later units still in full precision).
+``gac_validation="quantized_trajectories"`` takes the validation inputs from the round-to-nearest quantized
+model's own trajectories (a separate set; then every calibration sample trains).
 """
 
 from __future__ import annotations
@@ -44,7 +41,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import GACConfig
-from ..sampling import denoise, fresh_scheduler, resolve_labels, sample_shape
 from .problem import UnitProblem, contiguous_groups, per_sample_error
 from .units import unit_output
 from .weighting import SampleWeighting
@@ -64,47 +60,18 @@ def balanced_validation_split(timesteps: torch.Tensor, fraction: float, generato
     return mask
 
 
-@torch.no_grad()
-def timestep_importance(denoiser: torch.nn.Module, scheduler, num_inference_steps: int, *, trajectories: int = 32,
-                        scale: float = 0.05, seed: int = 0, only: torch.Tensor | None = None) -> dict[float, float]:
-    """How much an error in the noise prediction at each sampler step moves the final sample.
-
-    Runs the sampler (a fresh copy of ``scheduler``, deterministic steps) on ``trajectories`` seeded noises, once
-    unperturbed and once per step ``k`` with ``scale * z`` (``z`` a fixed standard normal) added to the denoiser's
-    output at step ``k``; the importance of step ``k`` is the mean squared change of the final sample divided by
-    ``scale ** 2``. Returns ``{timestep value: importance}``; with ``only`` (the timesteps the calibration data
-    holds), for the sampler steps nearest to those only: the others would cost a sampler run each and go unused.
-    A class-conditional denoiser gets balanced labels.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    shape = sample_shape(denoiser, trajectories)
-    noise = torch.randn(shape, generator=generator)
-    push = torch.randn(shape, generator=generator) * scale
-    labels = resolve_labels(denoiser, trajectories, None)
-    conditioning = {"class_labels": labels} if labels is not None else None
-    sampler = fresh_scheduler(scheduler)
-
-    def final_sample(perturbed_step: int | None) -> torch.Tensor:
-        def perturb(k: int, t, model_input, out: torch.Tensor) -> torch.Tensor | None:
-            return out + push.to(out) if k == perturbed_step else None
-
-        return denoise(denoiser, sampler, noise, num_inference_steps=num_inference_steps, conditioning=conditioning,
-                       on_step=perturb).float()
-
-    base = final_sample(None)
-    steps = [float(t) for t in sampler.timesteps]
-    wanted = set(range(len(steps)))
-    if only is not None:  # the sampler step nearest to each wanted timestep
-        wanted = set((only.double()[:, None] - torch.tensor(steps, dtype=torch.float64)[None]).abs().argmin(1).tolist())
-    return {t: ((final_sample(k) - base).pow(2).mean() / scale**2).item() for k, t in enumerate(steps) if k in wanted}
-
-
-def importance_of(importance: dict[float, float], timesteps: torch.Tensor) -> torch.Tensor:
-    """The importance of every sample's timestep (the nearest measured step), float64."""
-    keys = torch.tensor(sorted(importance), dtype=torch.float64)
-    values = torch.tensor([importance[k] for k in sorted(importance)], dtype=torch.float64)
-    nearest = (timesteps.double()[:, None] - keys[None]).abs().argmin(1)
-    return values[nearest]
+def covering_batch(pool: torch.Tensor, steps: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``max(size, distinct steps)`` indices from ``pool`` holding every distinct value of ``steps[pool]`` at least
+    once (one random sample per step), filled up with random others."""
+    pool_steps = steps[pool]
+    first = []
+    for s in pool_steps.unique():
+        members = pool[pool_steps == s]
+        first.append(members[torch.randint(len(members), (1,), generator=generator)])
+    chosen = torch.cat(first)
+    rest = pool[~torch.isin(pool, chosen)]
+    extra = rest[torch.randperm(len(rest), generator=generator)[: max(0, size - len(chosen))]]
+    return torch.cat([chosen, extra])
 
 
 def _flat(grads) -> torch.Tensor:
@@ -112,31 +79,20 @@ def _flat(grads) -> torch.Tensor:
 
 
 class GradientAlignedWeighting(SampleWeighting):
-    """Learned per-sample weights (see the module docstring); ``uniform`` is the special case of no meta-steps
-    and no validation split."""
+    """Learned sample weights (see the module docstring); with no meta-steps they stay uniform."""
 
     name = "gradient_aligned"
 
-    def __init__(self, config: GACConfig, scheduler=None):
+    def __init__(self, config: GACConfig):
         self.config = config
-        self.scheduler = scheduler  # only for gac_timestep_importance
-        self.generator = torch.Generator().manual_seed(config.seed + 7919)  # never disturbs the loop's sampling
-        self.importance: dict[float, float] | None = None
         self.model: torch.nn.Module | None = None
 
+    # -- once per calibration ---------------------------------------------------------------------------------
     def begin_model(self, model: torch.nn.Module, data, validation_data=None) -> None:
-        """Once per calibration, the model still in full precision: measure the timestep importance and the
-        full-precision denoiser outputs that the options ask for."""
+        """The model still in full precision: keep what the options need (full-precision denoiser outputs)."""
         cfg = self.config
         self.model = model
-        if cfg.gac_timestep_importance == "perturbation":
-            if self.scheduler is None:
-                raise ValueError("gac_timestep_importance='perturbation' needs the scheduler: pass "
-                                 "weighting=GradientAlignedWeighting(config, scheduler=scheduler) to quantize_model")
-            self.importance = timestep_importance(model, self.scheduler, cfg.calib_num_inference_steps,
-                                                  trajectories=cfg.gac_importance_trajectories,
-                                                  scale=cfg.gac_importance_scale, seed=cfg.seed,
-                                                  only=data.timesteps.unique())
+        self.separate_validation = validation_data is not None
         if cfg.gac_validation_target == "output":
             self.output_data = validation_data if validation_data is not None else data
             param = next(model.parameters())
@@ -149,6 +105,11 @@ class GradientAlignedWeighting(SampleWeighting):
                     outs.append(unit_output(model(**call, return_dict=False)).cpu())
             self.output_target = torch.cat(outs)
 
+    def validation_mask(self, timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if getattr(self, "separate_validation", False):  # validation inputs of their own: every sample trains
+            return torch.zeros(len(timesteps), dtype=torch.bool)
+        return balanced_validation_split(timesteps, self.config.gac_val_fraction, generator)
+
     def output_loss(self, problem: UnitProblem):
         """Per-sample validation loss at the denoiser's output, ``params`` standing in for the unit's."""
         model, prefix = self.model, problem.name
@@ -159,19 +120,20 @@ class GradientAlignedWeighting(SampleWeighting):
         def loss(idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
             call = self.output_data.batch(idx, device=param.device, dtype=param.dtype)
             full = {f"{prefix}.{k}": v for k, v in (params or {}).items()}
+            problem.check_names(params or {})
             out = torch.func.functional_call(model, full, (), {**call, "return_dict": False}, strict=False)
             return per_sample_error(unit_output(out), self.output_target[idx].to(param.device))
 
         return loss
 
+    # -- the meta objective -----------------------------------------------------------------------------------
     def sample_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-sample logits from the learned ones (identity, or per-timestep logits expanded)."""
+        """Per-sample logits from the learned ones (identity, or per-step logits expanded)."""
         return logits if self.config.gac_weight_granularity == "sample" else logits[self.sample_step]
 
-    # -- the meta objective ---------------------------------------------------------------------------------
     def meta_objective(self, logits: torch.Tensor, train_idx: torch.Tensor, val_idx: torch.Tensor,
                        problem: UnitProblem | None = None) -> torch.Tensor:
-        """``L_val(s)`` for one training and one validation mini-batch, differentiable in ``logits``."""
+        """``L_val(s)`` for one training and one validation batch, differentiable in ``logits``."""
         # double backward: fused attention kernels have no second derivative, the math kernel has
         with sdpa_kernel(SDPBackend.MATH):
             return self._meta_objective(logits, train_idx, val_idx, problem or self.problem)
@@ -189,12 +151,11 @@ class GradientAlignedWeighting(SampleWeighting):
             rms = _flat(grads).pow(2).mean().add(1e-24).sqrt()
             grads = [g / rms for g in grads]
         virtual = {n: p - cfg.gac_virtual_lr * g for n, p, g in zip(names, theta, grads)}
-        val_loss = self.val_loss_fn(val_idx, params=virtual)
-        if self.val_factor is not None:
-            val_loss = val_loss * self.val_factor[val_idx].to(val_loss)
-        objective = val_loss.mean()
-        if cfg.gac_gm_weight > 0:
-            objective = objective + cfg.gac_gm_weight * self.gradient_matching(val_loss, val_idx, virtual, problem)
+        with problem.rounding(cfg.gac_val_rounding):
+            val_loss = self.val_loss_fn(val_idx, params=virtual)
+            objective = val_loss.mean()
+            if cfg.gac_gm_weight > 0:
+                objective = objective + cfg.gac_gm_weight * self.gradient_matching(val_loss, val_idx, virtual, problem)
         return objective
 
     def gradient_matching(self, val_loss: torch.Tensor, val_idx: torch.Tensor, virtual: dict[str, torch.Tensor],
@@ -217,83 +178,75 @@ class GradientAlignedWeighting(SampleWeighting):
             sims.append(sim)
         return -torch.stack(sims).mean()
 
-    # -- the strategy ---------------------------------------------------------------------------------------
+    # -- the strategy -----------------------------------------------------------------------------------------
     def begin_unit(self, problem: UnitProblem) -> None:
         cfg = self.config
         self.problem = problem
-        if problem.validation_loss is not None:  # a separate validation set: every calibration sample trains
-            self.val_mask = torch.zeros(problem.num_samples, dtype=torch.bool)
+        self.generator = torch.Generator().manual_seed(problem.seed + 7919)  # never disturbs the loop's sampling
+        if problem.validation_loss is not None:  # a separate validation set
             self.val_idx = torch.arange(len(problem.validation_timesteps))
             self.val_groups = contiguous_groups(problem.validation_timesteps, cfg.gac_groups)
+            self.val_loss_fn = problem.validation_loss
         else:
-            self.val_mask = balanced_validation_split(problem.timesteps, cfg.gac_val_fraction, self.generator)
-            self.val_idx = torch.nonzero(self.val_mask).flatten()
+            self.val_idx = problem.val_idx
             self.val_groups = contiguous_groups(problem.timesteps, cfg.gac_groups)
-        self.train_idx = torch.nonzero(~self.val_mask).flatten()
-        val_timesteps = problem.timesteps if problem.validation_loss is None else problem.validation_timesteps
-        self.val_loss_fn = problem.validation_loss or problem.per_sample_loss
+            self.val_loss_fn = problem.per_sample_loss
         if cfg.gac_validation_target == "output":
             self.val_loss_fn = self.output_loss(problem)
-        self.val_factor = None
-        if cfg.gac_timestep_importance != "none":
-            if self.importance is None:
-                raise RuntimeError("gac_timestep_importance needs begin_model(model, data) before begin_unit")
-            scale = importance_of(self.importance, problem.timesteps).mean().clamp_min(1e-30)
-            self.val_factor = (importance_of(self.importance, val_timesteps) / scale).float()
         steps, self.sample_step = problem.timesteps.unique(sorted=True, return_inverse=True)
         size = problem.num_samples if cfg.gac_weight_granularity == "sample" else len(steps)
-        self.logits = torch.zeros(size)
-        if cfg.gac_importance_prior:
-            log_imp = importance_of(self.importance, problem.timesteps if size == problem.num_samples else steps)
-            # weights proportional to the importance; with bounded logits the most important step sits at the upper
-            # bound and a step less than e^(-2 bound / tau) times as important gets that floor
-            log_imp = (log_imp.clamp_min(1e-12).log() - log_imp.max().clamp_min(1e-12).log()) * cfg.gac_temperature
-            if cfg.gac_max_logit is not None:
-                log_imp = (log_imp + cfg.gac_max_logit).clamp_min(-cfg.gac_max_logit)
-            self.logits = log_imp.float()
-        self.logits.requires_grad_(True)
+        self.logits = torch.zeros(size, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.logits], lr=cfg.gac_meta_lr)
         self.trace: list[float] = []
+        self.updates = torch.zeros(size, dtype=torch.long)  # meta-steps whose gradient reached each logit
+        self.meta_start = math.ceil(cfg.round_warmup * cfg.iters)
         for _ in range(cfg.gac_meta_steps if len(self.val_idx) else 0):
             self.meta_step()
 
     def meta_step(self) -> None:
         cfg = self.config
-        b = min(cfg.batch_size, len(self.train_idx))
-        train = self.train_idx[torch.randperm(len(self.train_idx), generator=self.generator)[:b]]
-        val = self.val_idx[torch.randperm(len(self.val_idx), generator=self.generator)[: max(b, 2 * cfg.gac_groups)]]
-        objective = self.meta_objective(self.logits, train, val)  # on the math attention kernel, see there
+        train = covering_batch(self.problem.train_idx, self.sample_step, cfg.batch_size, self.generator)
+        val = self.val_idx
+        if len(val) > 4 * cfg.batch_size:  # a large separate validation set: a covering subset per meta-step
+            val = covering_batch(val, self.val_groups, 4 * cfg.batch_size, self.generator)
+        objective = self.meta_objective(self.logits, train, val)
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward(inputs=[self.logits])
+        self.updates += (self.logits.grad != 0).long()
         self.optimizer.step()
         if cfg.gac_max_logit is not None:  # bounded weights: no sample outweighs another by more than e^(2 bound / tau)
             with torch.no_grad():
                 self.logits.clamp_(-cfg.gac_max_logit, cfg.gac_max_logit)
         self.trace.append(objective.item())
 
-    def batch_weights(self, indices: torch.Tensor, step: int) -> torch.Tensor:
+    def before_step(self, step: int) -> None:
         every = self.config.gac_meta_every
-        if every and step and step % every == 0 and len(self.val_idx):
+        if every and step >= self.meta_start and (step - self.meta_start) % every == 0 and len(self.val_idx):
             self.meta_step()
+
+    def batch_weights(self, indices: torch.Tensor, step: int) -> torch.Tensor:
         logits = self.sample_logits(self.logits.detach())[indices] / self.config.gac_temperature
-        logits = logits.masked_fill(self.val_mask[indices], -math.inf)  # validation samples never train
-        if torch.isinf(logits).all():
-            return torch.full((len(indices),), 1.0 / len(indices))
         return torch.softmax(logits, dim=0)
 
     def learned_weights(self) -> torch.Tensor:
-        """Normalised weight of every calibration sample (0 for validation samples)."""
-        logits = (self.sample_logits(self.logits.detach()) / self.config.gac_temperature).masked_fill(self.val_mask, -math.inf)
-        return torch.softmax(logits, dim=0)
+        """Normalised weight of every training sample (a batch holding all of them), 0 for validation samples."""
+        w = torch.zeros(self.problem.num_samples)
+        train = self.problem.train_idx
+        w[train] = torch.softmax(self.sample_logits(self.logits.detach())[train] / self.config.gac_temperature, 0)
+        return w
 
     def end_unit(self) -> dict[str, Any]:
         w = self.learned_weights()
         timesteps = self.problem.timesteps
         mass = {int(t): w[timesteps == t].sum().item() for t in timesteps.unique()}
-        train_w = w[self.train_idx]
+        train_w = w[self.problem.train_idx]
         ess = (train_w.sum() ** 2 / train_w.pow(2).sum()).item() / max(1, len(train_w))
-        out = {"meta_objective": self.trace, "weight_mass_per_timestep": mass, "effective_sample_fraction": ess,
-               "validation_samples": len(self.val_idx)}
-        if self.importance is not None:
-            out["timestep_importance"] = self.importance
-        return out
+        return {
+            "meta_objective": self.trace,
+            "weight_mass_per_timestep": mass,
+            "effective_sample_fraction": ess,
+            "max_min_weight_ratio": (train_w.max() / train_w.min()).item(),
+            "logit_updates": {"min": int(self.updates.min()), "mean": float(self.updates.float().mean()),
+                              "max": int(self.updates.max()), "logits": len(self.updates)},
+            "validation_samples": len(self.val_idx),
+        }

@@ -4,7 +4,8 @@ per-sample reconstruction error, timestep groups, and ``UnitProblem`` (what a st
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,8 +38,11 @@ class UnitProblem:
     """What a weighting strategy may use about the unit being reconstructed.
 
     ``per_sample_loss(indices, params=None)`` runs the unit on the given calibration samples and returns their
-    reconstruction errors, shape ``(len(indices),)``; ``params`` (names relative to ``module``) stand in for the
-    unit's current quantization parameters, so a strategy can evaluate a virtual update differentiably.
+    reconstruction errors, shape ``(len(indices),)``; ``params`` (names relative to ``module``, checked by
+    ``check_names``) stand in for the unit's current quantization parameters, so a strategy can evaluate a virtual
+    update differentiably. ``train_idx``/``val_idx`` split the samples into those the unit trains on and those the
+    strategy held out; ``rounding(mode)`` is a context manager under which the weights are rounded ``"hard"`` (the
+    final choice, straight-through gradients) or ``"soft"``. ``seed`` seeds the strategy's draws for this unit.
     """
 
     name: str
@@ -47,6 +51,11 @@ class UnitProblem:
     step_params: dict[str, torch.Tensor]  # learned activation step sizes
     timesteps: torch.Tensor  # (num_samples,) timestep of every calibration sample
     per_sample_loss: Callable[..., torch.Tensor]
+    train_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    val_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    seed: int = 0
+    check_names: Callable[[dict[str, torch.Tensor]], None] = lambda params: None
+    rounding: Callable[[str], AbstractContextManager] = lambda mode: nullcontext()
     # a separate validation set (same signature), e.g. inputs from the quantized model's own trajectories
     validation_loss: Callable[..., torch.Tensor] | None = None
     validation_timesteps: torch.Tensor | None = None

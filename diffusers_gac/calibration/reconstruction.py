@@ -2,8 +2,10 @@
 
 For unit ``k`` the inputs come from the model with units ``< k`` already quantized, the targets from the
 full-precision model; the loss is ``sum_i w_i * l_i`` with ``l_i`` the squared error summed over channels and
-averaged over positions, and ``w`` from a ``SampleWeighting`` strategy. State is explicit per unit
-(``UnitReport``) and calibration samples are read by index, so the loop can be sharded or resumed later.
+averaged over positions, and ``w`` from a ``SampleWeighting`` strategy. The strategy may hold some samples out as
+its validation set: they never train the unit nor set its activation ranges, and the unit's error is reported on
+both parts. Every random draw of a unit comes from a generator seeded by the calibration seed and the unit's index,
+so a unit's result does not depend on how the units before it were reached (a resumed run ends the same).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..sampling import progress_bar
 from .data import CalibrationData
 from .diagnostics import gradient_conflict
+from .fisher import FisherWeighting
 from .gac import GradientAlignedWeighting
 from .problem import UnitProblem, per_sample_error
 from .units import (
@@ -37,7 +40,7 @@ from .weighting import SampleWeighting, UniformWeighting
 
 logger = logging.get_logger(__name__)
 
-EVAL_SAMPLES = 256  # fixed subset on which a unit's error is reported before and after reconstruction
+EVAL_SAMPLES = 256  # subset of the training samples on which a unit's error is reported before and after
 
 
 def rounding_beta(step: int, iters: int, warmup: float, start: float = 20.0, end: float = 2.0) -> float | None:
@@ -49,15 +52,22 @@ def rounding_beta(step: int, iters: int, warmup: float, start: float = 20.0, end
     return end + (start - end) * max(0.0, 1.0 - progress)
 
 
+def unit_seed(seed: int, index: int) -> int:
+    """The seed of unit ``index``'s random draws: independent of what the units before it drew."""
+    return (seed * 1_000_003 + 7_919 * (index + 1)) % (2**63 - 1)
+
+
 @dataclass
 class UnitReport:
     name: str
     kind: str
     layers: int
-    loss_before: float
+    loss_before: float  # mean error on (a subset of) the training samples
     loss_after: float
     seconds: float
     weighting: dict[str, Any] = field(default_factory=dict)
+    val_loss_before: float | None = None  # on the strategy's held-out validation samples, if any
+    val_loss_after: float | None = None
 
 
 def _model_calls(data: CalibrationData, batch_size: int, device, dtype) -> Iterator[tuple[dict[str, Any], int]]:
@@ -70,11 +80,20 @@ class UnitReconstruction:
     """Calibration of one unit; holds its cached inputs, targets and the strategy's view of it."""
 
     def __init__(self, model: nn.Module, unit: Unit, cache: UnitCache, timesteps: torch.Tensor, config: GACConfig,
-                 device, dtype, generator: torch.Generator):
+                 device, dtype, seed: int):
         self.model, self.unit, self.cache, self.config = model, unit, cache, config
-        self.timesteps, self.device, self.dtype, self.generator = timesteps, device, dtype, generator
+        self.timesteps, self.device, self.dtype, self.seed = timesteps, device, dtype, seed
+        self.generator = torch.Generator().manual_seed(seed)
         self.context = getattr(model, "_gac_timestep_context", None)
         self.validation: UnitReconstruction | None = None  # a separate validation set, when one is given
+
+    def check_names(self, params: dict[str, torch.Tensor]) -> None:
+        """A stand-in for a name the unit does not have would be ignored silently: refuse it."""
+        module = self.unit.module
+        names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise KeyError(f"{self.unit.name} has no parameter or buffer named {unknown}")
 
     def run(self, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The unit's output for calibration samples ``idx`` (on the compute device); ``params`` replaces some of
@@ -84,27 +103,30 @@ class UnitReconstruction:
         args, kwargs = self.cache.call_inputs(idx, self.device, self.dtype)
         if params is None:
             return unit_output(self.unit.module(*args, **kwargs))
+        self.check_names(params)
         return unit_output(torch.func.functional_call(self.unit.module, params, tuple(args), kwargs, strict=False))
 
     def per_sample_loss(self, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return per_sample_error(self.run(idx, params), self.cache.target[idx].to(self.device))
 
     @torch.no_grad()
-    def mean_loss(self, idx: torch.Tensor) -> float:
+    def mean_loss(self, idx: torch.Tensor) -> float | None:
+        if not len(idx):
+            return None
         bs = max(self.config.batch_size, 64)
         return torch.cat([self.per_sample_loss(idx[i : i + bs]) for i in range(0, len(idx), bs)]).mean().item()
 
     @torch.no_grad()
-    def init_activation_ranges(self) -> None:
+    def init_activation_ranges(self, idx: torch.Tensor) -> None:
+        """Set the unit's activation ranges from the inputs of samples ``idx`` (the training samples)."""
         quantizers = act_quantizers(self.unit.module)
         if not quantizers:
             return
         for q in quantizers:
             q.start_observing()
-        n = len(self.cache)
         bs = max(self.config.batch_size, 64)
-        for i in range(0, n, bs):
-            self.run(torch.arange(i, min(i + bs, n)))
+        for i in range(0, len(idx), bs):
+            self.run(idx[i : i + bs])
         for q in quantizers:
             q.finish_observing()
 
@@ -121,22 +143,30 @@ class UnitReconstruction:
                 steps[f"{name}.scale"] = q.scale
         return rounding, steps
 
-    def optimise(self, weighting: SampleWeighting) -> dict[str, Any]:
+    def rounding(self, mode: str):
+        """Context manager: the unit's weights rounded by ``mode`` (``"soft"`` learned rounding, ``"hard"`` the final
+        choice with straight-through gradients) for the duration."""
+        return _RoundingMode([l.weight_quantizer for l in self.unit.layers.values()], mode)
+
+    def optimise(self, weighting: SampleWeighting, train_idx: torch.Tensor, val_idx: torch.Tensor) -> dict[str, Any]:
         cfg = self.config
         rounding, steps = self.trainable_params()
         groups = [{"params": list(rounding.values()), "lr": cfg.lr_round}]
         if steps:
             groups.append({"params": list(steps.values()), "lr": cfg.lr_act})
         opt = torch.optim.Adam(groups)
-        problem = UnitProblem(self.unit.name, self.unit.module, rounding, steps, self.timesteps, self.per_sample_loss)
+        problem = UnitProblem(self.unit.name, self.unit.module, rounding, steps, self.timesteps, self.per_sample_loss,
+                              train_idx=train_idx, val_idx=val_idx, seed=self.seed, check_names=self.check_names,
+                              rounding=self.rounding)
         if self.validation is not None:
             problem.validation_loss = self.validation.per_sample_loss
             problem.validation_timesteps = self.validation.timesteps
-        conflict_before = gradient_conflict(problem, cfg.gac_groups, seed=cfg.seed)
+        conflict_before = gradient_conflict(problem, cfg.gac_groups, seed=self.seed)
         weighting.begin_unit(problem)
-        n = len(self.cache)
+        batch = min(cfg.batch_size, len(train_idx))
         for step in range(cfg.iters):
-            idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=self.generator)
+            weighting.before_step(step)
+            idx = train_idx[torch.randint(0, len(train_idx), (batch,), generator=self.generator)]
             weights = weighting.batch_weights(idx, step).to(self.device)
             loss = (weights * self.per_sample_loss(idx)).sum()
             beta = rounding_beta(step, cfg.iters, cfg.round_warmup)
@@ -146,7 +176,7 @@ class UnitReconstruction:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        conflict_after = gradient_conflict(problem, cfg.gac_groups, seed=cfg.seed)
+        conflict_after = gradient_conflict(problem, cfg.gac_groups, seed=self.seed)
         for layer in self.unit.layers.values():
             layer.weight_quantizer.rounding = "hard"
         for p in steps.values():
@@ -154,11 +184,27 @@ class UnitReconstruction:
         return {**weighting.end_unit(), "conflict_before": conflict_before, "conflict_after": conflict_after}
 
 
-def make_weighting(config: GACConfig, scheduler: Any = None) -> SampleWeighting:
-    """The strategy ``config.weighting`` names (``scheduler``: for strategies that sample, see ``gac.py``)."""
-    if config.weighting == "gradient_aligned":
-        return GradientAlignedWeighting(config, scheduler=scheduler)
-    return UniformWeighting(config)
+class _RoundingMode:
+    def __init__(self, quantizers: list[WeightQuantizer], mode: str):
+        self.quantizers, self.mode = quantizers, {"soft": "learned", "hard": "hard_ste"}[mode]
+
+    def __enter__(self):
+        self.saved = [q.rounding for q in self.quantizers]
+        for q in self.quantizers:
+            if q.rounding == "learned":
+                q.rounding = self.mode
+        return self
+
+    def __exit__(self, *exc):
+        for q, mode in zip(self.quantizers, self.saved):
+            q.rounding = mode
+        return False
+
+
+def make_weighting(config: GACConfig) -> SampleWeighting:
+    """The strategy ``config.weighting`` names."""
+    strategies = {"uniform": UniformWeighting, "gradient_aligned": GradientAlignedWeighting, "fisher": FisherWeighting}
+    return strategies[config.weighting](config)
 
 
 def reconstruct_model(
@@ -168,7 +214,6 @@ def reconstruct_model(
     *,
     weighting: SampleWeighting | None = None,
     validation_data: CalibrationData | None = None,
-    scheduler: Any = None,
     show_progress: bool = True,
 ) -> list[UnitReport]:
     """Calibrate a converted model unit by unit on ``data``; returns one report per unit.
@@ -176,13 +221,10 @@ def reconstruct_model(
     ``config.reconstruction == "none"`` only sets activation ranges (round-to-nearest weights).
     ``validation_data`` (optional) is a second set of denoiser inputs whose unit inputs and full-precision
     targets are captured like the training ones and offered to the weighting strategy as its validation set.
-    ``scheduler`` (optional) is handed to the strategy ``config.weighting`` names when ``weighting`` is not given
-    (``gac_timestep_importance`` samples with it).
     """
-    weighting = weighting or make_weighting(config, scheduler=scheduler)
+    weighting = weighting or make_weighting(config)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    generator = torch.Generator().manual_seed(config.seed)
     for p in model.parameters():
         p.requires_grad_(False)
     was_training = model.training
@@ -190,28 +232,31 @@ def reconstruct_model(
     set_quant_state(model, weights=False, acts=False)
     units = find_units(model, data.batch(torch.arange(min(2, len(data))), device=device, dtype=dtype))
     weighting.begin_model(model, data, validation_data)
-    eval_idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))[:EVAL_SAMPLES]
     timesteps = data.timesteps
     capture_bs = max(config.batch_size, 64)
     reports: list[UnitReport] = []
     progress = progress_bar(len(units), "calibrating units", show_progress)
-    for unit in units:
+    for index, unit in enumerate(units):
         start = time.time()
+        seed = unit_seed(config.seed, index)
         cache = capture_unit_cache(model, unit, data, capture_bs, device, dtype)
         set_quant_state(unit.module, weights=True, acts=False)
-        job = UnitReconstruction(model, unit, cache, timesteps, config, device, dtype, generator)
+        job = UnitReconstruction(model, unit, cache, timesteps, config, device, dtype, seed)
         if validation_data is not None:
             job.validation = UnitReconstruction(model, unit, capture_unit_cache(model, unit, validation_data, capture_bs,
-                                                device, dtype), validation_data.timesteps, config, device, dtype, generator)
-        job.init_activation_ranges()
+                                                device, dtype), validation_data.timesteps, config, device, dtype, seed)
+        held_out = weighting.validation_mask(timesteps, torch.Generator().manual_seed(seed + 1))
+        train_idx, val_idx = torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
+        job.init_activation_ranges(train_idx)
         set_quant_state(unit.module, weights=True, acts=True)
-        before = job.mean_loss(eval_idx)
-        diagnostics = job.optimise(weighting) if config.reconstruction == "adaround" else {}
-        after = job.mean_loss(eval_idx)
-        report = UnitReport(unit.name, type(unit.module).__name__, len(unit.layers), before, after,
-                            round(time.time() - start, 2), diagnostics)
+        eval_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 2))]
+        eval_idx = eval_idx[:EVAL_SAMPLES]
+        before, val_before = job.mean_loss(eval_idx), job.mean_loss(val_idx)
+        diagnostics = job.optimise(weighting, train_idx, val_idx) if config.reconstruction == "adaround" else {}
+        report = UnitReport(unit.name, type(unit.module).__name__, len(unit.layers), before, job.mean_loss(eval_idx),
+                            round(time.time() - start, 2), diagnostics, val_before, job.mean_loss(val_idx))
         reports.append(report)
-        logger.info(f"{unit.name}: error {before:.4g} -> {after:.4g} ({report.seconds:.1f}s)")
+        logger.info(f"{unit.name}: error {report.loss_before:.4g} -> {report.loss_after:.4g} ({report.seconds:.1f}s)")
         del cache, job
         progress.update(1)
     progress.close()

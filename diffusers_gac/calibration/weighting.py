@@ -26,8 +26,15 @@ class SampleWeighting:
         """Called once before the first unit, the converted model still running in full precision, with the
         calibration data (and the separate validation data, if any)."""
 
+    def validation_mask(self, timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Samples (of one unit, by timestep) held out of training as the strategy's validation set: none."""
+        return torch.zeros(len(timesteps), dtype=torch.bool)
+
     def begin_unit(self, problem: UnitProblem) -> None:
         """Called before a unit's reconstruction starts (a learned strategy fits its weights here)."""
+
+    def before_step(self, step: int) -> None:
+        """Called before every reconstruction step (a learned strategy may update its weights here)."""
 
     def batch_weights(self, indices: torch.Tensor, step: int) -> torch.Tensor:
         raise NotImplementedError

@@ -1,7 +1,16 @@
 """Seeded sampling and the metrics that compare a (quantized) denoiser with its full-precision reference."""
 
 from ..sampling import balanced_labels, num_class_labels, sample_images
-from .evaluate import EvalResult, MetricFloor, evaluate_denoiser, format_mean_std, metric_floor, summarize
+from .evaluate import (
+    EvalResult,
+    MetricFloor,
+    evaluate_denoiser,
+    format_mean_std,
+    metric_floor,
+    score_samples,
+    summarize,
+    trajectory_error,
+)
 from .images import image_grid, to_unit_range
 from .metrics import (
     class_accuracy,
@@ -26,8 +35,10 @@ __all__ = [
     "num_class_labels",
     "psnr",
     "sample_images",
+    "score_samples",
     "summarize",
     "to_unit_range",
     "torchmetrics_fid",
     "torchmetrics_inception_score",
+    "trajectory_error",
 ]

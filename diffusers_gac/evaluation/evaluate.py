@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +23,9 @@ from .metrics import class_accuracy, classifier_features, frechet_distance, psnr
 
 @dataclass
 class EvalResult:
-    """Metrics of one sampling run. ``psnr`` is ``None`` without a reference (``inf`` for identical samples);
-    ``accuracy`` is ``None`` for an unconditional model."""
+    """Metrics of one sampling run. ``psnr`` (mean over images) and ``mse`` (mean squared difference per pixel, in
+    model space) compare with the reference samples and are ``None`` without one (``psnr`` is ``inf`` for identical
+    samples); ``accuracy`` is ``None`` for an unconditional model."""
 
     fd: float
     psnr: float | None
@@ -33,6 +35,7 @@ class EvalResult:
     seed: int
     scheduler: str
     sampling_seconds: float
+    mse: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,11 +120,35 @@ def score_samples(samples: torch.Tensor, labels: torch.Tensor | None, *, referen
     fd = frechet_distance(
         classifier_features(classifier, samples, batch_size), classifier_features(classifier, real_images, batch_size)
     )
+    compared = reference_images is not None
     return {
         "fd": fd,
-        "psnr": psnr(samples, reference_images) if reference_images is not None else None,
+        "psnr": psnr(samples, reference_images) if compared else None,
+        "mse": (samples - reference_images.clamp(-1, 1)).pow(2).mean().item() if compared else None,
         "accuracy": class_accuracy(classifier, samples, labels, batch_size) if labels is not None else None,
     }
+
+
+@torch.no_grad()
+def trajectory_error(unet: nn.Module, reference_unet: nn.Module, scheduler, num_samples: int, *,
+                     num_inference_steps: int = 25, seed: int = 0, batch_size: int = 256,
+                     show_progress: bool = False) -> dict[str, Any]:
+    """The denoiser's noise-prediction error against the reference's along the reference's own trajectories.
+
+    The reference samples as :func:`sample_images` would (same seed, labels, noise); at every step ``unet`` predicts
+    for the same input. Returns ``{"mse": mean squared difference over steps, samples and values, "per_step": [one
+    value per sampler step]}``. Far steadier than sample metrics: no error compounds along a trajectory of its own.
+    """
+    sums = torch.zeros(num_inference_steps, dtype=torch.float64)
+
+    def compare(step):
+        error = (step.predict(unet) - step.prediction).double().pow(2)
+        sums[step.index] += error.flatten(1).mean(1).sum().cpu()
+
+    sample_images(reference_unet, scheduler, num_samples, num_inference_steps=num_inference_steps, seed=seed,
+                  batch_size=batch_size, on_step=compare, show_progress=show_progress)
+    per_step = (sums / num_samples).tolist()
+    return {"mse": sum(per_step) / len(per_step), "per_step": per_step}
 
 
 def metric_floor(classifier: nn.Module | None = None) -> MetricFloor:
@@ -141,14 +168,14 @@ def metric_floor(classifier: nn.Module | None = None) -> MetricFloor:
 def summarize(results: Sequence[EvalResult]) -> dict:
     """Mean and sample standard deviation of each metric over runs (seeds) of one model.
 
-    Returns ``fd``, ``psnr``, ``accuracy`` (means) with ``fd_std``, ``psnr_std``, ``accuracy_std`` (``None`` for a
-    single run), plus ``seeds``, ``num_samples`` and ``num_inference_steps``. A metric that is ``None`` in the runs
+    Returns ``fd``, ``psnr``, ``mse``, ``accuracy`` (means) with ``fd_std``, ``psnr_std``, ``mse_std``,
+    ``accuracy_std`` (``None`` for a single run), plus ``seeds``, ``num_samples`` and ``num_inference_steps``. A metric that is ``None`` in the runs
     stays ``None``; an infinite PSNR (identical samples) has mean ``inf`` and std ``0.0``.
     """
     if not results:
         raise ValueError("summarize needs at least one EvalResult")
     summary: dict = {}
-    for key in ("fd", "psnr", "accuracy"):
+    for key in ("fd", "psnr", "mse", "accuracy"):
         values = [getattr(r, key) for r in results]
         if any(v is None for v in values):
             summary[key], summary[f"{key}_std"] = None, None

@@ -21,7 +21,7 @@ from ..config import ACT_SCHEMES, WEIGHT_INITS, check_bits, check_choice
 
 WeightInit = Literal["minmax", "mse"]
 ActScheme = Literal["static", "timestep", "dynamic"]
-RoundingMode = Literal["nearest", "learned", "hard"]
+RoundingMode = Literal["nearest", "learned", "hard", "hard_ste"]
 
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
 ZETA, GAMMA = 1.1, -0.1
@@ -73,8 +73,9 @@ class WeightQuantizer(nn.Module):
     """Per-output-channel uniform affine weight quantizer with optional learned rounding (AdaRound).
 
     ``rounding`` is ``"nearest"`` (round-to-nearest), ``"learned"`` (soft rounding ``floor + h(alpha)``, used while
-    calibrating) or ``"hard"`` (``floor + 1[h(alpha) >= 0.5]``, the choice learned). ``harden()`` bakes the hard
-    choice into integer codes and drops ``alpha``.
+    calibrating), ``"hard"`` (``floor + 1[h(alpha) >= 0.5]``, the choice learned) or ``"hard_ste"`` (the hard choice
+    in the forward pass, the soft rounding's gradient in the backward pass: the error reconstruction ends with, with
+    gradients to learn from). ``harden()`` bakes the hard choice into integer codes and drops ``alpha``.
     """
 
     def __init__(self, weight_shape: torch.Size | tuple[int, ...], bits: int, init: WeightInit = "mse"):
@@ -125,6 +126,9 @@ class WeightQuantizer(nn.Module):
             q = torch.round(w)
         elif self.rounding == "learned":
             q = torch.floor(w) + self.soft_rounding()
+        elif self.rounding == "hard_ste":
+            soft = self.soft_rounding()
+            q = torch.floor(w) + soft + ((self.alpha >= 0).to(w.dtype) - soft).detach()
         else:
             q = torch.floor(w) + (self.alpha >= 0).to(w.dtype)
         return torch.clamp(q + self.zero_point, 0, self.qmax)
@@ -182,9 +186,10 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         per_sample = x.detach().float().reshape(x.shape[0], -1)
-        # keep a bounded random subset of each sample's values; the MSE search runs on these
+        # keep a bounded, evenly strided subset of each sample's values (no random draw: the same data gives the
+        # same range in any process); the MSE search runs on these and on each sample's extremes
         keep = min(per_sample.shape[1], 512)
-        idx = torch.randint(0, per_sample.shape[1], (keep,), device=x.device)
+        idx = torch.linspace(0, per_sample.shape[1] - 1, keep, device=x.device).round().long()
         values = torch.cat([per_sample[:, idx], per_sample.min(1, keepdim=True).values, per_sample.max(1, keepdim=True).values], 1)
         groups = self._sample_groups(x.shape[0], x.device)
         for g in range(len(self._observed)):

@@ -44,6 +44,19 @@ def load_digits_classifier(name: str = DEFAULT_MODEL) -> DigitsClassifier:
     return DigitsClassifier.from_pretrained(embedded_model_path(name) / "classifier")
 
 
+def load_feature_network(name: str = DEFAULT_MODEL) -> torch.nn.Module:
+    """The network whose features define an embedded model's Frechet distance (``features(x)``) and, for a
+    class-conditional model, its class accuracy (``forward(x)``)."""
+    embedded_model_path(name)
+    return load_digits_classifier(name)
+
+
+def load_real_images(name: str = DEFAULT_MODEL, split: str = "test") -> torch.Tensor:
+    """Real images of an embedded model's data (model space, ``[-1, 1]``): ``"test"`` is what FD compares with."""
+    embedded_model_path(name)
+    return load_digits_split(split)[0]
+
+
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """Folder of a model given as an embedded name (``"digits"``) or a path.
 
@@ -96,6 +109,8 @@ __all__ = [
     "load_digits_split",
     "load_embedded_scheduler",
     "load_embedded_unet",
+    "load_feature_network",
+    "load_real_images",
     "load_model",
     "resolve_model_path",
 ]
