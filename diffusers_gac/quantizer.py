@@ -4,7 +4,9 @@
   are loaded (``_process_model_after_weight_loading``); calibration inputs come from ``integration.py``.
 * Loading a checkpoint saved after calibration (its config.json carries the GACConfig with its ``layout``)
   rebuilds the frozen quantized layers on the meta device before the weights load (``quant.convert.requantize``);
-  quantizer state is loaded exactly, never cast to ``torch_dtype``.
+  quantizer state is loaded exactly, never cast to ``torch_dtype``. Once loaded, the layers run as the config's
+  ``execution`` says (``quant.convert.set_execution``; ``"auto"`` unless ``from_pretrained`` got a
+  ``GACConfig(execution=...)``, whose load-time options ``merge_quantization_configs`` below takes over).
 
 The quantizer object a model carries (``model.hf_quantizer``) also holds the report of the calibration that
 produced it (``calibration_report``), which ``diffusers_gac.save_pretrained`` and ``push_to_hub`` write beside the
@@ -24,9 +26,9 @@ from diffusers.utils import get_module_from_name, logging
 from torch import nn
 
 from .calibration.flow import calibrate
-from .config import GACConfig
+from .config import FORMAT_OPTIONS, GACConfig
 from .integration import calibration_inputs
-from .quant.convert import dequantize_model, requantize
+from .quant.convert import dequantize_model, requantize, set_execution
 
 logger = logging.get_logger(__name__)
 
@@ -98,8 +100,12 @@ class GACQuantizer(DiffusersQuantizer):
             self.quantization_config = config
             self.calibration_report = report.to_dict()
             model.register_to_config(quantization_config=config)
-        elif self.checkpoint_dir is not None and (self.checkpoint_dir / REPORT_NAME).is_file():
-            self.calibration_report = json.loads((self.checkpoint_dir / REPORT_NAME).read_text())
+        else:
+            chosen = set_execution(model, self.quantization_config.execution)
+            logger.info(f"{len(chosen['integer'])} quantized layers run on integer kernels, {len(chosen['fake'])} as "
+                        "fake quantization")
+            if self.checkpoint_dir is not None and (self.checkpoint_dir / REPORT_NAME).is_file():
+                self.calibration_report = json.loads((self.checkpoint_dir / REPORT_NAME).read_text())
         return model
 
     @property
@@ -129,3 +135,27 @@ def mark_calibrated(model: nn.Module, config: GACConfig, report: dict[str, Any] 
     model.quantization_method = config.quant_method
     if hasattr(model, "register_to_config"):
         model.register_to_config(quantization_config=config)
+
+
+def merge_quantization_configs(original):
+    """Wrap diffusers' ``DiffusersAutoQuantizer.merge_quantization_configs`` (which keeps a checkpoint's own
+    quantization config and drops the one passed to ``from_pretrained``) so that a ``GACConfig`` passed when loading
+    a calibrated checkpoint still sets the load-time choice ``execution``. Format options always come from the
+    checkpoint; those the caller set to something else are named in a warning."""
+
+    def merge(cls, quantization_config, quantization_config_from_args):
+        stored = quantization_config
+        if isinstance(stored, dict) and stored.get("quant_method") == GACConfig.quant_method.value:
+            stored = GACConfig.from_dict(stored)
+        if not (isinstance(quantization_config_from_args, GACConfig) and isinstance(stored, GACConfig)):
+            return original(cls, quantization_config, quantization_config_from_args)
+        given = quantization_config_from_args
+        stored.execution = given.execution
+        default, theirs = GACConfig().to_dict(), stored.to_dict()
+        ignored = [k for k, v in given.to_dict().items() if k in FORMAT_OPTIONS and v != default[k] and v != theirs[k]]
+        if ignored:
+            logger.warning(f"loading a calibrated checkpoint: its own {', '.join(ignored)} are used, not those passed "
+                           "in quantization_config (only load-time options such as execution are taken from it)")
+        return stored
+
+    return merge

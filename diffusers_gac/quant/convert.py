@@ -15,7 +15,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from ..config import GACConfig, QuantizedLayout
+from ..config import EXECUTIONS, GACConfig, QuantizedLayout, check_choice
 from .attention import quantize_attention
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear
 from .quantizers import ActQuantizer, TimestepContext
@@ -183,10 +183,43 @@ class quantization_disabled:
 
 
 @torch.no_grad()
-def freeze_model(model: nn.Module) -> None:
-    """Harden every layer's rounding into its weight (the model then holds 2^bits-level weights)."""
+def freeze_model(model: nn.Module, execution: str | None = None) -> None:
+    """Harden every layer's rounding into its weight (the model then holds 2^bits-level weights); with
+    ``execution``, then choose how the frozen layers run (see :func:`set_execution`)."""
     for layer in quant_layers(model).values():
         layer.freeze()
+    if execution is not None:
+        set_execution(model, execution)
+
+
+def integer_kernels_available(device: torch.device | str) -> bool:
+    """Whether ``"auto"`` picks the integer kernels on ``device``: the CPU with int8 GEMMs through oneDNN
+    (x86 with AVX2 or AVX-512; VNNI/AMX where present). Other devices run the fake-quant reference."""
+    return (torch.device(device).type == "cpu" and hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available()
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+@torch.no_grad()
+def set_execution(model: nn.Module, execution: str = "auto", int4_storage: str = "packed") -> dict[str, list[str]]:
+    """Choose how the frozen quantized layers of ``model`` run; returns the layer names per mode.
+
+    ``"fake"``: the reference (dequantize the weight, float conv/linear on fake-quantized inputs). ``"integer"``: int8
+    GEMMs on the CPU (``quant/intexec.py``) for every layer with quantized inputs; a call on another device falls back
+    to the reference per call. ``"auto"``: ``"integer"`` if the layers are on a device where
+    :func:`integer_kernels_available`, else ``"fake"``. ``int4_storage``: how weights of 4 bits or fewer stay
+    resident in integer mode, ``"packed"`` (two per byte, unpacked per call) or ``"int8"`` (one per byte).
+    Checkpoints and results do not depend on the mode beyond float rounding (see docs/index.md, Inference)."""
+    check_choice("execution", execution, EXECUTIONS)
+    chosen: dict[str, list[str]] = {"integer": [], "fake": []}
+    for name, layer in quant_layers(model).items():
+        if not layer.frozen:
+            raise ValueError(f"{name} is not frozen: calibrate (or freeze_model) before choosing an execution")
+        mode = execution
+        if mode == "auto":
+            device = layer.bias.device if layer.bias is not None else next(layer.buffers()).device
+            mode = "integer" if integer_kernels_available(device) else "fake"
+        chosen["integer" if layer.set_execution(mode, int4_storage) else "fake"].append(name)
+    return chosen
 
 
 def requantize(model: nn.Module, config: GACConfig) -> None:

@@ -15,6 +15,10 @@ so rounding and ranges can be learned and quantization can be switched off to re
     L.input_quantizer.scale          float (groups,)               absent when a_bits is None; groups = 0 if dynamic
     L.input_quantizer.zero_point     float (groups,)
     L.input_quantizer.split          int64 ()                      split inputs only, with .first/.second quantizers
+
+*Frozen, integer execution* (``set_execution("integer")``): ``packed_weight`` is replaced by the layout the int8
+kernels read (``intexec.py``); ``state_dict`` still writes ``packed_weight``, rebuilt exactly, so checkpoints do not
+depend on the execution mode.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packing import pack_codes, packed_width, unpack_codes
+from . import intexec
+from .packing import pack_codes, packed_width
 from .quantizers import ActQuantizer, ActScheme, SplitActQuantizer, WeightInit, WeightQuantizer
 
 
@@ -36,6 +41,7 @@ class QuantLayerMixin:
     input_quantizer: ActQuantizer | SplitActQuantizer | None
     quantize_weight: bool
     frozen: bool
+    execution: str = "fake"  # frozen layers: "fake" (dequantize, float op) or "integer" (int8 GEMMs; intexec.py)
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
                     act_groups: int, channel_dim: int, split: int | None) -> None:
@@ -64,7 +70,7 @@ class QuantLayerMixin:
         return self.weight_quantizer(self.weight)
 
     def dequantized_weight(self) -> torch.Tensor:
-        codes = unpack_codes(self.packed_weight, self.codes_per_channel, self.w_bits)
+        codes = intexec.weight_codes(self)
         q = self.weight_quantizer
         dtype = q.scale.dtype if self.bias is None else self.bias.dtype
         w = codes.view(self.weight_shape).to(dtype)
@@ -91,8 +97,48 @@ class QuantLayerMixin:
         self.register_buffer("packed_weight", torch.zeros(self.weight_shape[0], width, dtype=torch.uint8, device=device))
         self.frozen = True
 
+    @torch.no_grad()
+    def set_execution(self, execution: str, int4_storage: str = "packed") -> bool:
+        """Run this frozen layer as ``"fake"`` quantization or on the ``"integer"`` kernels; returns whether it
+        runs integer (a layer the kernels do not serve stays fake; see ``intexec.integer_support``)."""
+        if execution not in ("fake", "integer"):
+            raise ValueError(f"execution must be 'fake' or 'integer', got {execution!r}")
+        if not self.frozen:
+            raise ValueError("only frozen layers choose an execution; freeze() the layer first")
+        if execution == "fake" or intexec.integer_support(self) is not None:
+            intexec.to_fake(self)
+            return False
+        if self.execution == "integer" and self._int_spec.packed == (int4_storage == "packed" and self.w_bits <= 4):
+            return True
+        intexec.to_fake(self)
+        intexec.to_integer(self, int4_storage)
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.execution == "integer":  # checkpoints hold the packed codes whatever the execution
+            destination[prefix + "packed_weight"] = pack_codes(intexec.weight_codes(self), self.w_bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.execution == "integer" and prefix + "packed_weight" in state_dict:
+            # load into the reference layout; _reload_integer (a post-hook) converts back once the quantizers loaded
+            self._reload_integer = "packed" if self._int_spec.packed or self.w_bits > 4 else "int8"
+            intexec.to_fake(self)
+            if not getattr(self, "_reload_hook", False):
+                self.register_load_state_dict_post_hook(_reload_integer)
+                self._reload_hook = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, frozen={self.frozen}"
+        return (f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, frozen={self.frozen}"
+                + (f", execution={self.execution}" if self.frozen else ""))
+
+
+def _reload_integer(layer: nn.Module, incompatible_keys) -> None:
+    storage = getattr(layer, "_reload_integer", None)
+    if storage is not None:
+        layer._reload_integer = None
+        layer.set_execution("integer", storage)
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
@@ -110,6 +156,10 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == "integer":
+            y = intexec.forward(self, x)
+            if y is not None:
+                return y
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
@@ -126,6 +176,10 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == "integer":
+            y = intexec.forward(self, x)
+            if y is not None:
+                return y
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 

@@ -1,0 +1,220 @@
+"""Integer kernels: int8 x int8 -> int32 GEMMs (``torch._int_mm``) for the frozen quantized layers, from stock ops.
+
+They compute exactly what the fake-quantized layers compute (``layers.py``: dequantized weight, float conv/linear
+on fake-quantized inputs), with the products summed in int32, so the only differences are float rounding in the
+rescale (tests hold them within 1e-5 of the output's scale; measured ~1e-7).
+
+Activations (``Act``): a quantized input carried in int8 rows (tokens of a linear layer; spatial positions of a
+convolution, channels last) with a float scale per row and, for 8-bit inputs only, a float offset per row:
+``value = scale * (q - zero)``. The library's codes are affine, ``c`` in ``[0, 2^b - 1]`` with an integer zero point
+``z``: for ``b <= 7`` the carrier ``c - z`` fits int8 exactly (``|c - z| <= 2^b - 1``) and ``zero`` is None; for
+``b = 8`` the carrier is ``c - 128`` and ``zero = z - 128``. ``quantize_dynamic`` reproduces ``ActQuantizer``'s
+per-token ranges (same float ops, so the same codes); ``quantize_static`` its learned ranges (one per sample).
+
+Weights: int8 blocks ``(out, in)``, one per (input part, kernel tap) segment of a layer, carrying ``c - z`` (bits <= 7,
+exact) or ``c - 128`` (8 bits, with the offset ``zw = z - 128`` per output channel left to correct).
+
+Sum over segments ``j`` (taps of a convolution, parts of a split input), with per-row scale ``s_j``, offset ``z_j``,
+row sums ``r_j`` of the carriers and ``C_j`` input channels::
+
+    out = ws * (sum_j s_j * acc_j  -  sum_j (s_j z_j) (x) colsum_j  -  (sum_j s_j (r_j - C_j z_j)) (x) zw) + bias
+
+with ``acc_j = _int_mm(q_j, w_j^T)`` and ``colsum_j`` the per-output-channel sums of ``w_j``. The correction terms
+exist only for 8-bit inputs (``z``) or 8-bit weights (``zw``): one rank-J update and one rank-1 update per layer.
+
+A convolution with a scale per input position is one GEMM per kernel tap (each output sums kh*kw positions with
+different scales). Stride 1: the taps read zero-copy row slices of the padded channels-last input ("flat shift":
+output row ``o`` of tap ``(i, j)`` reads input row ``o + i*dh*Wp + j*dw``; the rows between image rows are computed
+and dropped). Other strides gather each tap's rows (an int8 copy). 1x1 convolutions are one GEMM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+EPS = 1e-8  # the library's smallest scale (quantizers.affine_params)
+
+
+class Act(NamedTuple):
+    """An int8-carried quantized activation: ``value = scale * (q - zero)`` row by row (``zero`` None means 0)."""
+
+    q: torch.Tensor  # int8 (..., C), contiguous
+    scale: torch.Tensor  # float32 (..., 1)
+    zero: torch.Tensor | None  # float32 (..., 1) or None
+
+
+def quantize_dynamic(x: torch.Tensor, bits: int) -> Act:
+    """Per-row (last dim) affine quantization with the range ``[min(x, 0), max(x, 0)]`` of each row: the
+    ``dynamic`` scheme of ``ActQuantizer``. ``x`` must be contiguous in its last dim."""
+    levels = 2**bits - 1
+    # amin + amax: torch.aminmax over the innermost dim is ~30x slower on CPU
+    lo, hi = x.amin(-1, keepdim=True).clamp_max_(0), x.amax(-1, keepdim=True).clamp_min_(0)
+    scale = ((hi - lo) / levels).clamp_min_(EPS)
+    zp = torch.round(-lo / scale)
+    # c - z = clamp(round(x/s), -z, levels - z); the lower bound holds by construction (x >= lo, division is
+    # monotonic, round(lo/s) = -z), so only the upper one is applied
+    t = torch.div(x, scale).round_().clamp_max_(levels - zp)
+    if bits <= 7:
+        return Act(t.to(torch.int8), scale, None)
+    return Act(t.add_(zp - 128).to(torch.int8), scale, zp - 128)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> Act:
+    """Affine quantization with given ranges (``scale``/``zero_point`` broadcastable to ``x``, one per sample):
+    the ``static`` and ``timestep`` schemes. Returns per-row scales of ``x``'s shape with a last dim of 1."""
+    levels = 2**bits - 1
+    t = torch.div(x, scale).round_()
+    low, high = -zero_point, levels - zero_point
+    if bits <= 7:
+        q = t.clamp_min_(low).clamp_max_(high).to(torch.int8)
+        zero = None
+    else:
+        q = t.clamp_min_(low).clamp_max_(high).add_(zero_point - 128).to(torch.int8)
+        zero = (zero_point - 128).expand(*x.shape[:-1], 1)
+    return Act(q, scale.expand(*x.shape[:-1], 1), zero)
+
+
+def unpack_int4(packed: torch.Tensor, zero_point: torch.Tensor, cols: int) -> torch.Tensor:
+    """Int8 carrier ``c - z`` of a block stored two 4-bit codes per byte, halves split: byte ``j`` of a row holds
+    code ``j`` (low nibble) and code ``j + ceil(cols/2)`` (high nibble). ``zero_point``: int8 (rows, 1)."""
+    rows, half = packed.shape
+    out = torch.empty(rows, 2 * half, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 15, out=out[:, :half])
+    torch.bitwise_right_shift(packed, 4, out=out[:, half:])
+    w = out.view(torch.int8).sub_(zero_point)
+    return w if cols == 2 * half else w[:, :cols]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``unpack_int4`` (before the zero point): codes (rows, cols) in [0, 15] -> uint8 (rows, ceil(cols/2))."""
+    codes = codes.to(torch.uint8)
+    half = (codes.shape[1] + 1) // 2
+    if codes.shape[1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return (codes[:, :half] | (codes[:, half:] << 4)).contiguous()
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of int8 (M, K) and (K, N) in int32: ``torch._int_mm``, except for K = 1, where the CPU kernel of
+    torch 2.13 returns garbage (an outer product then, exact in int32)."""
+    if a.shape[1] == 1:
+        return a.to(torch.int32) * b.to(torch.int32)
+    return torch._int_mm(a, b)
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1, t.shape[-1])
+
+
+def _corrections(dst: torch.Tensor, terms: list, zw: torch.Tensor | None, colsum: torch.Tensor | None) -> None:
+    """Subtract the zero-point terms: ``terms`` holds per segment ``(s_j, z_j, r_j, C_j)`` rows (each (M, 1))."""
+    if colsum is not None:  # 8-bit inputs: - sum_j (s_j z_j) (x) colsum_j
+        u = torch.cat([s * z for s, z, _, _ in terms], 1)
+        dst.addmm_(u, colsum, alpha=-1)
+    if zw is not None:  # 8-bit weights: - sum_j s_j (r_j - C_j z_j) (x) zw
+        v = None
+        for s, z, r, c in terms:
+            part = s * (r if z is None else r - c * z)
+            v = part if v is None else v.add_(part)
+        dst.addr_(v.view(-1), zw, alpha=-1)
+
+
+def _epilogue(acc: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.mul(acc, w_scale) if bias is None else torch.addcmul(bias, acc, w_scale)
+
+
+def linear(a: Act, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+           zw: torch.Tensor | None = None, colsum: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` of a quantized input (rows (..., K)) and an int8 weight carrier (N, K) -> float (..., N)."""
+    q = a.q.reshape(-1, a.q.shape[-1])
+    s = _rows(a.scale)
+    acc = int_mm(q, weight.t())
+    dst = acc.float().mul_(s)
+    if colsum is not None or zw is not None:
+        r = q.sum(1, keepdim=True, dtype=torch.int32).float() if zw is not None else None
+        _corrections(dst, [(s, _rows(a.zero), r, q.shape[1])], zw, colsum)
+    return _epilogue(dst, w_scale, bias).view(*a.q.shape[:-1], weight.shape[0])
+
+
+class ConvGeometry(NamedTuple):
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], out_channels: int, geo: ConvGeometry,
+           w_scale: torch.Tensor, bias: torch.Tensor | None, zw: torch.Tensor | None = None,
+           colsum: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d`` of a quantized input given channels last, split along channels into ``parts`` (each
+    ``Act`` with q (B, H, W, C_p)), with int8 weight blocks ``weight(group, part, tap) -> (out/groups, C_p/groups)``.
+    ``colsum``: float (parts * taps, out), needed for 8-bit inputs; ``zw``: float (out,), for 8-bit weights.
+    Returns (B, out, Ho, Wo) in channels-last memory format."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), g = geo
+    b, h, w, _ = parts[0].q.shape
+    ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
+    og = out_channels // g
+    need_r = zw is not None
+    one_by_one = kh == kw == 1 and ph == pw == 0
+    hp, wp = h + 2 * ph, w + 2 * pw
+    flat_shift = not one_by_one and sh == sw == 1
+    if one_by_one or not flat_shift:
+        rows_total = rows = b * ho * wo
+    else:
+        rows_total, rows = b * hp * wp, (b - 1) * hp * wp + (ho - 1) * wp + wo
+    full = torch.empty(rows_total, out_channels, dtype=torch.float32, device=parts[0].q.device)
+    dst = full[:rows]
+    terms: list[list] = [[] for _ in range(g)]
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    for p, a in enumerate(parts):
+        maps = [a.q, a.scale] + ([a.zero] if a.zero is not None else [])
+        cg = a.q.shape[-1] // g
+        if need_r:  # per-position row sums of each group's channels
+            maps.append(a.q.view(b, h, w, g, cg).sum(-1, dtype=torch.int32).float())
+        if one_by_one:
+            if sh != 1 or sw != 1:
+                maps = [m[:, ::sh, ::sw] for m in maps]
+            maps = [m.reshape(rows, m.shape[-1]) for m in maps]
+        else:
+            padded = []
+            for m in maps:
+                mp = m.new_zeros(b, hp, wp, m.shape[-1])
+                mp[:, ph:ph + h, pw:pw + w] = m
+                padded.append(mp)
+            maps = padded
+        for t, (i, j) in enumerate(taps):
+            if one_by_one:
+                tm = maps
+            elif flat_shift:
+                off = i * dh * wp + j * dw
+                tm = [m.view(-1, m.shape[-1])[off:off + rows] for m in maps]
+            else:
+                tm = [m[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+                      .reshape(rows, m.shape[-1]) for m in maps]
+            q, s = tm[0], tm[1]
+            z = tm[2] if a.zero is not None else None
+            first = p == 0 and t == 0
+            for gi in range(g):
+                acc = int_mm(q if g == 1 else q[:, gi * cg:(gi + 1) * cg], weight(gi, p, t).t())
+                d = dst if g == 1 else dst[:, gi * og:(gi + 1) * og]
+                if first:
+                    d.copy_(acc).mul_(s)
+                else:
+                    d.addcmul_(acc, s)
+                r = tm[-1][:, gi:gi + 1] if need_r else None
+                terms[gi].append((s, z, r, cg))
+    if colsum is not None:  # 8-bit inputs: the same per-position offsets for every group
+        dst.addmm_(torch.cat([s * z for s, z, _, _ in terms[0]], 1), colsum, alpha=-1)
+    if zw is not None:
+        for gi in range(g):
+            _corrections(dst if g == 1 else dst[:, gi * og:(gi + 1) * og], terms[gi], zw[gi * og:(gi + 1) * og], None)
+    res = full.view(b, ho, wo, out_channels) if rows_total == rows else full.view(b, hp, wp, out_channels)[:, :ho, :wo]
+    return _epilogue(res, w_scale, bias).permute(0, 3, 1, 2)
