@@ -211,6 +211,14 @@ def test_other_dtypes_and_disabled_quantizers_run_the_reference(int_mm_calls):
             layer.input_quantizer.enabled = False
         assert torch.equal(integer(x), fake(x))
         assert not int_mm_calls
+    for layer in (fake, integer):
+        layer.input_quantizer.enabled = True
+    xg = x.clone().requires_grad_()  # int8 GEMMs have no gradient: a call that needs one runs the reference
+    integer(xg).square().sum().backward()
+    grad = xg.grad.clone()
+    xg.grad = None
+    fake(xg).square().sum().backward()
+    assert not int_mm_calls and torch.equal(grad, xg.grad)
 
 
 def test_weight_only_layers_stay_fake():

@@ -184,12 +184,12 @@ def _quantizer_ready(q: ActQuantizer) -> bool:
     return q.enabled and q._observed is None
 
 
-def _quantize(q: ActQuantizer, x: torch.Tensor, batch: int) -> K.Act:
-    """``x``: (batch, ..., C) with channels last and contiguous in C (a view is fine)."""
+def _quantize(q: ActQuantizer, x: torch.Tensor, dim: int) -> K.Act:
+    """``x``: (batch, ...) with channels along ``dim``."""
     if q.scheme == "dynamic":
-        return K.quantize_dynamic(x, q.bits)
+        return K.quantize_dynamic(x, q.bits, dim)
     scale, zero_point = q.scale.abs().clamp_min(1e-8), q.zero_point
-    groups = q._sample_groups(batch, x.device)
+    groups = q._sample_groups(x.shape[0], x.device)
     view = (-1,) + (1,) * (x.dim() - 1)
     if groups is not None:
         scale, zero_point = scale[groups], zero_point[groups]
@@ -201,22 +201,22 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     q = layer.input_quantizer
     if x.device.type != "cpu" or x.dtype != torch.float32 or layer.int_weight.device.type != "cpu":
         return None
+    if torch.is_grad_enabled() and x.requires_grad:  # int8 GEMMs have no gradient: the reference has one
+        return None
     quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
     if not all(_quantizer_ready(p) for p in quantizers):
         return None
     spec = layer._int_spec
     w_scale = layer.weight_quantizer.scale.reshape(-1).float()
-    bias = None if layer.bias is None else layer.bias.float()
+    bias = None if layer.bias is None else layer.bias.detach().float()
     if not spec.conv:
-        x = x.contiguous()
-        act = _quantize(q, x, x.shape[0])
+        act = _quantize(q, x.contiguous(), -1)
         return K.linear(act, _block(layer, 0, spec.shape[1]), w_scale, bias, layer.int_zw, layer.int_colsum)
-    batch = x.shape[0]
-    xl = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    x = x.contiguous()  # channels first: the kernels read each sample as (C, H*W) without transposing
     if len(quantizers) == 1:
-        acts = [_quantize(q, xl, batch)]
+        acts = [_quantize(q, x, 1)]
     else:  # split input (groups == 1): each part with its own quantizer
-        acts = [_quantize(p, xl[..., c0:c1], batch) for p, (c0, c1) in zip(quantizers, spec.parts)]
+        acts = [_quantize(p, x[:, c0:c1], 1) for p, (c0, c1) in zip(quantizers, spec.parts)]
     taps = _taps(spec)
     per_group = len(spec.parts) * taps
 

@@ -4,28 +4,31 @@ They compute exactly what the fake-quantized layers compute (``layers.py``: dequ
 on fake-quantized inputs), with the products summed in int32, so the only differences are float rounding in the
 rescale (tests hold them within 1e-5 of the output's scale; measured ~1e-7).
 
-Activations (``Act``): a quantized input carried in int8 rows (tokens of a linear layer; spatial positions of a
-convolution, channels last) with a float scale per row and, for 8-bit inputs only, a float offset per row:
-``value = scale * (q - zero)``. The library's codes are affine, ``c`` in ``[0, 2^b - 1]`` with an integer zero point
-``z``: for ``b <= 7`` the carrier ``c - z`` fits int8 exactly (``|c - z| <= 2^b - 1``) and ``zero`` is None; for
-``b = 8`` the carrier is ``c - 128`` and ``zero = z - 128``. ``quantize_dynamic`` reproduces ``ActQuantizer``'s
-per-token ranges (same float ops, so the same codes); ``quantize_static`` its learned ranges (one per sample).
+Activations (``Act``): a quantized input carried in int8 (rows of tokens for a linear layer; (B, C, H, W) for a
+convolution) with a float scale per token (or per sample, broadcastable) and, for 8-bit inputs only, a float
+offset: ``value = scale * (q - zero)``. The library's codes are affine, ``c`` in ``[0, 2^b - 1]`` with an integer
+zero point ``z``: for ``b <= 7`` the carrier ``c - z`` fits int8 exactly (``|c - z| <= 2^b - 1``) and ``zero`` is
+None; for ``b = 8`` the carrier is ``c - 128`` and ``zero = z - 128``. ``quantize_dynamic`` reproduces
+``ActQuantizer``'s per-token ranges (same float ops, so the same codes); ``quantize_static`` its learned ranges.
 
 Weights: int8 blocks ``(out, in)``, one per (input part, kernel tap) segment of a layer, carrying ``c - z`` (bits <= 7,
 exact) or ``c - 128`` (8 bits, with the offset ``zw = z - 128`` per output channel left to correct).
 
-Sum over segments ``j`` (taps of a convolution, parts of a split input), with per-row scale ``s_j``, offset ``z_j``,
-row sums ``r_j`` of the carriers and ``C_j`` input channels::
+Sum over segments ``j`` (taps of a convolution, parts of a split input), with per-token scale ``s_j``, offset
+``z_j``, sums ``r_j`` of the carriers over the channels and ``C_j`` input channels::
 
-    out = ws * (sum_j s_j * acc_j  -  sum_j (s_j z_j) (x) colsum_j  -  (sum_j s_j (r_j - C_j z_j)) (x) zw) + bias
+    out = ws * (sum_j s_j * acc_j  -  sum_j colsum_j (x) (s_j z_j)  -  zw (x) (sum_j s_j (r_j - C_j z_j))) + bias
 
-with ``acc_j = _int_mm(q_j, w_j^T)`` and ``colsum_j`` the per-output-channel sums of ``w_j``. The correction terms
-exist only for 8-bit inputs (``z``) or 8-bit weights (``zw``): one rank-J update and one rank-1 update per layer.
+with ``acc_j`` the int32 GEMM of the segment (``int_mm``) and ``colsum_j`` the per-output-channel sums of its weight
+block. The correction terms exist only for 8-bit inputs (``z``) or 8-bit weights (``zw``): one rank-J update and
+one rank-1 update per layer.
 
 A convolution with a scale per input position is one GEMM per kernel tap (each output sums kh*kw positions with
-different scales). Stride 1: the taps read zero-copy row slices of the padded channels-last input ("flat shift":
-output row ``o`` of tap ``(i, j)`` reads input row ``o + i*dh*Wp + j*dw``; the rows between image rows are computed
-and dropped). Other strides gather each tap's rows (an int8 copy). 1x1 convolutions are one GEMM.
+different scales), computed channels first: ``acc (out, positions) = W_tap (out, C) @ X_tap (C, positions)`` per
+sample, so activations are never transposed and the output comes out in the model's (B, C, H, W) layout. Stride 1:
+the taps read zero-copy column slices of the padded input flattened to (C, Hp*Wp) ("flat shift": output column
+``o`` of tap ``(i, j)`` reads input column ``o + i*dh*Wp + j*dw``; the columns between image rows are computed and
+dropped). Other strides gather each tap's columns (an int8 copy). 1x1 convolutions are one GEMM.
 """
 
 from __future__ import annotations
@@ -46,12 +49,12 @@ class Act(NamedTuple):
     zero: torch.Tensor | None  # float32 (..., 1) or None
 
 
-def quantize_dynamic(x: torch.Tensor, bits: int) -> Act:
-    """Per-row (last dim) affine quantization with the range ``[min(x, 0), max(x, 0)]`` of each row: the
-    ``dynamic`` scheme of ``ActQuantizer``. ``x`` must be contiguous in its last dim."""
+def quantize_dynamic(x: torch.Tensor, bits: int, dim: int = -1) -> Act:
+    """Affine quantization with the range ``[min(x, 0), max(x, 0)]`` of each token (slice along ``dim``, the
+    channels): the ``dynamic`` scheme of ``ActQuantizer``. Scale and zero keep ``dim`` with size 1."""
     levels = 2**bits - 1
     # amin + amax: torch.aminmax over the innermost dim is ~30x slower on CPU
-    lo, hi = x.amin(-1, keepdim=True).clamp_max_(0), x.amax(-1, keepdim=True).clamp_min_(0)
+    lo, hi = x.amin(dim, keepdim=True).clamp_max_(0), x.amax(dim, keepdim=True).clamp_min_(0)
     scale = ((hi - lo) / levels).clamp_min_(EPS)
     zp = torch.round(-lo / scale)
     # c - z = clamp(round(x/s), -z, levels - z); the lower bound holds by construction (x >= lo, division is
@@ -63,8 +66,8 @@ def quantize_dynamic(x: torch.Tensor, bits: int) -> Act:
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> Act:
-    """Affine quantization with given ranges (``scale``/``zero_point`` broadcastable to ``x``, one per sample):
-    the ``static`` and ``timestep`` schemes. Returns per-row scales of ``x``'s shape with a last dim of 1."""
+    """Affine quantization with given ranges (``scale``/``zero_point`` of shape (B, 1, ..., 1), one per sample):
+    the ``static`` and ``timestep`` schemes. Scale and zero stay of that shape (broadcastable)."""
     levels = 2**bits - 1
     t = torch.div(x, scale).round_()
     low, high = -zero_point, levels - zero_point
@@ -73,8 +76,8 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
         zero = None
     else:
         q = t.clamp_min_(low).clamp_max_(high).add_(zero_point - 128).to(torch.int8)
-        zero = (zero_point - 128).expand(*x.shape[:-1], 1)
-    return Act(q, scale.expand(*x.shape[:-1], 1), zero)
+        zero = zero_point - 128
+    return Act(q, scale, zero)
 
 
 def unpack_int4(packed: torch.Tensor, zero_point: torch.Tensor, cols: int) -> torch.Tensor:
@@ -105,8 +108,9 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)
 
 
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.reshape(-1, t.shape[-1])
+def _rows(t: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """Per-row values (M, 1) of a scale or zero given per row or per sample."""
+    return None if t is None else t.expand(*q.shape[:-1], 1).reshape(-1, 1)
 
 
 def _corrections(dst: torch.Tensor, terms: list, zw: torch.Tensor | None, colsum: torch.Tensor | None) -> None:
@@ -130,12 +134,12 @@ def linear(a: Act, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tens
            zw: torch.Tensor | None = None, colsum: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` of a quantized input (rows (..., K)) and an int8 weight carrier (N, K) -> float (..., N)."""
     q = a.q.reshape(-1, a.q.shape[-1])
-    s = _rows(a.scale)
+    s = _rows(a.scale, a.q)
     acc = int_mm(q, weight.t())
     dst = acc.float().mul_(s)
     if colsum is not None or zw is not None:
         r = q.sum(1, keepdim=True, dtype=torch.int32).float() if zw is not None else None
-        _corrections(dst, [(s, _rows(a.zero), r, q.shape[1])], zw, colsum)
+        _corrections(dst, [(s, _rows(a.zero, a.q), r, q.shape[1])], zw, colsum)
     return _epilogue(dst, w_scale, bias).view(*a.q.shape[:-1], weight.shape[0])
 
 
@@ -151,70 +155,90 @@ def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _position_maps(a: Act, sample: int, groups: int, need_r: bool) -> list[torch.Tensor]:
+    """Per input position of one sample: [q (C, H, W), scale (1, H, W), scale*zero (1, H, W) for 8-bit inputs,
+    scale*(rowsum - C*zero) (groups, H, W) for 8-bit weights]."""
+    q = a.q[sample]
+    _, h, w = q.shape
+    s = a.scale[sample if a.scale.shape[0] > 1 else 0].expand(1, h, w)
+    z = None if a.zero is None else a.zero[sample if a.zero.shape[0] > 1 else 0]
+    maps = [q, s]
+    if z is not None:
+        maps.append(s * z)
+    if need_r:
+        cg = q.shape[0] // groups
+        r = q.view(groups, cg, h, w).sum(1, dtype=torch.int32).float()
+        maps.append(s * (r if z is None else r - cg * z))
+    return maps
+
+
 def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], out_channels: int, geo: ConvGeometry,
            w_scale: torch.Tensor, bias: torch.Tensor | None, zw: torch.Tensor | None = None,
            colsum: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv2d`` of a quantized input given channels last, split along channels into ``parts`` (each
-    ``Act`` with q (B, H, W, C_p)), with int8 weight blocks ``weight(group, part, tap) -> (out/groups, C_p/groups)``.
-    ``colsum``: float (parts * taps, out), needed for 8-bit inputs; ``zw``: float (out,), for 8-bit weights.
-    Returns (B, out, Ho, Wo) in channels-last memory format."""
+    """``F.conv2d`` of a quantized input split along channels into ``parts`` (each ``Act`` with q (B, C_p, H, W),
+    scale and zero (B, 1, H, W) or broadcastable), with int8 weight blocks ``weight(group, part, tap) -> (out/groups,
+    C_p/groups)``. ``colsum``: float (parts * taps, out), needed for 8-bit inputs; ``zw``: float (out,), for 8-bit
+    weights. Returns (B, out, Ho, Wo), contiguous.
+
+    Channels first: per sample, tap and group, ``acc (out/groups, positions) = W_tap @ X_tap`` with ``X_tap`` the
+    int8 input (C, positions) read at the tap's offsets, so no activation is ever transposed."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), g = geo
-    b, h, w, _ = parts[0].q.shape
+    b, _, h, w = parts[0].q.shape
     ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
     og = out_channels // g
     need_r = zw is not None
     one_by_one = kh == kw == 1 and ph == pw == 0
     hp, wp = h + 2 * ph, w + 2 * pw
     flat_shift = not one_by_one and sh == sw == 1
-    if one_by_one or not flat_shift:
-        rows_total = rows = b * ho * wo
-    else:
-        rows_total, rows = b * hp * wp, (b - 1) * hp * wp + (ho - 1) * wp + wo
-    full = torch.empty(rows_total, out_channels, dtype=torch.float32, device=parts[0].q.device)
-    dst = full[:rows]
-    terms: list[list] = [[] for _ in range(g)]
+    cols = (ho - 1) * wp + wo if flat_shift else ho * wo
+    out = torch.empty(b, out_channels, ho, wo, dtype=torch.float32, device=parts[0].q.device)
+    ws, bs = w_scale.view(-1, 1, 1), None if bias is None else bias.view(-1, 1, 1)
     taps = [(i, j) for i in range(kh) for j in range(kw)]
-    for p, a in enumerate(parts):
-        maps = [a.q, a.scale] + ([a.zero] if a.zero is not None else [])
-        cg = a.q.shape[-1] // g
-        if need_r:  # per-position row sums of each group's channels
-            maps.append(a.q.view(b, h, w, g, cg).sum(-1, dtype=torch.int32).float())
-        if one_by_one:
-            if sh != 1 or sw != 1:
-                maps = [m[:, ::sh, ::sw] for m in maps]
-            maps = [m.reshape(rows, m.shape[-1]) for m in maps]
-        else:
-            padded = []
-            for m in maps:
-                mp = m.new_zeros(b, hp, wp, m.shape[-1])
-                mp[:, ph:ph + h, pw:pw + w] = m
-                padded.append(mp)
-            maps = padded
-        for t, (i, j) in enumerate(taps):
+    for n in range(b):
+        dst = torch.empty(out_channels, ho * wp, dtype=torch.float32, device=out.device)[:, :cols] if flat_shift \
+            else out[n].view(out_channels, cols)
+        first, u, v = True, [], None
+        for p, a in enumerate(parts):
+            maps = _position_maps(a, n, g, need_r)
+            cg = maps[0].shape[0] // g
             if one_by_one:
-                tm = maps
-            elif flat_shift:
-                off = i * dh * wp + j * dw
-                tm = [m.view(-1, m.shape[-1])[off:off + rows] for m in maps]
+                if sh != 1 or sw != 1:
+                    maps = [m[:, ::sh, ::sw] for m in maps]
+                maps = [m.reshape(m.shape[0], cols) for m in maps]
             else:
-                tm = [m[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
-                      .reshape(rows, m.shape[-1]) for m in maps]
-            q, s = tm[0], tm[1]
-            z = tm[2] if a.zero is not None else None
-            first = p == 0 and t == 0
-            for gi in range(g):
-                acc = int_mm(q if g == 1 else q[:, gi * cg:(gi + 1) * cg], weight(gi, p, t).t())
-                d = dst if g == 1 else dst[:, gi * og:(gi + 1) * og]
-                if first:
-                    d.copy_(acc).mul_(s)
+                maps = [torch.nn.functional.pad(m, (pw, pw, ph, ph)) for m in maps]
+            for i, j in taps:
+                if one_by_one:
+                    tm = maps
+                elif flat_shift:
+                    off = i * dh * wp + j * dw
+                    tm = [m.view(m.shape[0], -1)[:, off:off + cols] for m in maps]
                 else:
-                    d.addcmul_(acc, s)
-                r = tm[-1][:, gi:gi + 1] if need_r else None
-                terms[gi].append((s, z, r, cg))
-    if colsum is not None:  # 8-bit inputs: the same per-position offsets for every group
-        dst.addmm_(torch.cat([s * z for s, z, _, _ in terms[0]], 1), colsum, alpha=-1)
-    if zw is not None:
-        for gi in range(g):
-            _corrections(dst if g == 1 else dst[:, gi * og:(gi + 1) * og], terms[gi], zw[gi * og:(gi + 1) * og], None)
-    res = full.view(b, ho, wo, out_channels) if rows_total == rows else full.view(b, hp, wp, out_channels)[:, :ho, :wo]
-    return _epilogue(res, w_scale, bias).permute(0, 3, 1, 2)
+                    tm = [m[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+                          .reshape(m.shape[0], cols) for m in maps]
+                q, s = tm[0], tm[1]
+                for gi in range(g):
+                    acc = int_mm(weight(gi, p, (i * kw) + j), q if g == 1 else q[gi * cg:(gi + 1) * cg])
+                    d = dst if g == 1 else dst[gi * og:(gi + 1) * og]
+                    if first:
+                        torch.mul(acc, s, out=d)
+                    else:
+                        d.addcmul_(acc, s)
+                first = False
+                if a.zero is not None:
+                    u.append(tm[2])
+                if need_r:
+                    v = tm[-1] if v is None else v + tm[-1]
+        if colsum is not None:  # 8-bit inputs: - sum_j colsum_j (x) (s z)_j
+            dst.addmm_(colsum.t(), torch.cat(u), alpha=-1)
+        if need_r:  # 8-bit weights: - zw (x) sum_j s_j (r_j - C_j z_j), per group
+            for gi in range(g):
+                rows = slice(gi * og, (gi + 1) * og)
+                dst[rows].addr_(zw[rows], v[gi], alpha=-1)
+        res = dst.view(out_channels, ho, wo) if not flat_shift else \
+            torch.as_strided(dst, (out_channels, ho, wo), (dst.stride(0), wp, 1))
+        if bs is None:
+            torch.mul(res, ws, out=out[n])
+        else:
+            torch.addcmul(bs, res, ws, out=out[n])
+    return out
