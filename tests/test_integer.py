@@ -335,3 +335,38 @@ def test_with_input_quantizers_off_the_integer_model_runs_the_reference(integer_
     set_execution(reference, "fake")
     with quantization_disabled(model), quantization_disabled(reference):
         assert torch.equal(_out(model), _out(reference))
+
+
+# -- benchmarks/inference_speed.py, at a size that runs in seconds --------------------------------------------------
+
+def _benchmark_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "inference_speed.py"
+    spec = importlib.util.spec_from_file_location("inference_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_SD = ["--sd-channels", "32", "32", "64", "64", "--cross-attention-dim", "32", "--latents", "8", "--rounds", "1",
+           "--threads", "1"]
+
+
+def test_inference_speed_json(capsys):
+    _benchmark_module().main(["--json", *TINY_SD])
+    result = json.loads(capsys.readouterr().out)
+    for key in ("fp32_ms", "int_w8a8_ms", "int_w4a8_ms", "int_w4a4_ms", "fake_w4a4_ms"):
+        assert result[key] > 0
+    assert result["latent"] == 8 and result["ratios"]["fp32"] == 1.0 and result["command"].endswith("--threads 1")
+
+
+def test_inference_speed_table(capsys):
+    _benchmark_module().main(["--models", "embedded", "--variants", "int_w4a4", *TINY_SD])
+    out = capsys.readouterr().out
+    assert "Command: `python benchmarks/inference_speed.py --models embedded --variants int_w4a4" in out
+    rows = [line for line in out.splitlines() if line.startswith("| embedded digits")]
+    assert [row.split(" | ")[3] for row in rows] == ["fp32", "int_w4a4"]  # FP32 is always timed, first
+    fp32_mib, int_mib = (float(row.split(" | ")[8]) for row in rows)
+    assert int_mib < fp32_mib / 5  # packed 4-bit weights resident, no float copy
