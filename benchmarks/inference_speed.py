@@ -14,7 +14,8 @@ Models:
 Quantized variants are converted with the library's defaults (dynamic per-token activations, first/last layer and
 embeddings at 8 bits) and round-to-nearest weights: speed does not depend on how the rounding was learned, so
 nothing is calibrated. ``fake`` runs the fake-quant reference (dequantize, float ops); ``int`` the integer kernels
-(``execution="integer"``). The "rel. L2 vs FP32" column is a sanity check of each variant's output.
+for every layer with quantized inputs (``execution="integer"``); ``auto`` the integer kernels for the layers wide
+enough to gain from them, fake quantization for the others (``execution="auto"``, the default when loading). The "rel. L2 vs FP32" column is a sanity check of each variant's output.
 
     python benchmarks/inference_speed.py --models embedded sd --latents 16 32 64 --threads 2 --output docs/results/inference_speed.md
     python benchmarks/inference_speed.py --json          # SD-sized UNet at latent 32: one JSON object
@@ -56,6 +57,7 @@ VARIANTS = {  # name -> (execution or None for float, w_bits, a_bits)
     "int_w8a8": ("integer", 8, 8),
     "int_w4a8": ("integer", 4, 8),
     "int_w4a4": ("integer", 4, 4),
+    "auto_w4a4": ("auto", 4, 4),
 }
 DEFAULT_VARIANTS = ["fp32", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4"]
 SD_CHANNELS = (320, 640, 1280, 1280)
@@ -110,10 +112,11 @@ def build_variant(fp32: nn.Module, name: str) -> nn.Module:
         return model.to(torch.bfloat16)
     convert_model(model, GACConfig(w_bits=w_bits, a_bits=a_bits, weight_init="minmax"))
     freeze_model(model, kind)
-    wanted = sum(m.input_quantizer is not None for m in quant_layers(model).values()) if kind == "integer" else 0
     running = sum(m.execution == "integer" for m in quant_layers(model).values())
-    if running != wanted:
-        raise RuntimeError(f"{name}: {running} of {wanted} layers run the integer kernels")
+    wanted = {"fake": 0, "integer": sum(m.input_quantizer is not None for m in quant_layers(model).values())}
+    if running != wanted.get(kind, running):
+        raise RuntimeError(f"{name}: {running} of {wanted[kind]} layers run the integer kernels")
+    log(f"{name}: {running} of {len(quant_layers(model))} quantized layers on the integer kernels")
     return model
 
 

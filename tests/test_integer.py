@@ -241,16 +241,24 @@ def test_bad_option_values_fail_clearly(tiny_unet):
         set_execution(tiny_unet, "integer", int4_storage="nibbles")
 
 
-def test_auto_picks_integer_on_a_cpu_with_the_kernels_and_fake_elsewhere(tiny_unet, monkeypatch):
-    convert.convert_model(tiny_unet, GACConfig(w_bits=4, a_bits=4, weight_init="minmax"))
-    freeze_model(tiny_unet)
-    served = {n for n, m in quant_layers(tiny_unet).items() if m.input_quantizer is not None}
+def test_auto_picks_integer_for_wide_layers_on_a_cpu_with_the_kernels_and_fake_elsewhere(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({
+        "wide_conv": _frozen(nn.Conv2d(128, 8, 3, padding=1), torch.randn(1, 128, 4, 4), 4, 4, "dynamic"),
+        "narrow_conv": _frozen(nn.Conv2d(64, 8, 3, padding=1), torch.randn(1, 64, 4, 4), 4, 4, "dynamic"),
+        "wide_pointwise": _frozen(nn.Conv2d(64, 8, 1), torch.randn(1, 64, 4, 4), 4, 4, "dynamic"),
+        "grouped": _frozen(nn.Conv2d(256, 8, 1, groups=8), torch.randn(1, 256, 4, 4), 4, 4, "dynamic"),
+        "wide_linear": _frozen(nn.Linear(64, 8), torch.randn(3, 64), 8, 8, "dynamic"),
+        "narrow_linear": _frozen(nn.Linear(63, 8), torch.randn(3, 63), 8, 8, "dynamic"),
+    })
+    chosen = set_execution(model, "auto")
     if convert.integer_kernels_available("cpu"):
-        assert set(set_execution(tiny_unet, "auto")["integer"]) == served
+        assert chosen == {"integer": ["wide_conv", "wide_pointwise", "wide_linear"],
+                          "fake": ["narrow_conv", "grouped", "narrow_linear"]}
+    assert set_execution(model, "integer")["fake"] == []  # "integer" runs every layer it can on the kernels
     monkeypatch.setattr(convert, "integer_kernels_available", lambda device: False)
-    chosen = set_execution(tiny_unet, "auto")
-    assert chosen["integer"] == [] and set(chosen["fake"]) == set(quant_layers(tiny_unet))
-    assert all(m.execution == "fake" for m in quant_layers(tiny_unet).values())
+    assert set_execution(model, "auto")["integer"] == []
+    assert all(m.execution == "fake" for m in model.values())
 
 
 # -- the embedded digits model, calibrated while it loads -----------------------------------------------------------
@@ -307,10 +315,13 @@ def test_embedded_model_round_trip(fake_model, integer_model, tmp_path):
     config = json.loads((tmp_path / "integer" / "config.json").read_text())["quantization_config"]
     assert "execution" not in config  # a load-time choice, not part of the checkpoint
 
-    loaded = UNet2DModel.from_pretrained(tmp_path / "integer")  # "auto": integer on this CPU
+    loaded = UNet2DModel.from_pretrained(tmp_path / "integer")  # "auto": integer for the wide layers on this CPU
+    auto = copy.deepcopy(fake_model)
+    chosen = set_execution(auto, "auto")
+    assert [n for n, m in quant_layers(loaded).items() if m.execution == "integer"] == chosen["integer"]
     if convert.integer_kernels_available("cpu"):
-        assert all(m.execution == "integer" for m in quant_layers(loaded).values())
-        assert torch.equal(_out(loaded), _out(integer_model))
+        assert chosen["integer"] and chosen["fake"]  # 128-channel convs and 64-wide linears gain, 32-channel ones not
+    assert torch.equal(_out(loaded), _out(auto))
     loaded = UNet2DModel.from_pretrained(tmp_path / "integer", quantization_config=GACConfig(execution="fake"))
     assert all(m.execution == "fake" for m in quant_layers(loaded).values())
     assert torch.equal(_out(loaded), _out(fake_model))

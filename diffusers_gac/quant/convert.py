@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from ..config import EXECUTIONS, GACConfig, QuantizedLayout, check_choice
+from . import intexec
 from .attention import quantize_attention
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear
 from .quantizers import ActQuantizer, TimestepContext
@@ -205,8 +206,9 @@ def set_execution(model: nn.Module, execution: str = "auto", int4_storage: str =
 
     ``"fake"``: the reference (dequantize the weight, float conv/linear on fake-quantized inputs). ``"integer"``: int8
     GEMMs on the CPU (``quant/intexec.py``) for every layer with quantized inputs; a call on another device falls back
-    to the reference per call. ``"auto"``: ``"integer"`` if the layers are on a device where
-    :func:`integer_kernels_available`, else ``"fake"``. ``int4_storage``: how weights of 4 bits or fewer stay
+    to the reference per call. ``"auto"``: ``"integer"`` for the layers on a device where
+    :func:`integer_kernels_available` that are wide enough to gain from it (``intexec.integer_pays_off``), else
+    ``"fake"``. ``int4_storage``: how weights of 4 bits or fewer stay
     resident in integer mode, ``"packed"`` (two per byte, unpacked per call) or ``"int8"`` (one per byte).
     Checkpoints and results do not depend on the mode beyond float rounding (see docs/index.md, Inference)."""
     check_choice("execution", execution, EXECUTIONS)
@@ -217,7 +219,7 @@ def set_execution(model: nn.Module, execution: str = "auto", int4_storage: str =
         mode = execution
         if mode == "auto":
             device = layer.bias.device if layer.bias is not None else next(layer.buffers()).device
-            mode = "integer" if integer_kernels_available(device) else "fake"
+            mode = "integer" if integer_kernels_available(device) and intexec.integer_pays_off(layer) else "fake"
         chosen["integer" if layer.set_execution(mode, int4_storage) else "fake"].append(name)
     return chosen
 

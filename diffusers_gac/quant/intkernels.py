@@ -24,11 +24,12 @@ block. The correction terms exist only for 8-bit inputs (``z``) or 8-bit weights
 one rank-1 update per layer.
 
 A convolution with a scale per input position is one GEMM per kernel tap (each output sums kh*kw positions with
-different scales), computed channels first: ``acc (out, positions) = W_tap (out, C) @ X_tap (C, positions)`` per
-sample, so activations are never transposed and the output comes out in the model's (B, C, H, W) layout. Stride 1:
-the taps read zero-copy column slices of the padded input flattened to (C, Hp*Wp) ("flat shift": output column
-``o`` of tap ``(i, j)`` reads input column ``o + i*dh*Wp + j*dw``; the columns between image rows are computed and
-dropped). Other strides gather each tap's columns (an int8 copy). 1x1 convolutions are one GEMM.
+different scales), computed channels first: ``acc (out, positions) = W_tap (out, C) @ X_tap (C, positions)`` with the
+samples side by side along the positions (a free view for one sample, an int8 copy for several), so float
+activations are never transposed and the output comes out in the model's (B, C, H, W) layout. Stride 1: the taps
+read zero-copy column slices of the padded input flattened to (C, B*Hp*Wp) ("flat shift": output column ``o`` of
+tap ``(i, j)`` reads input column ``o + i*dh*Wp + j*dw``; the columns between image rows and between images are
+computed and dropped). Other strides gather each tap's columns (an int8 copy). 1x1 convolutions are one GEMM.
 """
 
 from __future__ import annotations
@@ -155,21 +156,21 @@ def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _position_maps(a: Act, sample: int, groups: int, need_r: bool) -> list[torch.Tensor]:
-    """Per input position of one sample: [q (C, H, W), scale (1, H, W), scale*zero (1, H, W) for 8-bit inputs,
-    scale*(rowsum - C*zero) (groups, H, W) for 8-bit weights]."""
-    q = a.q[sample]
-    _, h, w = q.shape
-    s = a.scale[sample if a.scale.shape[0] > 1 else 0].expand(1, h, w)
-    z = None if a.zero is None else a.zero[sample if a.zero.shape[0] > 1 else 0]
+def _position_maps(a: Act, groups: int, need_r: bool) -> list[torch.Tensor]:
+    """Per input position, channels first then samples (views (rows, B, H, W)): [q (C rows), scale, scale*zero for
+    8-bit inputs, scale*(rowsum - C*zero) (one row per group) for 8-bit weights]."""
+    q = a.q
+    b, c, h, w = q.shape
+    s = a.scale.expand(b, 1, h, w)
+    z = None if a.zero is None else a.zero.expand(b, 1, h, w)
     maps = [q, s]
     if z is not None:
         maps.append(s * z)
     if need_r:
-        cg = q.shape[0] // groups
-        r = q.view(groups, cg, h, w).sum(1, dtype=torch.int32).float()
+        cg = c // groups
+        r = q.reshape(b, groups, cg, h, w).sum(2, dtype=torch.int32).float()
         maps.append(s * (r if z is None else r - cg * z))
-    return maps
+    return [m.transpose(0, 1) for m in maps]
 
 
 def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], out_channels: int, geo: ConvGeometry,
@@ -180,8 +181,8 @@ def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], ou
     C_p/groups)``. ``colsum``: float (parts * taps, out), needed for 8-bit inputs; ``zw``: float (out,), for 8-bit
     weights. Returns (B, out, Ho, Wo), contiguous.
 
-    Channels first: per sample, tap and group, ``acc (out/groups, positions) = W_tap @ X_tap`` with ``X_tap`` the
-    int8 input (C, positions) read at the tap's offsets, so no activation is ever transposed."""
+    Channels first: per tap and group, ``acc (out/groups, positions) = W_tap @ X_tap`` with ``X_tap`` the int8 input
+    laid out (C, B*H*W) (a free view for one sample, an int8 copy otherwise) read at the tap's offsets."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), g = geo
     b, _, h, w = parts[0].q.shape
     ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
@@ -190,35 +191,41 @@ def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], ou
     one_by_one = kh == kw == 1 and ph == pw == 0
     hp, wp = h + 2 * ph, w + 2 * pw
     flat_shift = not one_by_one and sh == sw == 1
-    cols = (ho - 1) * wp + wo if flat_shift else ho * wo
-    out = torch.empty(b, out_channels, ho, wo, dtype=torch.float32, device=parts[0].q.device)
-    ws, bs = w_scale.view(-1, 1, 1), None if bias is None else bias.view(-1, 1, 1)
-    taps = [(i, j) for i in range(kh) for j in range(kw)]
-    for n in range(b):
-        dst = torch.empty(out_channels, ho * wp, dtype=torch.float32, device=out.device)[:, :cols] if flat_shift \
-            else out[n].view(out_channels, cols)
-        first, u, v = True, [], None
-        for p, a in enumerate(parts):
-            maps = _position_maps(a, n, g, need_r)
-            cg = maps[0].shape[0] // g
-            if one_by_one:
-                if sh != 1 or sw != 1:
-                    maps = [m[:, ::sh, ::sw] for m in maps]
-                maps = [m.reshape(m.shape[0], cols) for m in maps]
-            else:
-                maps = [torch.nn.functional.pad(m, (pw, pw, ph, ph)) for m in maps]
-            for i, j in taps:
+    device = parts[0].q.device
+    if flat_shift:  # every sample's padded image side by side; the columns between rows and images are dropped
+        cols = (b - 1) * hp * wp + (ho - 1) * wp + wo
+        dst = torch.empty(out_channels, b * hp * wp, dtype=torch.float32, device=device)[:, :cols]
+    else:
+        cols = b * ho * wo
+        dst = torch.empty(out_channels, cols, dtype=torch.float32, device=device)
+    first, u, v = True, [], None
+    for p, a in enumerate(parts):
+        maps = _position_maps(a, g, need_r)
+        cg = a.q.shape[1] // g
+        if one_by_one:
+            if sh != 1 or sw != 1:
+                maps = [m[:, :, ::sh, ::sw] for m in maps]
+            maps = [m.reshape(m.shape[0], cols) for m in maps]
+        else:
+            padded = []
+            for m in maps:
+                mp = m.new_zeros(m.shape[0], b, hp, wp)
+                mp[:, :, ph:ph + h, pw:pw + w] = m
+                padded.append(mp)
+            maps = padded
+        for i in range(kh):
+            for j in range(kw):
                 if one_by_one:
                     tm = maps
                 elif flat_shift:
                     off = i * dh * wp + j * dw
                     tm = [m.view(m.shape[0], -1)[:, off:off + cols] for m in maps]
                 else:
-                    tm = [m[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+                    tm = [m[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
                           .reshape(m.shape[0], cols) for m in maps]
                 q, s = tm[0], tm[1]
                 for gi in range(g):
-                    acc = int_mm(weight(gi, p, (i * kw) + j), q if g == 1 else q[gi * cg:(gi + 1) * cg])
+                    acc = int_mm(weight(gi, p, i * kw + j), q if g == 1 else q[gi * cg:(gi + 1) * cg])
                     d = dst if g == 1 else dst[gi * og:(gi + 1) * og]
                     if first:
                         torch.mul(acc, s, out=d)
@@ -229,16 +236,16 @@ def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], ou
                     u.append(tm[2])
                 if need_r:
                     v = tm[-1] if v is None else v + tm[-1]
-        if colsum is not None:  # 8-bit inputs: - sum_j colsum_j (x) (s z)_j
-            dst.addmm_(colsum.t(), torch.cat(u), alpha=-1)
-        if need_r:  # 8-bit weights: - zw (x) sum_j s_j (r_j - C_j z_j), per group
-            for gi in range(g):
-                rows = slice(gi * og, (gi + 1) * og)
-                dst[rows].addr_(zw[rows], v[gi], alpha=-1)
-        res = dst.view(out_channels, ho, wo) if not flat_shift else \
-            torch.as_strided(dst, (out_channels, ho, wo), (dst.stride(0), wp, 1))
-        if bs is None:
-            torch.mul(res, ws, out=out[n])
-        else:
-            torch.addcmul(bs, res, ws, out=out[n])
-    return out
+    if colsum is not None:  # 8-bit inputs: - sum_j colsum_j (x) (s z)_j
+        dst.addmm_(colsum.t(), torch.cat(u), alpha=-1)
+    if need_r:  # 8-bit weights: - zw (x) sum_j s_j (r_j - C_j z_j), per group
+        for gi in range(g):
+            rows = slice(gi * og, (gi + 1) * og)
+            dst[rows].addr_(zw[rows], v[gi], alpha=-1)
+    image, row = (hp * wp, wp) if flat_shift else (ho * wo, wo)
+    res = torch.as_strided(dst, (b, out_channels, ho, wo), (image, dst.stride(0), row, 1))
+    out = torch.empty(b, out_channels, ho, wo, dtype=torch.float32, device=device)
+    ws = w_scale.view(1, -1, 1, 1)
+    if bias is None:
+        return torch.mul(res, ws, out=out)
+    return torch.addcmul(bias.view(1, -1, 1, 1), res, ws, out=out)
