@@ -24,7 +24,14 @@ from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
 from diffusers_gac.quant.quantizers import SplitActQuantizer, TimestepContext
 from diffusers_gac.zoo import embedded_model_path
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 TOLERANCE = 1e-5  # relative to the largest output of the fake-quant reference
 BITS = [(8, 8), (4, 8), (4, 4), (8, 4), (3, 6)]
@@ -221,11 +228,22 @@ def test_other_dtypes_and_disabled_quantizers_run_the_reference(int_mm_calls):
     assert not int_mm_calls and torch.equal(grad, xg.grad)
 
 
-def test_weight_only_layers_stay_fake():
-    layer = QuantLinear.from_module(nn.Linear(8, 4), w_bits=4, a_bits=None, weight_init="minmax")
-    layer.freeze()
-    assert layer.set_execution("integer") is False and layer.execution == "fake"
-    assert intexec.integer_support(layer) is not None
+@pytest.mark.parametrize("case", ["weight-only", "padding='same'", "reflect padding"])
+def test_layers_the_kernels_do_not_serve_stay_fake(case):
+    torch.manual_seed(0)
+    if case == "weight-only":
+        layer = QuantLinear.from_module(nn.Linear(8, 4), w_bits=4, a_bits=None, weight_init="minmax")
+        layer.freeze()
+        x = torch.randn(3, 8)
+    else:
+        module = nn.Conv2d(4, 4, 3, padding="same") if case == "padding='same'" else \
+            nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        x = torch.randn(1, 4, 5, 5)
+        layer = _frozen(module, x, 4, 4, "dynamic")
+    with torch.no_grad():
+        expected = layer(x)
+        assert layer.set_execution("integer") is False and layer.execution == "fake"
+        assert intexec.integer_support(layer) is not None and torch.equal(layer(x), expected)
 
 
 def test_bad_option_values_fail_clearly(tiny_unet):
