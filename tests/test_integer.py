@@ -399,3 +399,18 @@ def test_inference_speed_table(capsys):
     assert [row.split(" | ")[3] for row in rows] == ["fp32", "int_w4a4"]  # FP32 is always timed, first
     fp32_mib, int_mib = (float(row.split(" | ")[8]) for row in rows)
     assert int_mib < fp32_mib / 5  # packed 4-bit weights resident, no float copy
+
+
+def test_format_options_passed_when_loading_a_checkpoint_are_ignored_with_a_warning(fake_model, tmp_path,
+                                                                                  monkeypatch):
+    from diffusers_gac import quantizer
+
+    fake_model.save_pretrained(tmp_path)
+    warnings = []
+    monkeypatch.setattr(quantizer.logger, "warning", warnings.append)
+    loaded = UNet2DModel.from_pretrained(tmp_path, quantization_config=GACConfig(w_bits=8, execution="fake"))
+    assert loaded.config.quantization_config.w_bits == 4 and torch.equal(_out(loaded), _out(fake_model))
+    assert len(warnings) == 1 and "w_bits" in warnings[0] and "execution" in warnings[0]
+    warnings.clear()
+    UNet2DModel.from_pretrained(tmp_path, quantization_config=GACConfig(w_bits=4, a_bits=4, execution="integer"))
+    assert warnings == []  # options equal to the checkpoint's, or left at their defaults, say nothing
