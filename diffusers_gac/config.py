@@ -187,9 +187,10 @@ class GACConfig(QuantizationConfigMixin):
     Runtime inputs (never saved):
         calibration_inputs: a :class:`CalibrationInputs` (prompt embeddings or a sampler) for denoisers whose
             calibration trajectories ``from_pretrained`` cannot produce by itself (text-conditional ones).
-        execution: how the frozen model runs once calibrated or loaded: ``"integer"`` (int8 GEMMs on the CPU,
-            ``quant/intexec.py``), ``"fake"`` (the fake-quant reference: dequantized weights, float ops) or ``"auto"``
-            (integer where the device has the kernels, else fake). Passing ``GACConfig(execution=...)`` to
+        execution: how the frozen model runs once calibrated or loaded: ``"integer"`` (int8 GEMMs on the CPU for
+            every layer with quantized inputs, ``quant/intexec.py``), ``"fake"`` (the fake-quant reference:
+            dequantized weights, float ops) or ``"auto"`` (integer for the layers on a CPU with the kernels that are
+            wide enough to gain from them, fake for the others). Passing ``GACConfig(execution=...)`` to
             ``from_pretrained`` of a calibrated checkpoint sets it (its other options come from the checkpoint);
             ``diffusers_gac.set_execution(model, ...)`` changes it later.
     Written by calibration (leave unset):
