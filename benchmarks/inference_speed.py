@@ -15,7 +15,9 @@ Quantized variants are converted with the library's defaults (dynamic per-token 
 embeddings at 8 bits) and round-to-nearest weights: speed does not depend on how the rounding was learned, so
 nothing is calibrated. ``fake`` runs the fake-quant reference (dequantize, float ops); ``int`` the integer kernels
 for every layer with quantized inputs (``execution="integer"``); ``auto`` the integer kernels for the layers wide
-enough to gain from them, fake quantization for the others (``execution="auto"``, the default when loading). The "rel. L2 vs FP32" column is a sanity check of each variant's output.
+enough to gain from them, fake quantization for the others (``execution="auto"``, the default when loading).
+"weights resident" sums the model's parameters and buffers; "step peak" is how far one step raises the process's
+resident memory (Linux peak RSS, reset before the step); "rel. L2 vs FP32" is a sanity check of each output.
 
     python benchmarks/inference_speed.py --models embedded sd --latents 16 32 64 --threads 2 --output docs/results/inference_speed.md
     python benchmarks/inference_speed.py --json          # SD-sized UNet at latent 32: one JSON object
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -59,7 +63,7 @@ VARIANTS = {  # name -> (execution or None for float, w_bits, a_bits)
     "int_w4a4": ("integer", 4, 4),
     "auto_w4a4": ("auto", 4, 4),
 }
-DEFAULT_VARIANTS = ["fp32", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4"]
+DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
 SD_CHANNELS = (320, 640, 1280, 1280)
 
 
@@ -120,6 +124,35 @@ def build_variant(fp32: nn.Module, name: str) -> nn.Module:
     return model
 
 
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def step_peak_mib(fn: Callable[[], object]) -> float | None:
+    """How far one call raises the process's resident memory above what it held before (activations, workspaces,
+    dequantized weights): Linux's peak RSS, reset just before the call (``/proc/self/clear_refs``), after glibc has
+    given back the memory it kept from earlier calls (``malloc_trim``)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    return None if before is None or peak is None else (peak - before) / 1024
+
+
 def resident_mib(model: nn.Module) -> float:
     tensors = list(model.parameters()) + [b for _, b in model.named_buffers()]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
@@ -161,6 +194,7 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) 
     fns = {name: forward_fn(model, call) for name, model in models.items()}
     reference = fns["fp32"]()  # parse_args always includes fp32
     errors = {name: ((fn() - reference).norm() / reference.norm()).item() for name, fn in fns.items()}
+    peaks = {name: step_peak_mib(fn) for name, fn in fns.items()}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load_before = loadavg()
     samples = interleaved(fns, args.rounds, args.warmup, clock)
@@ -179,18 +213,21 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) 
         rows.append({"model": label, "latent": latent, "batch": args.batch, "variant": name,
                      "median_ms": 1e3 * median, "min_ms": 1e3 * min(samples[name]),
                      "max_ms": 1e3 * max(samples[name]), "vs_fp32": base / median,
-                     "resident_mib": resident_mib(models[name]), "rel_l2_vs_fp32": errors[name],
+                     "resident_mib": resident_mib(models[name]), "step_peak_mib": peaks[name],
+                     "rel_l2_vs_fp32": errors[name],
                      "load": f"{load_before} / {load_after}"})
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | latent | batch | variant | ms / step (median) | min | max | FP32 / variant | weights resident "
-             "MiB | rel. L2 vs FP32 | load avg before / after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MiB | step peak MiB | rel. L2 vs FP32 | load avg before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['vs_fp32']:.2f}x"
+        peak = "n/a" if r["step_peak_mib"] is None else f"{r['step_peak_mib']:.1f}"
         lines.append(f"| {r['model']} | {r['latent']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | "
-                     f"{r['min_ms']:.1f} | {r['max_ms']:.1f} | {ratio} | {r['resident_mib']:.1f} | "
+                     f"{r['min_ms']:.1f} | {r['max_ms']:.1f} | {ratio} | {r['resident_mib']:.1f} | {peak} | "
                      f"{r['rel_l2_vs_fp32']:.2e} | {r['load']} |")
     return "\n".join(lines)
 
