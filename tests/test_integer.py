@@ -18,7 +18,7 @@ from torch import nn
 
 import diffusers_gac
 from diffusers_gac import GACConfig
-from diffusers_gac.quant import convert, intexec
+from diffusers_gac.quant import convert, intexec, intkernels
 from diffusers_gac.quant.convert import freeze_model, quant_layers, quantization_disabled, set_execution
 from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
 from diffusers_gac.quant.quantizers import SplitActQuantizer, TimestepContext
@@ -113,6 +113,40 @@ def test_linear_matches_the_fake_quant_reference(scheme, w_bits, a_bits, int_mm_
     x = torch.randn(2, 5, 33) * torch.linspace(0.1, 3, 33) + 0.3
     layer = _frozen(nn.Linear(33, 7), x, w_bits, a_bits, scheme)
     _compare(layer, x, int_mm_calls)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+def test_linear_in_row_blocks_is_exact(w_bits, a_bits, int_mm_calls, monkeypatch):
+    """Many tokens: the dynamic scheme runs the linear layer in blocks of rows, with the same result."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 33) * torch.linspace(0.1, 3, 33) + 0.3
+    layer = _frozen(nn.Linear(33, 7), x, w_bits, a_bits, "dynamic")
+    reference, whole = _compare(layer, x, int_mm_calls)
+    assert len(int_mm_calls) == 1
+    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 28)
+    monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
+    with torch.no_grad():
+        blocks = layer(x)
+    assert len(int_mm_calls) == 1 + 3  # rows 4 + 4 + 2
+    assert torch.equal(blocks, whole)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 4)])
+@pytest.mark.parametrize("geometry", ["3x3 padded", "3x3 strided", "3x3 grouped dilated", "1x1"])
+def test_conv2d_in_column_blocks_matches(geometry, w_bits, a_bits, int_mm_calls, monkeypatch):
+    """Many output positions: the convolution runs its columns in blocks (7 here), with the same result."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11) + 0.5
+    layer = _frozen(nn.Conv2d(12, 8, **CONVS[geometry]), x, w_bits, a_bits, "dynamic")
+    reference, whole = _compare(layer, x, int_mm_calls)
+    calls = len(int_mm_calls)
+    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 8 * 7)
+    monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
+    with torch.no_grad():
+        blocks = layer(x)
+    assert len(int_mm_calls) - calls > 5 * calls  # the blocks ran
+    assert (blocks - whole).abs().max() <= 1e-6 * whole.abs().max()
+    assert (blocks - reference).abs().max() <= TOLERANCE * reference.abs().max()
 
 
 @pytest.mark.parametrize("w_bits,a_bits", BITS)

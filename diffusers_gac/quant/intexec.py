@@ -225,8 +225,10 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     w_scale = layer.weight_quantizer.scale.reshape(-1).float()
     bias = None if layer.bias is None else layer.bias.detach().float()
     if not spec.conv:
-        act = _quantize(q, x.contiguous(), -1)
-        return K.linear(act, _block(layer, 0, spec.shape[1]), w_scale, bias, layer.int_zw, layer.int_colsum)
+        x, weight = x.contiguous(), _block(layer, 0, spec.shape[1])
+        if q.scheme == "dynamic":
+            return K.linear_dynamic(x, q.bits, weight, w_scale, bias, layer.int_zw, layer.int_colsum)
+        return K.linear(_quantize(q, x, -1), weight, w_scale, bias, layer.int_zw, layer.int_colsum)
     x = x.contiguous()  # channels first: the kernels read each sample as (C, H*W) without transposing
     if len(quantizers) == 1:
         acts = [_quantize(q, x, 1)]
