@@ -289,7 +289,7 @@ def test_bad_option_values_fail_clearly(tiny_unet):
     freeze_model(tiny_unet)
     with pytest.raises(ValueError, match=r"execution must be one of 'auto', 'integer', 'fake', got 'fast'"):
         set_execution(tiny_unet, "fast")
-    with pytest.raises(ValueError, match=r"int4_storage must be one of \('packed', 'int8'\), got 'nibbles'"):
+    with pytest.raises(ValueError, match=r"int4_storage must be one of 'packed', 'int8', got 'nibbles'"):
         set_execution(tiny_unet, "integer", int4_storage="nibbles")
 
 
@@ -304,13 +304,43 @@ def test_auto_picks_integer_for_wide_layers_on_a_cpu_with_the_kernels_and_fake_e
         "narrow_linear": _frozen(nn.Linear(63, 8), torch.randn(3, 63), 8, 8, "dynamic"),
     })
     chosen = set_execution(model, "auto")
-    if convert.integer_kernels_available("cpu"):
+    if intexec.integer_kernels_available("cpu"):
         assert chosen == {"integer": ["wide_conv", "wide_pointwise", "wide_linear"],
                           "fake": ["narrow_conv", "grouped", "narrow_linear"]}
     assert set_execution(model, "integer")["fake"] == []  # "integer" runs every layer it can on the kernels
-    monkeypatch.setattr(convert, "integer_kernels_available", lambda device: False)
+    monkeypatch.setattr(intexec, "integer_kernels_available", lambda device: False)
     assert set_execution(model, "auto")["integer"] == []
     assert all(m.execution == "fake" for m in model.values())
+
+
+def test_integer_execution_follows_the_device(int_mm_calls, monkeypatch):
+    """Moved to a device without the kernels (simulated: every ``.to``/``.float`` is an ``_apply``), a layer runs the
+    reference from the checkpoint layout; moved back, the kernels again."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 5, 5)
+    model = nn.Sequential(_frozen(nn.Conv2d(128, 8, 3, padding=1), x, 4, 4, "dynamic"))
+    layer = model[0]
+    with torch.no_grad():
+        reference = model(x)
+        assert set_execution(model, "auto")["integer"] == ["0"]
+        integer = model(x)
+        kernels = {"on": False}
+        monkeypatch.setattr(intexec, "integer_kernels_available", lambda device: kernels["on"])
+        model.to("cpu")
+        assert layer.execution == "fake" and "int_weight" not in dict(layer.named_buffers())
+        calls = len(int_mm_calls)
+        assert torch.equal(model(x), reference) and len(int_mm_calls) == calls
+        kernels["on"] = True
+        model.float()
+        assert layer.execution == "integer" and torch.equal(model(x), integer) and len(int_mm_calls) > calls
+        kernels["on"] = False
+        assert set_execution(model, "integer") == {"integer": [], "fake": ["0"]}  # asked for, waits for the kernels
+        kernels["on"] = True
+        model.to("cpu")
+        assert layer.execution == "integer"
+        set_execution(model, "fake")
+        model.to("cpu")
+        assert layer.execution == "fake"  # fake asked for: stays fake wherever it goes
 
 
 # -- the embedded digits model, calibrated while it loads -----------------------------------------------------------
@@ -371,7 +401,7 @@ def test_embedded_model_round_trip(fake_model, integer_model, tmp_path):
     auto = copy.deepcopy(fake_model)
     chosen = set_execution(auto, "auto")
     assert [n for n, m in quant_layers(loaded).items() if m.execution == "integer"] == chosen["integer"]
-    if convert.integer_kernels_available("cpu"):
+    if intexec.integer_kernels_available("cpu"):
         assert chosen["integer"] and chosen["fake"]  # 128-channel convs and 64-wide linears gain, 32-channel ones not
     assert torch.equal(_out(loaded), _out(auto))
     loaded = UNet2DModel.from_pretrained(tmp_path / "integer", quantization_config=GACConfig(execution="fake"))

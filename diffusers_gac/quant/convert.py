@@ -193,33 +193,26 @@ def freeze_model(model: nn.Module, execution: str | None = None) -> None:
         set_execution(model, execution)
 
 
-def integer_kernels_available(device: torch.device | str) -> bool:
-    """Whether ``"auto"`` picks the integer kernels on ``device``: the CPU with int8 GEMMs through oneDNN
-    (x86 with AVX2 or AVX-512; VNNI/AMX where present). Other devices run the fake-quant reference."""
-    return (torch.device(device).type == "cpu" and hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available()
-            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
-
-
 @torch.no_grad()
 def set_execution(model: nn.Module, execution: str = "auto", int4_storage: str = "packed") -> dict[str, list[str]]:
-    """Choose how the frozen quantized layers of ``model`` run; returns the layer names per mode.
+    """Choose how the frozen quantized layers of ``model`` run; returns the layer names per mode as they run now.
 
     ``"fake"``: the reference (dequantize the weight, float conv/linear on fake-quantized inputs). ``"integer"``: int8
-    GEMMs on the CPU (``quant/intexec.py``) for every layer with quantized inputs; a call on another device falls back
-    to the reference per call. ``"auto"``: ``"integer"`` for the layers on a device where
-    :func:`integer_kernels_available` that are wide enough to gain from it (``intexec.integer_pays_off``), else
-    ``"fake"``. ``int4_storage``: how weights of 4 bits or fewer stay
-    resident in integer mode, ``"packed"`` (two per byte, unpacked per call) or ``"int8"`` (one per byte).
-    Checkpoints and results do not depend on the mode beyond float rounding (see docs/index.md, Inference)."""
+    GEMMs (``quant/intexec.py``) for every layer with quantized inputs. ``"auto"``: ``"integer"`` for the layers wide
+    enough to gain from it (``intexec.integer_pays_off``), ``"fake"`` for the others. Integer execution holds while
+    a layer sits on a device with the kernels (``intexec.integer_kernels_available``: the CPU); moved elsewhere
+    (``model.to("cuda")``) it runs the reference, and moved back, the kernels again. ``int4_storage``: how weights of
+    4 bits or fewer stay resident in integer mode, ``"packed"`` (two per byte, unpacked per call) or ``"int8"`` (one
+    per byte). Checkpoints and results do not depend on the mode beyond float rounding (docs/index.md, Inference)."""
     check_choice("execution", execution, EXECUTIONS)
+    check_choice("int4_storage", int4_storage, intexec.INT4_STORAGES)
     chosen: dict[str, list[str]] = {"integer": [], "fake": []}
     for name, layer in quant_layers(model).items():
         if not layer.frozen:
             raise ValueError(f"{name} is not frozen: calibrate (or freeze_model) before choosing an execution")
         mode = execution
         if mode == "auto":
-            device = layer.bias.device if layer.bias is not None else next(layer.buffers()).device
-            mode = "integer" if integer_kernels_available(device) and intexec.integer_pays_off(layer) else "fake"
+            mode = "integer" if intexec.integer_pays_off(layer) else "fake"
         chosen["integer" if layer.set_execution(mode, int4_storage) else "fake"].append(name)
     return chosen
 

@@ -17,9 +17,10 @@ A frozen layer (``layers.py``) runs in one of two modes:
       int_colsum   float (parts * taps, out): sums of the weight carriers per segment, for 8-bit inputs
 
   The per-channel weight scales, zero points and the bias stay where they are (``weight_quantizer``, ``bias``).
-  A call on a device other than the CPU, in another dtype, or while the input quantizer is off or observing, runs
-  the fake-quant reference from these same buffers (dequantizing the weight), so the result never depends on
-  which kernels exist; only CPU calls use ``torch._int_mm``.
+  A layer moved to a device without the kernels (``model.to("cuda")``) goes back to the reference layout, and to
+  the integer one when moved back to the CPU (``layers.py``: ``_apply``). A call with its input on another device,
+  in another dtype, needing gradients, or while the input quantizer is off or observing runs the fake-quant
+  reference from these same buffers (dequantizing the weight), so the result never depends on which kernels exist.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ class IntSpec(NamedTuple):
     blocks: tuple[tuple[int, int, int], ...]  # (offset, rows, stored columns) per (group, part, tap)
     packed: bool  # two 4-bit codes per byte
     eight_bit_weights: bool
+
+
+def integer_kernels_available(device: torch.device | str) -> bool:
+    """Whether integer execution runs on ``device``: the CPU with int8 GEMMs through oneDNN (x86 with AVX2 or
+    AVX-512; VNNI/AMX where present). Layers on other devices run the fake-quant reference."""
+    return (torch.device(device).type == "cpu" and hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available()
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    return layer.weight_quantizer.scale.device
 
 
 # Smallest input channels per GEMM (in_channels/groups, in_features) at which the integer path beats the fake-quant
@@ -100,8 +112,6 @@ def _zero_points(layer: nn.Module) -> torch.Tensor:
 
 def to_integer(layer: nn.Module, int4_storage: str = "packed") -> None:
     """Replace ``packed_weight`` by the integer layout (see the module docstring); exact and reversible."""
-    if int4_storage not in INT4_STORAGES:
-        raise ValueError(f"int4_storage must be one of {INT4_STORAGES}, got {int4_storage!r}")
     codes = _codes4d(layer, unpack_codes(layer.packed_weight, layer.codes_per_channel, layer.w_bits)).to(torch.int16)
     out, _, kh, kw = codes.shape
     conv = isinstance(layer, nn.Conv2d)

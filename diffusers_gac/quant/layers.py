@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_choice
 from . import intexec
 from .packing import pack_codes, packed_width
 from .quantizers import ActQuantizer, ActScheme, SplitActQuantizer, WeightInit, WeightQuantizer
@@ -42,6 +43,7 @@ class QuantLayerMixin:
     quantize_weight: bool
     frozen: bool
     execution: str = "fake"  # frozen layers: "fake" (dequantize, float op) or "integer" (int8 GEMMs; intexec.py)
+    _integer_storage: str | None = None  # integer execution asked for, with this int4 storage (set_execution)
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
                     act_groups: int, channel_dim: int, split: int | None) -> None:
@@ -100,19 +102,33 @@ class QuantLayerMixin:
     @torch.no_grad()
     def set_execution(self, execution: str, int4_storage: str = "packed") -> bool:
         """Run this frozen layer as ``"fake"`` quantization or on the ``"integer"`` kernels; returns whether it
-        runs integer (a layer the kernels do not serve stays fake; see ``intexec.integer_support``)."""
-        if execution not in ("fake", "integer"):
-            raise ValueError(f"execution must be 'fake' or 'integer', got {execution!r}")
+        runs integer now. A layer the kernels do not serve stays fake (``intexec.integer_support``); one on a device
+        without them runs fake until it is moved to one with them (``_apply``)."""
+        check_choice("execution", execution, ("fake", "integer"))
+        check_choice("int4_storage", int4_storage, intexec.INT4_STORAGES)
         if not self.frozen:
             raise ValueError("only frozen layers choose an execution; freeze() the layer first")
-        if execution == "fake" or intexec.integer_support(self) is not None:
+        wanted = execution == "integer" and intexec.integer_support(self) is None
+        self._integer_storage = int4_storage if wanted else None
+        return self._sync_execution()
+
+    def _sync_execution(self) -> bool:
+        """Hold the integer layout if and only if integer execution was asked for and the device has the kernels."""
+        if self._integer_storage is None or not intexec.integer_kernels_available(intexec.layer_device(self)):
             intexec.to_fake(self)
             return False
-        if self.execution == "integer" and self._int_spec.packed == (int4_storage == "packed" and self.w_bits <= 4):
-            return True
-        intexec.to_fake(self)
-        intexec.to_integer(self, int4_storage)
+        packed = self._integer_storage == "packed" and self.w_bits <= 4
+        if self.execution != "integer" or self._int_spec.packed != packed:
+            intexec.to_fake(self)
+            intexec.to_integer(self, self._integer_storage)
         return True
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.frozen and self._integer_storage is not None:  # moved: follow the device (no kernels, no integer)
+            with torch.no_grad():
+                self._sync_execution()
+        return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -121,12 +137,11 @@ class QuantLayerMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if self.execution == "integer" and prefix + "packed_weight" in state_dict:
-            # load into the reference layout; _reload_integer (a post-hook) converts back once the quantizers loaded
-            self._reload_integer = "packed" if self._int_spec.packed or self.w_bits > 4 else "int8"
+            # load into the reference layout; the post-hook goes back to integer once the quantizers loaded too
             intexec.to_fake(self)
-            if not getattr(self, "_reload_hook", False):
-                self.register_load_state_dict_post_hook(_reload_integer)
-                self._reload_hook = True
+            if not getattr(self, "_resync_hook", False):
+                self.register_load_state_dict_post_hook(_resync_execution)
+                self._resync_hook = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -134,11 +149,10 @@ class QuantLayerMixin:
                 + (f", execution={self.execution}" if self.frozen else ""))
 
 
-def _reload_integer(layer: nn.Module, incompatible_keys) -> None:
-    storage = getattr(layer, "_reload_integer", None)
-    if storage is not None:
-        layer._reload_integer = None
-        layer.set_execution("integer", storage)
+def _resync_execution(layer: nn.Module, incompatible_keys) -> None:
+    if layer.frozen and layer._integer_storage is not None:
+        with torch.no_grad():
+            layer._sync_execution()
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
