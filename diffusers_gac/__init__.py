@@ -10,15 +10,16 @@ from .calibration.data import CalibrationData, CalibrationRecorder
 from .calibration.flow import CalibrationReport
 from .config import CalibrationInputs, GACConfig, GACQuantizationMethod, QuantizedLayout
 from .hub import push_to_hub
-from .quantizer import GACQuantizer
+from .quantizer import GACQuantizer, install_load_guard
 from .saving import save_pretrained
 
 
 def _register_backend() -> None:
     """Make diffusers' from_pretrained know the "gac" quantization method (it has no plugin API: its two
-    lookup tables are extended in place)."""
+    lookup tables are extended in place), and refuse diffusers-gac weights that lost their quantization config."""
     _auto.AUTO_QUANTIZER_MAPPING[GACQuantizationMethod.GAC.value] = GACQuantizer
     _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[GACQuantizationMethod.GAC.value] = GACConfig
+    install_load_guard()
 
 
 _register_backend()
