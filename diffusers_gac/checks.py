@@ -85,6 +85,12 @@ def available_devices() -> list[str]:
 def check_device(value: Any, name: str = "device") -> torch.device:
     """The ``torch.device`` that ``value`` names, if this machine has it; otherwise a ValueError that lists those
     it has."""
+    if isinstance(value, int) and not isinstance(value, bool):  # an accelerator index, as in device_map=0
+        accelerators = [d.split(":")[0] for d in available_devices() if d != "cpu"]
+        if not accelerators or value < 0:
+            raise ValueError(f"{name} {value!r} (accelerator {value}) does not exist on this machine; it has: "
+                             f"{', '.join(available_devices())}")
+        value = torch.device(accelerators[0], value)
     try:
         device = value if isinstance(value, torch.device) else torch.device(value)
     except (RuntimeError, TypeError, ValueError):

@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+from diffusers.utils import logging
 
 from .checks import check_bits, check_bool, check_choice, check_number, check_positive, check_seed, suggest
 from .layout import QuantizedLayout
 
+logger = logging.get_logger(__name__)
 
 
 class GACQuantizationMethod(str, Enum):
@@ -344,9 +346,16 @@ class GACConfig(QuantizationConfigMixin):
         calibration = config_dict.get("calibration") or {}
         if not isinstance(calibration, dict):
             raise ValueError(f"'calibration' must be a dict of calibration options, got {type(calibration).__name__}")
+        known = set(cls.option_names()) | {"quant_method", "layout"}
+        if config_dict.get("layout") is not None:
+            # a calibrated checkpoint's calibration options only document how it was made: one this release does not
+            # know (written by another release) is reported, not fatal; its format options must all be known
+            dropped = sorted(k for k in calibration if k not in known)
+            if dropped:
+                logger.warning(f"ignoring calibration options this diffusers-gac does not know: {dropped}")
+            calibration = {k: v for k, v in calibration.items() if k in known}
         flat = {k: v for k, v in config_dict.items() if k not in ("format_version", "calibration")}
         flat.update(calibration)
-        known = set(cls.option_names()) | {"quant_method", "layout"}
         unknown = [k for k in flat if k not in known]
         if unknown:
             raise ValueError("unknown GACConfig options: " + ", ".join(

@@ -18,7 +18,7 @@ from diffusers.utils import logging
 from torch import nn
 
 from ..config import GACConfig, QuantizedLayout
-from ..denoisers import check_denoiser, check_full_precision, check_not_quantized
+from ..denoisers import check_denoiser, check_full_precision
 from ..quant.convert import (act_quantizers, convert_model, float_layers, freeze_model, quant_layers,
                              set_quant_state)
 from ..sampling import Sampler
@@ -120,7 +120,6 @@ def calibrate(
     if calibration_data is None and sampler is None:
         raise ValueError("calibration needs a sampler to record calibration data, or calibration_data")
     check_denoiser(denoiser)
-    check_not_quantized(denoiser)
     if quant_layers(denoiser):
         raise ValueError(f"{type(denoiser).__name__} already holds diffusers-gac quantized layers; calibrate a "
                          "full-precision model")
