@@ -24,7 +24,6 @@ import torch
 
 from diffusers_gac import zoo
 from diffusers_gac.cli.common import default_device, positive_int
-from diffusers_gac.zoo import load_digits_split
 from diffusers_gac.evaluation import evaluate_denoiser, format_mean_std, metric_floor, summarize
 
 
@@ -56,10 +55,11 @@ def machine_info(device: str) -> dict:
 def run(args: argparse.Namespace) -> dict:
     device = args.device or default_device()
     unet, scheduler = zoo.load_model(args.model, device=device)
-    classifier = zoo.load_digits_classifier()
-    classifier_config = json.loads((zoo.embedded_model_path() / "classifier" / "config.json").read_text())
-    real_images, _ = load_digits_split("test")
-    floor = metric_floor(classifier)
+    classifier = zoo.load_feature_network(args.model)
+    folder = "features" if args.model == "photos" else "classifier"
+    classifier_config = json.loads((zoo.embedded_model_path(args.model) / folder / "config.json").read_text())
+    real_images = zoo.load_real_images(args.model, "test")
+    floor = metric_floor(classifier, model=args.model)
     rows = []
     for steps in args.steps:
         runs = [
@@ -96,10 +96,11 @@ def to_markdown(result: dict) -> str:
         f"({m['processor']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, device {device}; "
         f"torch {m['torch']}, diffusers {m['diffusers']}) in {result['elapsed_s']:.0f} s.",
         "",
-        "FD: Frechet distance of the digits classifier's features against the held-out test digits (lower is "
-        "better). Accuracy: the classifier's agreement with the requested class (higher is better).",
+        "FD: Frechet distance of the model's feature network (the digits classifier, or the photo-source "
+        "classifier) against the held-out real test images (lower is better). Accuracy: the classifier's agreement "
+        "with the requested class (class-conditional models only; higher is better).",
         "",
-        "## Metric floor (real digits)",
+        "## Metric floor (real images)",
         "",
         "| compared | FD | accuracy |",
         "| --- | --- | --- |",
@@ -125,7 +126,8 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=zoo.DEFAULT_MODEL, help="embedded name or model folder (default: digits)")
+    parser.add_argument("--model", default=zoo.DEFAULT_MODEL, choices=sorted(zoo.EMBEDDED_MODELS),
+                        help="embedded model (default: digits)")
     parser.add_argument("--num-samples", type=positive_int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=positive_int, nargs="+", default=[25, 100])

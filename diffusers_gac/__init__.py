@@ -1,15 +1,22 @@
 """diffusers-gac: post-training W4A4 quantization of diffusers models with Gradient-Aligned Calibration."""
 
+import logging as _logging
+
 from ._quiet import quiet_imports
 
 with quiet_imports():
     from diffusers.quantizers import auto as _auto
+
+# The package's loggers hang below diffusers' own: diffusers' handler prints them, and its verbosity switches
+# (diffusers.utils.logging.set_verbosity_info() and the like) govern them.
+_logging.getLogger(__name__).parent = _logging.getLogger("diffusers")
 
 from .api import quantize_model, quantize_pipeline, record_calibration_data
 from .calibration.data import CalibrationData, CalibrationRecorder
 from .calibration.flow import CalibrationReport
 from .config import CalibrationInputs, GACConfig, GACQuantizationMethod, QuantizedLayout
 from .hub import push_to_hub
+from .pretrained import calibrate_pretrained, load_prompts
 from .quantizer import GACQuantizer, install_load_guard
 from .saving import save_pretrained
 
@@ -34,6 +41,8 @@ __all__ = [
     "GACConfig",
     "GACQuantizer",
     "QuantizedLayout",
+    "calibrate_pretrained",
+    "load_prompts",
     "push_to_hub",
     "quantize_model",
     "quantize_pipeline",

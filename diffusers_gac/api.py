@@ -9,6 +9,7 @@ trip.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from torch import nn
@@ -59,6 +60,8 @@ def quantize_model(
     sampler: Sampler | None = None,
     weighting: SampleWeighting | None = None,
     show_progress: bool = True,
+    accelerator=None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> CalibrationReport:
     """Quantize ``denoiser`` in place and calibrate it; returns what was done and how long it took.
 
@@ -68,13 +71,15 @@ def quantize_model(
     ``from_pretrained``.
     """
     check_not_quantized(denoiser)  # (from_pretrained marks the model quantized before it calibrates it)
+    show_progress = show_progress and (accelerator is None or accelerator.is_main_process)  # one set of bars
     if sampler is None and scheduler is not None:
         sampler = scheduler_sampler(denoiser, scheduler, config.calib_num_inference_steps, class_labels=class_labels,
                                     show_progress=show_progress)
     if calibration_data is None and sampler is None:
         raise ValueError("quantize_model needs a scheduler or a sampler to record calibration data, or calibration_data")
     report = calibrate(denoiser, config, calibration_data=calibration_data, sampler=sampler,
-                       weighting=weighting or make_weighting(config), show_progress=show_progress)
+                       weighting=weighting or make_weighting(config), show_progress=show_progress,
+                       state=accelerator, checkpoint_dir=checkpoint_dir)
     calibrated = dataclasses.replace(config, layout=report.layout, calibration_inputs=None)
     mark_calibrated(denoiser, calibrated, report.to_dict())
     return report
@@ -89,6 +94,8 @@ def quantize_pipeline(
     class_labels: list[int] | torch.Tensor | None = None,
     batch_size: int | None = None,
     show_progress: bool = True,
+    accelerator=None,
+    checkpoint_dir: str | os.PathLike | None = None,
     **call_kwargs,
 ) -> CalibrationReport:
     """Quantize the denoiser of an already loaded pipeline in place, calibrating it with the pipeline itself.
@@ -97,7 +104,8 @@ def quantize_pipeline(
     (required by text-to-image pipelines; cycled over the ``config.calib_samples_per_timestep`` trajectories) or
     ``class_labels`` (class-conditional pipelines; balanced by default). ``call_kwargs`` go to every pipeline call
     (``guidance_scale=7.5``, ``negative_prompt=...``); ``batch_size`` trajectories run per call (default: all).
-    ``component`` names the denoiser (default ``unet``, else ``transformer``). Afterwards
+    ``component`` names the denoiser (default ``unet``, else ``transformer``). ``accelerator`` and
+    ``checkpoint_dir``: as for :func:`quantize_model`. Afterwards
     ``diffusers_gac.save_pretrained(pipeline, path)`` (or the pipeline's own ``save_pretrained``) writes the
     quantized denoiser as a pre-calibrated checkpoint.
 
@@ -110,6 +118,8 @@ def quantize_pipeline(
         raise ValueError(f"{type(pipeline).__name__} has no component {component!r} to quantize")
     if getattr(denoiser, "is_quantized", False):
         raise ValueError(f"pipeline.{component} is already quantized")
+    show_progress = show_progress and (accelerator is None or accelerator.is_main_process)
     sampler = pipeline_sampler(pipeline, config.calib_num_inference_steps, prompts=prompts, class_labels=class_labels,
                                batch_size=batch_size, show_progress=show_progress, call_kwargs=call_kwargs)
-    return quantize_model(denoiser, config, sampler=sampler, show_progress=show_progress)
+    return quantize_model(denoiser, config, sampler=sampler, show_progress=show_progress, accelerator=accelerator,
+                          checkpoint_dir=checkpoint_dir)

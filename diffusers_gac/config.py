@@ -181,7 +181,7 @@ class GACConfig(QuantizationConfigMixin):
     seed: int = 0
     # -- gradient-aligned weighting -------------------------------------------------------------------------------
     gac_meta_steps: int = 0
-    gac_meta_every: int = 10
+    gac_meta_every: int = 20
     gac_meta_lr: float = 0.05
     gac_virtual_lr: float = 1e-2
     gac_virtual_step: str = "normalized"

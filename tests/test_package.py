@@ -16,7 +16,7 @@ LAYERS = [
     ["quant", "sampling", "zoo", "denoisers"],
     ["calibration", "evaluation"],
     ["integration", "quantizer"],
-    ["api", "saving", "hub"],
+    ["api", "saving", "hub", "pretrained"],
     ["cli"],
 ]
 

@@ -34,13 +34,17 @@ def gradient_conflict(problem: UnitProblem, num_groups: int, samples_per_group: 
         idx = idx[torch.randperm(len(idx), generator=generator)[:samples_per_group]]
         t = problem.timesteps[idx]
         out["group_timesteps"].append([float(t.min()), float(t.max())])
-        loss = problem.per_sample_loss(idx).mean()
+        loss = problem.loss_sum(idx)  # this process's part of the group's summed error (None: it holds none)
         for kind, params in (("rounding", problem.rounding_params), ("steps", problem.step_params)):
             if not params:
                 continue
-            g_list = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
-            grads[kind].append(torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1)
-                                          for p, x in zip(params.values(), g_list)]))
+            g_list = [None] * len(params)
+            if loss is not None:
+                g_list = torch.autograd.grad(loss / len(idx), list(params.values()), retain_graph=True,
+                                             allow_unused=True)
+            vector = torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1)
+                                for p, x in zip(params.values(), g_list)])
+            grads[kind].append(problem.shard.sum(vector))
     for kind, vectors in grads.items():
         if len(vectors) > 1:
             out[kind] = cosine_distance_matrix(vectors)

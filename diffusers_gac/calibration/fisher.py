@@ -44,14 +44,21 @@ class FisherWeighting(SampleWeighting):
             members = problem.train_idx[problem.timesteps[problem.train_idx] == s]
             picked.append(members[torch.randperm(len(members), generator=generator)[: self.samples_per_step]])
         idx = torch.cat(picked)
-        per_sample = self.output_sensitivity(problem.module, idx, generator)
-        fisher = torch.stack([per_sample[problem.timesteps[idx] == s].mean() for s in steps])
+        mask, local = problem.shard.local(idx)  # the picked samples this process holds
+        values = self.output_sensitivity(problem.module, local, idx[mask], problem.seed)
+        step_of = torch.searchsorted(steps, problem.timesteps[idx[mask]])
+        sums = torch.zeros(len(steps), dtype=torch.float64).index_add_(0, step_of, values.double())
+        counts = torch.zeros(len(steps), dtype=torch.float64).index_add_(0, step_of, torch.ones(len(values)).double())
+        sums, counts = problem.shard.sum_all([sums, counts])
+        fisher = (sums / counts.clamp_min(1)).float()
         self.step_fisher = fisher / fisher.mean().clamp_min(1e-30)
         self.sample_factor = self.step_fisher[torch.searchsorted(steps, problem.timesteps)]
         self.steps = steps
 
-    def output_sensitivity(self, unit: nn.Module, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``||J_i^T u_i||^2`` for the calibration samples ``idx``, one probe each."""
+    def output_sensitivity(self, unit: nn.Module, local: torch.Tensor, global_idx: torch.Tensor,
+                           seed: int) -> torch.Tensor:
+        """``||J_i^T u_i||^2`` for this process's calibration samples ``local`` (``global_idx``: their global
+        indices, which seed each sample's probe ``u_i``, so the estimate does not depend on the process holding it)."""
         model = self.model
         param = next(model.parameters())
         captured: list[torch.Tensor] = []
@@ -65,17 +72,18 @@ class FisherWeighting(SampleWeighting):
         bs = max(self.config.batch_size, 64)
         handle = unit.register_forward_hook(hook)
         try:
-            for i in range(0, len(idx), bs):
+            for i in range(0, len(local), bs):
                 captured.clear()
-                call = self.data.batch(idx[i : i + bs], device=param.device, dtype=param.dtype)
+                call = self.data.batch(local[i : i + bs], device=param.device, dtype=param.dtype)
                 with torch.enable_grad():
                     out = unit_output(model(**call, return_dict=False))
-                    probe = torch.randn(out.shape, generator=generator).to(out)
+                    probe = torch.stack([torch.randn(out.shape[1:], generator=torch.Generator().manual_seed(seed + int(g)))
+                                         for g in global_idx[i : i + bs]]).to(out)
                     (grad,) = torch.autograd.grad((out * probe).sum(), captured[0])
                 values.append(grad.detach().float().pow(2).flatten(1).sum(1).cpu())
         finally:
             handle.remove()
-        return torch.cat(values)
+        return torch.cat(values) if values else torch.zeros(0)
 
     def batch_weights(self, indices: torch.Tensor, step: int) -> torch.Tensor:
         w = self.sample_factor[indices]

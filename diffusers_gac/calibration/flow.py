@@ -9,8 +9,10 @@ diffusers' quantizer objects. The public verbs (``diffusers_gac.quantize_model``
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,10 +25,19 @@ from ..quant.convert import (act_quantizers, convert_model, float_layers, freeze
                              set_quant_state)
 from ..sampling import Sampler
 from .data import CalibrationData, CalibrationRecorder, select_steps
+from .distributed import Shard
+from .resume import UnitCheckpoint
 from .reconstruction import UnitReport, reconstruct_model, reports_as_dicts
 from .weighting import SampleWeighting
 
 logger = logging.get_logger(__name__)
+
+
+def trajectory_share(total: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of the trajectories process ``rank`` of ``world`` records (the first ones get one more)."""
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
 
 
 def record_calibration_data(
@@ -36,17 +47,27 @@ def record_calibration_data(
     *,
     seed: int | None = None,
     num_trajectories: int | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> CalibrationData:
     """Run ``sampler`` (any ``run(num_trajectories, seed)``, see ``diffusers_gac.sampling``) and keep the denoiser
     inputs that ``config`` selects. ``num_trajectories`` (default: as many as the selection needs) caps the samples
-    kept per step; ``seed`` defaults to ``config.seed``."""
+    kept per step; ``seed`` defaults to ``config.seed``. Process ``rank`` of ``world`` (data-parallel calibration)
+    records its own share of the trajectories, with a seed of its own, and keeps its share of every step's samples."""
     keep = select_steps(config.calib_num_inference_steps, config.calib_timestep_selection, config.calib_num_timesteps,
                         config.calib_samples_per_timestep, seed=config.seed)
     if num_trajectories is not None:
         keep = {k: min(v, num_trajectories) for k, v in keep.items()}
+    total = max(keep.values())
+    if total < world:
+        raise ValueError(f"{total} calibration trajectories cannot be shared by {world} processes; raise "
+                         "calib_samples_per_timestep to at least the number of processes")
+    start, stop = trajectory_share(total, rank, world)
+    keep = {k: min(max(v - start, 0), stop - start) for k, v in keep.items()}
+    seed = config.seed if seed is None else seed
     steps = config.calib_num_inference_steps
-    with CalibrationRecorder(denoiser, keep, steps) as recorder:
-        sampler(max(keep.values()), config.seed if seed is None else seed)
+    with CalibrationRecorder(denoiser, {k: v for k, v in keep.items() if v}, steps) as recorder:
+        sampler(stop - start, seed if world == 1 else seed + 1_000_003 * rank)
     if recorder.calls == 0 or recorder.calls % steps:
         raise ValueError(
             f"the sampler called the denoiser {recorder.calls} times, which is not a whole number of trajectories "
@@ -57,9 +78,9 @@ def record_calibration_data(
 
 
 @torch.no_grad()
-def observe_activation_ranges(model: nn.Module, data: CalibrationData, batch_size: int) -> None:
+def observe_activation_ranges(model: nn.Module, data: CalibrationData, batch_size: int, merge=None) -> None:
     """Set every activation quantizer's range from the inputs it sees on ``data`` (weights quantized to nearest);
-    afterwards the whole model runs quantized."""
+    afterwards the whole model runs quantized. ``merge``: see ``ActQuantizer.finish_observing``."""
     param = next(model.parameters())
     quantizers = act_quantizers(model)
     set_quant_state(model, weights=True, acts=True)
@@ -69,17 +90,18 @@ def observe_activation_ranges(model: nn.Module, data: CalibrationData, batch_siz
         idx = torch.arange(i, min(i + batch_size, len(data)))
         model(**data.batch(idx, device=param.device, dtype=param.dtype), return_dict=False)
     for q in quantizers:
-        q.finish_observing()
+        q.finish_observing(merge)
 
 
 @torch.no_grad()
 def record_quantized_trajectories(denoiser: nn.Module, sampler: Sampler, config: GACConfig,
-                                  calibration_data: CalibrationData) -> CalibrationData:
+                                  calibration_data: CalibrationData, shard: Shard) -> CalibrationData:
     """Inputs the denoiser sees along the trajectories of its round-to-nearest quantized self (a converted model,
-    activation ranges observed on ``calibration_data``), with noise seeds disjoint from the calibration ones."""
-    observe_activation_ranges(denoiser, calibration_data, config.batch_size)
-    data = record_calibration_data(denoiser, sampler, config, seed=config.seed + 104729,
-                                   num_trajectories=config.gac_validation_trajectories)
+    activation ranges observed on the calibration data of every process), with noise seeds disjoint from the
+    calibration ones."""
+    observe_activation_ranges(denoiser, calibration_data, config.batch_size, shard.rows if shard.distributed else None)
+    data = record_calibration_data(denoiser, sampler, config, seed=config.seed + 104729, rank=shard.rank,
+                                   world=shard.world, num_trajectories=config.gac_validation_trajectories)
     set_quant_state(denoiser, weights=False, acts=False)
     return data
 
@@ -110,12 +132,20 @@ def calibrate(
     sampler: Sampler | None = None,
     weighting: SampleWeighting | None = None,
     show_progress: bool = True,
+    state=None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> CalibrationReport:
     """Quantize ``denoiser`` in place and calibrate it: the whole flow, on a plain module.
 
     Calibration data is ``calibration_data`` or is recorded by running ``sampler``; ``weighting`` overrides the
-    strategy ``config.weighting`` names. The
-    returned report carries the layout to save with the model; the model holds frozen quantized layers.
+    strategy ``config.weighting`` names. The returned report carries the layout to save with the model; the model
+    holds frozen quantized layers.
+
+    ``state`` (an Accelerate ``Accelerator`` or ``PartialState`` of several processes) makes the calibration
+    data-parallel: every process records its own share of the trajectories (or brings its own ``calibration_data``)
+    and all end with the same quantized model. ``checkpoint_dir`` keeps the calibration data and every finished
+    unit there; calling again with the same folder and options resumes where an interrupted call stopped and ends
+    with the same model as an uninterrupted one.
     """
     if calibration_data is None and sampler is None:
         raise ValueError("calibration needs a sampler to record calibration data, or calibration_data")
@@ -124,11 +154,18 @@ def calibrate(
         raise ValueError(f"{type(denoiser).__name__} already holds diffusers-gac quantized layers; calibrate a "
                          "full-precision model")
     check_full_precision(denoiser)
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     start = time.time()
     if calibration_data is None:
-        calibration_data = record_calibration_data(denoiser, sampler, config)
+        calibration_data = _cached(folder, f"data-{rank}-of-{world}", lambda: record_calibration_data(
+            denoiser, sampler, config, rank=rank, world=world))
     seconds["record"] = round(time.time() - start, 2)
+    shard = (Shard.across_processes(len(calibration_data), state) if state is not None
+             else Shard.single(len(calibration_data)))
     layout = convert_model(denoiser, config)
     skipped = float_layers(denoiser)
     logger.info(f"converted {len(layout.layers)} layers; kept in full precision: {skipped}")
@@ -138,12 +175,31 @@ def calibrate(
             raise ValueError("gac_validation='quantized_trajectories' needs a scheduler or a sampler to sample the "
                              "quantized model")
         start = time.time()
-        validation_data = record_quantized_trajectories(denoiser, sampler, config, calibration_data)
+        validation_data = _cached(folder, f"validation-{rank}-of-{world}", lambda: record_quantized_trajectories(
+            denoiser, sampler, config, calibration_data, shard))
         seconds["record_validation"] = round(time.time() - start, 2)
+    checkpoint = None
+    if folder is not None:
+        checkpoint = UnitCheckpoint(folder, {"options": config.options(), "processes": world}, is_main=rank == 0)
     start = time.time()
-    units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting,
-                              validation_data=validation_data, show_progress=show_progress)
+    units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting, validation_data=validation_data,
+                              show_progress=show_progress, state=state, checkpoint=checkpoint)
     seconds["reconstruct"] = round(time.time() - start, 2)
     freeze_model(denoiser)
     return CalibrationReport(config=config.options(), layout=layout, skipped_layers=skipped,
-                             num_calibration_samples=len(calibration_data), units=units, seconds=seconds)
+                             num_calibration_samples=shard.total, units=units, seconds=seconds)
+
+
+def _cached(folder: Path | None, name: str, record) -> CalibrationData:
+    """``record()``'s calibration data, kept in ``folder/name.safetensors`` and read from there when it is already
+    written (a resumed calibration does not sample again)."""
+    if folder is None:
+        return record()
+    path = folder / f"{name}.safetensors"
+    if path.is_file():
+        return CalibrationData.load(path)
+    data = record()
+    tmp = path.with_name(f".{path.name}.tmp")
+    data.save(tmp)
+    os.replace(tmp, path)  # one file (tensors, and the rest as JSON metadata), renamed into place
+    return data

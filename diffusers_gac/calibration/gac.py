@@ -131,52 +131,117 @@ class GradientAlignedWeighting(SampleWeighting):
         """Per-sample logits from the learned ones (identity, or per-step logits expanded)."""
         return logits if self.config.gac_weight_granularity == "sample" else logits[self.sample_step]
 
-    def meta_objective(self, logits: torch.Tensor, train_idx: torch.Tensor, val_idx: torch.Tensor,
-                       problem: UnitProblem | None = None) -> torch.Tensor:
-        """``L_val(s)`` for one training and one validation batch, differentiable in ``logits``."""
+    def meta_gradient(self, logits: torch.Tensor, train_idx: torch.Tensor, val_idx: torch.Tensor,
+                      problem: UnitProblem | None = None) -> tuple[float, torch.Tensor]:
+        """``(L_val(s), dL_val/ds)`` for one training and one validation batch (global indices), over all processes.
+
+        Computed in stages so that every sum over samples is a sum over processes: the weighted training gradient
+        ``g = sum_r g_r(s)``; the virtual step ``theta' = theta - eta N(g)``; the validation objective's gradient at
+        theta', ``grad F = sum_r grad F_r`` (its gradient-matching part through Hessian-vector products of each
+        group's gradient); ``u = -eta J_N(g)^T grad F``; and ``dL/ds = sum_r (dg_r/ds)^T u``. With one process this is
+        the exact gradient of the composed objective (``tests/test_gac.py`` checks it against finite differences).
+        """
         # double backward: fused attention kernels have no second derivative, the math kernel has
         with sdpa_kernel(SDPBackend.MATH):
-            return self._meta_objective(logits, train_idx, val_idx, problem or self.problem)
+            return self._meta_gradient(logits, train_idx, val_idx, problem or self.problem)
 
-    def _meta_objective(self, logits: torch.Tensor, train_idx: torch.Tensor, val_idx: torch.Tensor,
-                        problem: UnitProblem) -> torch.Tensor:
-        cfg = self.config
+    def _meta_gradient(self, logits: torch.Tensor, train_idx: torch.Tensor, val_idx: torch.Tensor,
+                       problem: UnitProblem) -> tuple[float, torch.Tensor]:
+        cfg, shard = self.config, problem.shard
         names = list(problem.params)
         theta = [problem.params[n] for n in names]
+        logits = logits.detach().requires_grad_(True)
         weights = torch.softmax(self.sample_logits(logits)[train_idx] / cfg.gac_temperature, dim=0)
-        train_loss = (weights.to(theta[0].dtype) * problem.per_sample_loss(train_idx)).sum()
-        grads = torch.autograd.grad(train_loss, theta, create_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, grads)]
+        local_loss = problem.loss_sum(train_idx, weights.to(theta[0].dtype))
+        local_grads = [None] * len(theta)
+        if local_loss is not None:
+            local_grads = list(torch.autograd.grad(local_loss, theta, create_graph=True, allow_unused=True))
+        g = shard.sum_all([torch.zeros_like(p) if x is None else x.detach() for p, x in zip(theta, local_grads)])
+        g_leaf = [x.clone().requires_grad_(True) for x in g]
+        step = g_leaf
         if cfg.gac_virtual_step == "normalized":
-            rms = _flat(grads).pow(2).mean().add(1e-24).sqrt()
-            grads = [g / rms for g in grads]
-        virtual = {n: p - cfg.gac_virtual_lr * g for n, p, g in zip(names, theta, grads)}
-        with problem.rounding(cfg.gac_val_rounding):
-            val_loss = self.val_loss_fn(val_idx, params=virtual)
-            objective = val_loss.mean()
-            if cfg.gac_gm_weight > 0:
-                objective = objective + cfg.gac_gm_weight * self.gradient_matching(val_loss, val_idx, virtual, problem)
-        return objective
+            rms = _flat(g_leaf).pow(2).mean().add(1e-24).sqrt()
+            step = [x / rms for x in g_leaf]
+        leaves = [(p.detach() - cfg.gac_virtual_lr * x.detach()).requires_grad_(True) for p, x in zip(theta, step)]
+        value, grad_f = self._validation(val_idx, dict(zip(names, leaves)), problem)
+        u = torch.autograd.grad(step, g_leaf, grad_outputs=[-cfg.gac_virtual_lr * x for x in grad_f])
+        with_graph = [(x, v) for x, v in zip(local_grads, u) if x is not None and x.requires_grad]
+        meta = torch.zeros_like(logits)
+        if with_graph:
+            (meta,) = torch.autograd.grad([x for x, _ in with_graph], logits, grad_outputs=[v for _, v in with_graph],
+                                          allow_unused=True)
+            meta = torch.zeros_like(logits) if meta is None else meta
+        return value, shard.sum(meta)
 
-    def gradient_matching(self, val_loss: torch.Tensor, val_idx: torch.Tensor, virtual: dict[str, torch.Tensor],
-                          problem: UnitProblem) -> torch.Tensor:
-        """``- mean_{t<k} sim(G_t, G_k)`` over the timestep groups present in the validation batch."""
+    def _validation(self, val_idx: torch.Tensor, virtual: dict[str, torch.Tensor],
+                    problem: UnitProblem) -> tuple[float, list[torch.Tensor]]:
+        """``F(theta') = mean validation error + gm_weight * L_gm`` and its gradient with respect to theta'
+        (``virtual``: leaf tensors), both over all processes."""
+        cfg = self.config
+        separate = problem.validation_loss is not None
+        shard = problem.validation_shard if separate else problem.shard
+        leaves = list(virtual.values())
+        zeros = [torch.zeros_like(x) for x in leaves]
+        mask, local = shard.local(val_idx)
+        gm = cfg.gac_gm_weight > 0
+        with problem.rounding(cfg.gac_val_rounding):
+            losses = self.val_loss_fn(local, params=virtual) if mask.any() else None
+            value = losses.sum() / len(val_idx) if losses is not None else None
+            grad = zeros
+            if value is not None:
+                grad = [z if x is None else x for z, x in zip(zeros, torch.autograd.grad(
+                    value, leaves, retain_graph=gm, allow_unused=True))]
+            total = shard.sum(torch.stack([value.detach() if value is not None else torch.zeros(())]).double())
+            grad = shard.sum_all(grad)
+            if gm:
+                term, gm_grad = self._gradient_matching(losses, val_idx, mask, virtual, problem, shard)
+                total = total + cfg.gac_gm_weight * term
+                grad = [x + cfg.gac_gm_weight * y for x, y in zip(grad, gm_grad)]
+        return total.item(), grad
+
+    def _gradient_matching(self, losses: torch.Tensor | None, val_idx: torch.Tensor, mask: torch.Tensor,
+                           virtual: dict[str, torch.Tensor], problem: UnitProblem, shard) -> tuple[float, list]:
+        """``L_gm = - mean_{t<k} sim(G_t, G_k)`` over the timestep groups of the validation batch, ``G_t`` the gradient
+        of group t's mean validation error with respect to the rounding variables at theta', and its gradient with
+        respect to theta' (Hessian-vector products of each process's part of ``G_t``)."""
+        leaves = list(virtual.values())
         rounding = [virtual[n] for n in problem.rounding_params]
         groups = self.val_groups[val_idx]
-        per_group = []
+        local_groups = groups[mask]
+        parts, graphs = [], []
         for g in groups.unique():
-            sel = groups == g
-            grads = torch.autograd.grad(val_loss[sel].mean(), rounding, create_graph=True, allow_unused=True)
-            per_group.append(_flat([torch.zeros_like(r) if x is None else x for r, x in zip(rounding, grads)]))
-        if len(per_group) < 2:
-            return val_loss.new_zeros(())
+            count = int((groups == g).sum())
+            sel = local_groups == g
+            part = None
+            if losses is not None and sel.any():
+                part = torch.autograd.grad(losses[sel].sum() / count, rounding, create_graph=True, allow_unused=True)
+                part = [torch.zeros_like(r) if x is None else x for r, x in zip(rounding, part)]
+            graphs.append(part)
+            parts.append(_flat([x.detach() for x in part]) if part is not None else
+                         torch.zeros(sum(r.numel() for r in rounding), dtype=rounding[0].dtype))
+        if len(parts) < 2:
+            return 0.0, [torch.zeros_like(x) for x in leaves]
+        group_grads = [x.clone().requires_grad_(True) for x in shard.sum_all(parts)]
         sims = []
-        for a, b in itertools.combinations(per_group, 2):
+        for a, b in itertools.combinations(group_grads, 2):
             sim = (a * b).sum()
             if self.config.gac_gm_form == "cosine":
                 sim = sim / (a.norm() * b.norm() + 1e-12)
             sims.append(sim)
-        return -torch.stack(sims).mean()
+        term = -torch.stack(sims).mean()
+        coefficients = torch.autograd.grad(term, group_grads)
+        outputs, grad_outputs = [], []
+        for part, c in zip(graphs, coefficients):
+            if part is not None:
+                offset = 0
+                for x in part:
+                    outputs.append(x)
+                    grad_outputs.append(c[offset : offset + x.numel()].view_as(x))
+                    offset += x.numel()
+        hvp = [None] * len(leaves)
+        if outputs:
+            hvp = torch.autograd.grad(outputs, leaves, grad_outputs=grad_outputs, allow_unused=True)
+        return term.item(), shard.sum_all([torch.zeros_like(x) if h is None else h for x, h in zip(leaves, hvp)])
 
     # -- the strategy -----------------------------------------------------------------------------------------
     def begin_unit(self, problem: UnitProblem) -> None:
@@ -209,15 +274,14 @@ class GradientAlignedWeighting(SampleWeighting):
         val = self.val_idx
         if len(val) > 4 * cfg.batch_size:  # a large separate validation set: a covering subset per meta-step
             val = covering_batch(val, self.val_groups, 4 * cfg.batch_size, self.generator)
-        objective = self.meta_objective(self.logits, train, val)
-        self.optimizer.zero_grad(set_to_none=True)
-        objective.backward(inputs=[self.logits])
-        self.updates += (self.logits.grad != 0).long()
+        value, grad = self.meta_gradient(self.logits, train, val)
+        self.logits.grad = grad.to(self.logits)
+        self.updates += (grad != 0).long()
         self.optimizer.step()
         if cfg.gac_max_logit is not None:  # bounded weights: no sample outweighs another by more than e^(2 bound / tau)
             with torch.no_grad():
                 self.logits.clamp_(-cfg.gac_max_logit, cfg.gac_max_logit)
-        self.trace.append(objective.item())
+        self.trace.append(value)
 
     def before_step(self, step: int) -> None:
         every = self.config.gac_meta_every

@@ -16,8 +16,9 @@ def pick_units(units: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
 
 
 def plot_calibration(units: list[dict[str, Any]], path: str | Path, count: int = 4) -> Path:
-    """One row per unit: timestep-gradient conflict before and after reconstruction, the learned weight mass per
-    timestep (uniform weights give a flat profile) and the meta objective over meta-steps."""
+    """One row per unit: timestep-gradient conflict before and after reconstruction, the weight mass per timestep
+    (learned, or the fixed Fisher profile; uniform weights give a flat profile) with how far learned weights moved
+    (effective sample fraction, max/min weight ratio, meta-steps that reached each logit), and the meta objective."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,12 +38,20 @@ def plot_calibration(units: list[dict[str, Any]], path: str | Path, count: int =
             ax.set_title(f"{unit['name']}\ncosine distance of timestep gradients, {title}", fontsize=8)
             fig.colorbar(im, ax=ax, fraction=0.046)
         mass = d.get("weight_mass_per_timestep")
-        if mass:
-            ts = sorted(mass, key=float)
-            row[2].bar(range(len(ts)), [mass[t] for t in ts])
+        fisher = d.get("fisher_per_timestep")
+        if mass or fisher:
+            profile = mass or {t: f / len(fisher) for t, f in fisher.items()}  # Fisher factors as weight mass
+            ts = sorted(profile, key=float)
+            row[2].bar(range(len(ts)), [profile[t] for t in ts])
             row[2].axhline(1 / len(ts), color="gray", ls="--", lw=1, label="uniform")
             row[2].set_xticks(range(len(ts))[:: max(1, len(ts) // 8)], ts[:: max(1, len(ts) // 8)], fontsize=7)
-            row[2].set_title("learned weight mass per timestep", fontsize=8)
+            title = "learned weight mass per timestep" if mass else "Fisher weight mass per timestep (fixed)"
+            if "effective_sample_fraction" in d:
+                updates = d.get("logit_updates", {})
+                title += (f"\nESS {d['effective_sample_fraction']:.2f}, max/min {d['max_min_weight_ratio']:.2f}, "
+                          f"updates per logit {updates.get('min', 0)}-{updates.get('max', 0)}")
+            row[2].set_title(title, fontsize=8)
+            row[2].set_xlabel("timestep", fontsize=7)
             row[2].legend(fontsize=7)
         else:
             row[2].text(0.5, 0.5, "uniform weights", ha="center", va="center")

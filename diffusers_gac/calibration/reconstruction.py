@@ -6,13 +6,18 @@ averaged over positions, and ``w`` from a ``SampleWeighting`` strategy. The stra
 its validation set: they never train the unit nor set its activation ranges, and the unit's error is reported on
 both parts. Every random draw of a unit comes from a generator seeded by the calibration seed and the unit's index,
 so a unit's result does not depend on how the units before it were reached (a resumed run ends the same).
+
+Data-parallel (``shard``, see ``distributed.py``): each process holds its own calibration samples; mini-batches are
+drawn over global sample indices alike on every process, each process takes the loss of the samples it holds and
+the gradients of the unit's quantization parameters are summed over processes before every step, so all processes
+hold the same quantizer state throughout. Activation ranges are set from the values all processes observed.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -25,9 +30,11 @@ from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..sampling import progress_bar
 from .data import CalibrationData
 from .diagnostics import gradient_conflict
+from .distributed import Shard
 from .fisher import FisherWeighting
 from .gac import GradientAlignedWeighting
-from .problem import UnitProblem, per_sample_error
+from .resume import UnitCheckpoint
+from .problem import UnitProblem, UnitReport, per_sample_error
 from .units import (
     Unit,
     UnitCache,
@@ -57,19 +64,6 @@ def unit_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + 7_919 * (index + 1)) % (2**63 - 1)
 
 
-@dataclass
-class UnitReport:
-    name: str
-    kind: str
-    layers: int
-    loss_before: float  # mean error on (a subset of) the training samples
-    loss_after: float
-    seconds: float
-    weighting: dict[str, Any] = field(default_factory=dict)
-    val_loss_before: float | None = None  # on the strategy's held-out validation samples, if any
-    val_loss_after: float | None = None
-
-
 def _model_calls(data: CalibrationData, batch_size: int, device, dtype) -> Iterator[tuple[dict[str, Any], int]]:
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
@@ -77,12 +71,15 @@ def _model_calls(data: CalibrationData, batch_size: int, device, dtype) -> Itera
 
 
 class UnitReconstruction:
-    """Calibration of one unit; holds its cached inputs, targets and the strategy's view of it."""
+    """Calibration of one unit; holds its cached inputs and targets (this process's samples; ``timesteps`` are
+    theirs) and the strategy's view of it. ``shard`` places these samples among those of all processes."""
 
     def __init__(self, model: nn.Module, unit: Unit, cache: UnitCache, timesteps: torch.Tensor, config: GACConfig,
-                 device, dtype, seed: int):
+                 device, dtype, seed: int, shard: Shard | None = None):
         self.model, self.unit, self.cache, self.config = model, unit, cache, config
         self.timesteps, self.device, self.dtype, self.seed = timesteps, device, dtype, seed
+        self.shard = shard or Shard.single(len(timesteps))
+        self.global_timesteps = self.shard.rows(timesteps)  # every sample's, over all processes
         self.generator = torch.Generator().manual_seed(seed)
         self.context = getattr(model, "_gac_timestep_context", None)
         self.validation: UnitReconstruction | None = None  # a separate validation set, when one is given
@@ -111,24 +108,32 @@ class UnitReconstruction:
 
     @torch.no_grad()
     def mean_loss(self, idx: torch.Tensor) -> float | None:
+        """The mean error over the global samples ``idx`` (over all processes)."""
         if not len(idx):
             return None
+        _, local = self.shard.local(idx)
         bs = max(self.config.batch_size, 64)
-        return torch.cat([self.per_sample_loss(idx[i : i + bs]) for i in range(0, len(idx), bs)]).mean().item()
+        losses = [self.per_sample_loss(local[i : i + bs]) for i in range(0, len(local), bs)]
+        if not self.shard.distributed:
+            return torch.cat(losses).mean().item()
+        total = torch.cat(losses).double().sum() if losses else torch.zeros((), dtype=torch.float64)
+        return (self.shard.sum(total.reshape(1)) / len(idx)).item()
 
     @torch.no_grad()
     def init_activation_ranges(self, idx: torch.Tensor) -> None:
-        """Set the unit's activation ranges from the inputs of samples ``idx`` (the training samples)."""
+        """Set the unit's activation ranges from the inputs of the global samples ``idx`` (the training samples)."""
         quantizers = act_quantizers(self.unit.module)
         if not quantizers:
             return
         for q in quantizers:
             q.start_observing()
+        _, local = self.shard.local(idx)
         bs = max(self.config.batch_size, 64)
-        for i in range(0, len(idx), bs):
-            self.run(idx[i : i + bs])
+        for i in range(0, len(local), bs):
+            self.run(local[i : i + bs])
+        merge = self.shard.rows if self.shard.distributed else None
         for q in quantizers:
-            q.finish_observing()
+            q.finish_observing(merge)
 
     def trainable_params(self) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
         rounding, steps = {}, {}
@@ -155,26 +160,33 @@ class UnitReconstruction:
         if steps:
             groups.append({"params": list(steps.values()), "lr": cfg.lr_act})
         opt = torch.optim.Adam(groups)
-        problem = UnitProblem(self.unit.name, self.unit.module, rounding, steps, self.timesteps, self.per_sample_loss,
-                              train_idx=train_idx, val_idx=val_idx, seed=self.seed, check_names=self.check_names,
-                              rounding=self.rounding)
-        if self.validation is not None:
-            problem.validation_loss = self.validation.per_sample_loss
-            problem.validation_timesteps = self.validation.timesteps
+        validation = self.validation
+        problem = UnitProblem(self.unit.name, self.unit.module, rounding, steps, self.global_timesteps,
+                              self.per_sample_loss, train_idx=train_idx, val_idx=val_idx, seed=self.seed,
+                              check_names=self.check_names, rounding=self.rounding, shard=self.shard,
+                              validation_loss=validation.per_sample_loss if validation else None,
+                              validation_timesteps=validation.global_timesteps if validation else None,
+                              validation_shard=validation.shard if validation else None)
         conflict_before = gradient_conflict(problem, cfg.gac_groups, seed=self.seed)
         weighting.begin_unit(problem)
         batch = min(cfg.batch_size, len(train_idx))
+        params = [*rounding.values(), *steps.values()]
         for step in range(cfg.iters):
             weighting.before_step(step)
             idx = train_idx[torch.randint(0, len(train_idx), (batch,), generator=self.generator)]
             weights = weighting.batch_weights(idx, step).to(self.device)
-            loss = (weights * self.per_sample_loss(idx)).sum()
+            loss = problem.loss_sum(idx, weights)
             beta = rounding_beta(step, cfg.iters, cfg.round_warmup)
-            if beta is not None and cfg.round_reg_weight > 0:
+            if beta is not None and cfg.round_reg_weight > 0 and self.shard.is_main:  # counted once over processes
                 reg = sum(l.weight_quantizer.rounding_regularizer(beta) for l in self.unit.layers.values())
-                loss = loss + cfg.round_reg_weight * reg
+                loss = cfg.round_reg_weight * reg if loss is None else loss + cfg.round_reg_weight * reg
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss is not None:
+                loss.backward()
+            if self.shard.distributed:  # every process steps with the gradient of the whole mini-batch
+                for p, g in zip(params, self.shard.sum_all([p.grad if p.grad is not None else torch.zeros_like(p)
+                                                           for p in params])):
+                    p.grad = g
             opt.step()
         conflict_after = gradient_conflict(problem, cfg.gac_groups, seed=self.seed)
         for layer in self.unit.layers.values():
@@ -215,12 +227,17 @@ def reconstruct_model(
     weighting: SampleWeighting | None = None,
     validation_data: CalibrationData | None = None,
     show_progress: bool = True,
+    state=None,
+    checkpoint: UnitCheckpoint | None = None,
 ) -> list[UnitReport]:
     """Calibrate a converted model unit by unit on ``data``; returns one report per unit.
 
     ``config.reconstruction == "none"`` only sets activation ranges (round-to-nearest weights).
     ``validation_data`` (optional) is a second set of denoiser inputs whose unit inputs and full-precision
     targets are captured like the training ones and offered to the weighting strategy as its validation set.
+    ``state`` (an Accelerate ``PartialState`` or ``Accelerator``, several processes): data-parallel calibration,
+    ``data`` and ``validation_data`` being this process's shards. ``checkpoint``: units it already holds are
+    restored instead of reconstructed, and every unit finished is written to it (resume after an interruption).
     """
     weighting = weighting or make_weighting(config)
     param = next(model.parameters())
@@ -231,21 +248,29 @@ def reconstruct_model(
     model.eval()
     set_quant_state(model, weights=False, acts=False)
     units = find_units(model, data.batch(torch.arange(min(2, len(data))), device=device, dtype=dtype))
+    shard = Shard.across_processes(len(data), state) if state is not None else Shard.single(len(data))
+    val_shard = None
+    if validation_data is not None:
+        val_shard = (Shard.across_processes(len(validation_data), state) if state is not None
+                     else Shard.single(len(validation_data)))
     weighting.begin_model(model, data, validation_data)
-    timesteps = data.timesteps
     capture_bs = max(config.batch_size, 64)
     reports: list[UnitReport] = []
-    progress = progress_bar(len(units), "calibrating units", show_progress)
-    for index, unit in enumerate(units):
+    done = checkpoint.restore(units, model) if checkpoint is not None else []
+    reports.extend(done)
+    progress = progress_bar(len(units), "calibrating units", show_progress and shard.is_main)
+    progress.update(len(done))
+    for index, unit in enumerate(units[len(done):], start=len(done)):
         start = time.time()
         seed = unit_seed(config.seed, index)
         cache = capture_unit_cache(model, unit, data, capture_bs, device, dtype)
         set_quant_state(unit.module, weights=True, acts=False)
-        job = UnitReconstruction(model, unit, cache, timesteps, config, device, dtype, seed)
+        job = UnitReconstruction(model, unit, cache, data.timesteps, config, device, dtype, seed, shard)
         if validation_data is not None:
             job.validation = UnitReconstruction(model, unit, capture_unit_cache(model, unit, validation_data, capture_bs,
-                                                device, dtype), validation_data.timesteps, config, device, dtype, seed)
-        held_out = weighting.validation_mask(timesteps, torch.Generator().manual_seed(seed + 1))
+                                                device, dtype), validation_data.timesteps, config, device, dtype, seed,
+                                                val_shard)
+        held_out = weighting.validation_mask(job.global_timesteps, torch.Generator().manual_seed(seed + 1))
         train_idx, val_idx = torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
         job.init_activation_ranges(train_idx)
         set_quant_state(unit.module, weights=True, acts=True)
@@ -257,6 +282,8 @@ def reconstruct_model(
                             round(time.time() - start, 2), diagnostics, val_before, job.mean_loss(val_idx))
         reports.append(report)
         logger.info(f"{unit.name}: error {report.loss_before:.4g} -> {report.loss_after:.4g} ({report.seconds:.1f}s)")
+        if checkpoint is not None:
+            checkpoint.save(index, unit, report)
         del cache, job
         progress.update(1)
     progress.close()

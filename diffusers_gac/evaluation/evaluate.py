@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..sampling import sample_images
-from ..zoo import load_digits_classifier, load_digits_split
+from ..zoo import load_digits_classifier, load_digits_split, load_feature_network, load_labeled_images, load_real_images
 from .metrics import class_accuracy, classifier_features, frechet_distance, psnr
 
 
@@ -43,7 +43,8 @@ class EvalResult:
 
 @dataclass
 class MetricFloor:
-    """The best a generator can hope for: real test digits scored against real train digits."""
+    """The best a generator can hope for: real test images scored against real train images (and the feature
+    network's accuracy on the test images' labels: digit classes, or source photos)."""
 
     fd: float
     accuracy: float
@@ -151,11 +152,12 @@ def trajectory_error(unet: nn.Module, reference_unet: nn.Module, scheduler, num_
     return {"mse": sum(per_step) / len(per_step), "per_step": per_step}
 
 
-def metric_floor(classifier: nn.Module | None = None) -> MetricFloor:
-    """FD of the real test digits against the real train digits, and the classifier's accuracy on the test digits."""
-    classifier = classifier if classifier is not None else load_digits_classifier()
-    test_images, test_labels = load_digits_split("test")
-    train_images, _ = load_digits_split("train")
+def metric_floor(classifier: nn.Module | None = None, model: str = "digits") -> MetricFloor:
+    """FD of an embedded model's real test images against its real train images, and the feature network's accuracy
+    on the test images (default: the digits and their classifier)."""
+    classifier = classifier if classifier is not None else load_feature_network(model)
+    test_images, test_labels = load_labeled_images(model, "test")
+    train_images = load_real_images(model, "train")
     fd = frechet_distance(classifier_features(classifier, test_images), classifier_features(classifier, train_images))
     return MetricFloor(
         fd=fd,

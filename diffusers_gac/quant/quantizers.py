@@ -12,6 +12,7 @@ quantized model can be rebuilt from its config before its weights load:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -199,19 +200,24 @@ class ActQuantizer(nn.Module):
                 self._observed[g].append(rows.cpu())
 
     @torch.no_grad()
-    def finish_observing(self) -> None:
+    def finish_observing(self, merge: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Set the ranges from the values observed since ``start_observing``; ``merge`` (data-parallel calibration)
+        turns this process's observed values of a group into those of every process, in process order."""
         if self._observed is None:
             return
         if self.scheme != "dynamic":
+            values = [torch.cat(chunks).flatten() if chunks else torch.zeros(0) for chunks in self._observed]
+            if merge is not None:
+                values = [merge(v) for v in values]
             fallback = None
-            for g, chunks in enumerate(self._observed):
-                if not chunks:
+            for g, v in enumerate(values):
+                if not v.numel():
                     continue
-                s, z = mse_range_search(torch.cat(chunks).flatten(), self.bits, dim=None)
+                s, z = mse_range_search(v, self.bits, dim=None)
                 self.scale[g], self.zero_point[g] = s[0], z[0]
                 fallback = (s[0], z[0]) if fallback is None else fallback
-            for g, chunks in enumerate(self._observed):  # a group no sample fell into borrows a neighbour's range
-                if not chunks and fallback is not None:
+            for g, v in enumerate(values):  # a group no sample fell into borrows a neighbour's range
+                if not v.numel() and fallback is not None:
                     self.scale[g], self.zero_point[g] = fallback
         self._observed = None
 

@@ -1,4 +1,11 @@
-"""Models shipped inside the package. ``digits`` is the default for every command and test."""
+"""Models shipped inside the package, each with what its evaluation needs (a feature network for FD, real images).
+
+* ``digits`` (the default for every command and test): a class-conditional ``UNet2DModel`` on scikit-learn's 8x8
+  digits; its metrics classifier defines FD and class accuracy.
+* ``photos``: an unconditional RGB ``UNet2DModel`` on 16x16 patches of the colour photographs in scikit-image's
+  wheel, a harder model on which quantization leaves a clear gap; a photo-source classifier defines its FD (its
+  data needs scikit-image, the ``photos`` extra).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,10 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from .classifier import DigitsClassifier
 from .data import load_digits_split
+from .photos_data import load_test_patches, load_test_set, sample_labeled_patches, sample_patches
+from .photos_features import PhotoPatchClassifier
 
-EMBEDDED_MODELS = {"digits": Path(__file__).parent / "digits"}
+EMBEDDED_MODELS = {"digits": Path(__file__).parent / "digits", "photos": Path(__file__).parent / "photos"}
 DEFAULT_MODEL = "digits"
 
 
@@ -47,14 +56,30 @@ def load_digits_classifier(name: str = DEFAULT_MODEL) -> DigitsClassifier:
 def load_feature_network(name: str = DEFAULT_MODEL) -> torch.nn.Module:
     """The network whose features define an embedded model's Frechet distance (``features(x)``) and, for a
     class-conditional model, its class accuracy (``forward(x)``)."""
-    embedded_model_path(name)
+    path = embedded_model_path(name)
+    if name == "photos":
+        return PhotoPatchClassifier.from_pretrained(path / "features")
     return load_digits_classifier(name)
 
 
 def load_real_images(name: str = DEFAULT_MODEL, split: str = "test") -> torch.Tensor:
-    """Real images of an embedded model's data (model space, ``[-1, 1]``): ``"test"`` is what FD compares with."""
+    """Real images of an embedded model's data (model space, ``[-1, 1]``): ``"test"`` is what FD compares with
+    (for ``photos``: its fixed set of 4096 held-out patches; ``"train"``: 4096 seeded training patches)."""
     embedded_model_path(name)
+    if name == "photos":
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return load_test_patches() if split == "test" else sample_patches("train", 4096, seed=0)
     return load_digits_split(split)[0]
+
+
+def load_labeled_images(name: str = DEFAULT_MODEL, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images with their labels: digit classes for ``digits``, source-photo indices for ``photos`` (the
+    labels its feature network predicts)."""
+    embedded_model_path(name)
+    if name == "photos":
+        return load_test_set() if split == "test" else sample_labeled_patches("train", 4096, seed=0)
+    return load_digits_split(split)
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -103,6 +128,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.dev
 __all__ = [
     "DEFAULT_MODEL",
     "DigitsClassifier",
+    "PhotoPatchClassifier",
     "EMBEDDED_MODELS",
     "embedded_model_path",
     "load_digits_classifier",
@@ -110,6 +136,7 @@ __all__ = [
     "load_embedded_scheduler",
     "load_embedded_unet",
     "load_feature_network",
+    "load_labeled_images",
     "load_real_images",
     "load_model",
     "resolve_model_path",
