@@ -14,8 +14,8 @@ from .. import zoo
 from ..evaluation import evaluate_denoiser, image_grid, num_class_labels, sample_images, summarize
 from ..hub import push_to_hub, write_hub_folder
 from ..saving import quantized_components
-from .common import (CLIError, check_writable, default_device, format_table, image_file, model_ref, positive_int,
-                     repo_id, seed)
+from .common import CLIError, check_writable, default_device, format_table, image_file, model_ref, positive_int, repo_id
+from .common import seed as seed_type
 
 logger = dlogging.get_logger(__name__)
 
@@ -28,7 +28,7 @@ def add_sample_parser(subparsers, parents: list[argparse.ArgumentParser]) -> Non
     p.add_argument("--output", type=image_file, default=Path("samples.png"),
                    help="image file to write, PNG or another format PIL writes (default: samples.png)")
     p.add_argument("--num-samples", type=positive_int, default=100, help="number of images (default: 100)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of the initial noise (default: 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the initial noise (default: 0)")
     p.add_argument("--class-label", type=int, default=None, help="one class for all samples (default: all classes in turn)")
     p.set_defaults(func=run_sample)
 
@@ -76,7 +76,7 @@ def add_evaluate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> N
     p.add_argument("models", nargs="*", type=model_ref, help="model folders or embedded names (default: the reference itself)")
     p.add_argument("--reference", type=model_ref, default=zoo.DEFAULT_MODEL, help="full-precision model (default: digits)")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="samples per seed (default: 1000)")
-    p.add_argument("--seed", "--seeds", dest="seeds", type=seed, nargs="+", default=[0], help="one or more seeds (default: 0)")
+    p.add_argument("--seed", "--seeds", dest="seeds", type=seed_type, nargs="+", default=[0], help="one or more seeds (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object per model and line")
     p.set_defaults(func=run_evaluate)
 
