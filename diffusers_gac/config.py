@@ -113,9 +113,10 @@ class GACConfig(QuantizationConfigMixin):
         weight_init: weight range initialisation, ``"mse"`` (error-minimising search) or ``"minmax"``.
         reconstruction: ``"adaround"`` (learned rounding and activation steps, block by block) or ``"none"``
             (round-to-nearest with calibrated ranges).
-        weighting: how calibration samples are weighted in the reconstruction loss: ``"uniform"`` (every sample
-            alike, Q-Diffusion), ``"gradient_aligned"`` (weights learned by GAC, below) or ``"fisher"`` (a fixed
-            per-timestep weighting by the unit's output sensitivity, the non-learned baseline; ``calibration/fisher.py``).
+        weighting: how calibration samples are weighted in the reconstruction loss: ``"gradient_aligned"`` (weights
+            learned by GAC, below; the default), ``"uniform"`` (every sample alike, Q-Diffusion; the default with
+            ``reconstruction="none"``, which has no loss to weight) or ``"fisher"`` (a fixed per-timestep weighting by
+            the unit's output sensitivity, the non-learned baseline; ``calibration/fisher.py``).
         iters: optimisation steps per unit; batch_size: samples per step.
         lr_round / lr_act: Adam learning rates of the rounding variables and the activation step sizes.
         round_reg_weight: weight of AdaRound's rounding regulariser; round_warmup: fraction of ``iters`` without it.
@@ -171,7 +172,7 @@ class GACConfig(QuantizationConfigMixin):
     # -- reconstruction -------------------------------------------------------------------------------------------
     weight_init: str = "mse"
     reconstruction: str = "adaround"
-    weighting: str = "uniform"
+    weighting: str | None = None
     iters: int = 400
     batch_size: int = 32
     lr_round: float = 1e-2
@@ -224,6 +225,8 @@ class GACConfig(QuantizationConfigMixin):
         check_choice("weight_init", self.weight_init, WEIGHT_INITS)
         check_choice("calib_timestep_selection", self.calib_timestep_selection, TIMESTEP_SELECTIONS)
         check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        if self.weighting is None:  # learned weights wherever there is a reconstruction loss to weight
+            self.weighting = "uniform" if self.reconstruction == "none" else "gradient_aligned"
         check_choice("weighting", self.weighting, WEIGHTINGS)
         for name in ("act_timestep_groups", "calib_num_inference_steps", "calib_num_timesteps",
                      "calib_samples_per_timestep", "iters", "batch_size"):
