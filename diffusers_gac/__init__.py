@@ -18,13 +18,13 @@ from .config import CalibrationInputs, GACConfig, GACQuantizationMethod, Quantiz
 from .hub import push_to_hub
 from .pretrained import calibrate_pretrained, load_prompts
 from .quant.convert import set_execution
-from .quantizer import GACQuantizer, merge_quantization_configs
+from .quantizer import GACQuantizer, install_load_guard, merge_quantization_configs
 from .saving import save_pretrained
 
 
 def _register_backend() -> None:
     """Make diffusers' from_pretrained know the "gac" quantization method (it has no plugin API: its two
-    lookup tables are extended in place)."""
+    lookup tables are extended in place), and refuse diffusers-gac weights that lost their quantization config."""
     _auto.AUTO_QUANTIZER_MAPPING[GACQuantizationMethod.GAC.value] = GACQuantizer
     _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[GACQuantizationMethod.GAC.value] = GACConfig
     merge = _auto.DiffusersAutoQuantizer.merge_quantization_configs
@@ -32,6 +32,7 @@ def _register_backend() -> None:
         wrapped = merge_quantization_configs(merge.__func__)
         wrapped._gac = True
         _auto.DiffusersAutoQuantizer.merge_quantization_configs = classmethod(wrapped)
+    install_load_guard()
 
 
 _register_backend()

@@ -20,6 +20,7 @@ from .calibration.flow import CalibrationReport, calibrate
 from .calibration.reconstruction import make_weighting
 from .calibration.weighting import SampleWeighting
 from .config import GACConfig
+from .denoisers import check_not_quantized
 from .quantizer import mark_calibrated
 from .sampling import Sampler, denoiser_name, pipeline_sampler, scheduler_sampler
 
@@ -69,6 +70,7 @@ def quantize_model(
     ``weighting`` overrides the strategy named by ``config.weighting``. Afterwards the model saves and loads like one calibrated by
     ``from_pretrained``.
     """
+    check_not_quantized(denoiser)  # (from_pretrained marks the model quantized before it calibrates it)
     show_progress = show_progress and (accelerator is None or accelerator.is_main_process)  # one set of bars
     if sampler is None and scheduler is not None:
         sampler = scheduler_sampler(denoiser, scheduler, config.calib_num_inference_steps, class_labels=class_labels,

@@ -23,6 +23,12 @@ from typing import Any
 
 import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+from diffusers.utils import logging
+
+from .checks import check_bits, check_bool, check_choice, check_number, check_positive, check_seed, suggest
+from .layout import QuantizedLayout
+
+logger = logging.get_logger(__name__)
 
 
 class GACQuantizationMethod(str, Enum):
@@ -40,27 +46,6 @@ EXECUTIONS = ("auto", "integer", "fake")
 FORMAT_OPTIONS = ("w_bits", "a_bits", "act_scheme", "act_timestep_groups", "attn_bits", "special_bits",
                   "split_skip_inputs", "modules_to_not_convert")
 FORMAT_VERSION = 1
-
-
-def check_bits(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-        allowed = "an integer from 2 to 8" + (" or None (full precision)" if allow_none else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-
-
-def check_positive(name: str, value: Any, kind: type = int) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    if kind is int:
-        ok = ok and isinstance(value, int)
-    if not ok:
-        raise ValueError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
 
 
 @dataclass
@@ -102,29 +87,7 @@ class CalibrationInputs:
                              f"{type(self.sampler).__name__}")
 
 
-@dataclass
-class QuantizedLayout:
-    """What calibration decided about the model's layout; what a saved checkpoint needs to rebuild its layers.
-
-    ``layers`` maps every converted Conv2d/Linear to ``{"w_bits", "a_bits", "split"}`` (``split``: channels of the
-    first part of a concatenated skip input, or None); ``attention`` names the Attention modules whose matmuls
-    are quantized.
-    """
-
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    attention: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layers": copy.deepcopy(self.layers), "attention": list(self.attention)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantizedLayout:
-        if not isinstance(d, dict) or not isinstance(d.get("layers"), dict):
-            raise ValueError(f"layout must be a dict with a 'layers' mapping, got {type(d).__name__}")
-        return cls(layers=copy.deepcopy(d["layers"]), attention=list(d.get("attention") or []))
-
-
-@dataclass
+@dataclass(kw_only=True)
 class GACConfig(QuantizationConfigMixin):
     """Post-training quantization of a diffusers denoiser with (gradient-aligned) block reconstruction.
 
@@ -152,9 +115,10 @@ class GACConfig(QuantizationConfigMixin):
         weight_init: weight range initialisation, ``"mse"`` (error-minimising search) or ``"minmax"``.
         reconstruction: ``"adaround"`` (learned rounding and activation steps, block by block) or ``"none"``
             (round-to-nearest with calibrated ranges).
-        weighting: how calibration samples are weighted in the reconstruction loss: ``"uniform"`` (every sample
-            alike, Q-Diffusion), ``"gradient_aligned"`` (weights learned by GAC, below) or ``"fisher"`` (a fixed
-            per-timestep weighting by the unit's output sensitivity, the non-learned baseline; ``calibration/fisher.py``).
+        weighting: how calibration samples are weighted in the reconstruction loss: ``"gradient_aligned"`` (weights
+            learned by GAC, below; the default), ``"uniform"`` (every sample alike, Q-Diffusion; the default with
+            ``reconstruction="none"``, which has no loss to weight) or ``"fisher"`` (a fixed per-timestep weighting by
+            the unit's output sensitivity, the non-learned baseline; ``calibration/fisher.py``).
         iters: optimisation steps per unit; batch_size: samples per step.
         lr_round / lr_act: Adam learning rates of the rounding variables and the activation step sizes.
         round_reg_weight: weight of AdaRound's rounding regulariser; round_warmup: fraction of ``iters`` without it.
@@ -216,7 +180,7 @@ class GACConfig(QuantizationConfigMixin):
     # -- reconstruction -------------------------------------------------------------------------------------------
     weight_init: str = "mse"
     reconstruction: str = "adaround"
-    weighting: str = "uniform"
+    weighting: str | None = None
     iters: int = 400
     batch_size: int = 32
     lr_round: float = 1e-2
@@ -226,7 +190,7 @@ class GACConfig(QuantizationConfigMixin):
     seed: int = 0
     # -- gradient-aligned weighting -------------------------------------------------------------------------------
     gac_meta_steps: int = 0
-    gac_meta_every: int = 10
+    gac_meta_every: int = 20
     gac_meta_lr: float = 0.05
     gac_virtual_lr: float = 1e-2
     gac_virtual_step: str = "normalized"
@@ -246,7 +210,15 @@ class GACConfig(QuantizationConfigMixin):
     execution: str = field(default="auto", compare=False)
     layout: QuantizedLayout | None = None
 
+    def __new__(cls, *args, **kwargs):
+        if args:  # the first positional argument would land in quant_method and be dropped
+            raise TypeError(f"GACConfig takes keyword arguments only, e.g. GACConfig(w_bits={args[0]!r}); got "
+                            f"{len(args)} positional argument{'s' if len(args) > 1 else ''}")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
+        if self.quant_method not in (GACQuantizationMethod.GAC, GACQuantizationMethod.GAC.value):
+            raise ValueError(f"quant_method must be 'gac' (it names this backend), got {self.quant_method!r}")
         self.quant_method = GACQuantizationMethod.GAC
         if isinstance(self.layout, dict):
             self.layout = QuantizedLayout.from_dict(self.layout)
@@ -257,29 +229,29 @@ class GACConfig(QuantizationConfigMixin):
         check_bits("a_bits", self.a_bits, allow_none=True)
         check_bits("special_bits", self.special_bits, allow_none=True)
         check_bits("attn_bits", self.attn_bits, allow_none=True)
+        check_bool("split_skip_inputs", self.split_skip_inputs)
         check_choice("act_scheme", self.act_scheme, ACT_SCHEMES)
         check_choice("execution", self.execution, EXECUTIONS)
         check_choice("weight_init", self.weight_init, WEIGHT_INITS)
         check_choice("calib_timestep_selection", self.calib_timestep_selection, TIMESTEP_SELECTIONS)
         check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        if self.weighting is None:  # learned weights wherever there is a reconstruction loss to weight
+            self.weighting = "uniform" if self.reconstruction == "none" else "gradient_aligned"
         check_choice("weighting", self.weighting, WEIGHTINGS)
         for name in ("act_timestep_groups", "calib_num_inference_steps", "calib_num_timesteps",
                      "calib_samples_per_timestep", "iters", "batch_size"):
             check_positive(name, getattr(self, name))
         for name in ("lr_round", "lr_act"):
             check_positive(name, getattr(self, name), float)
-        if not isinstance(self.round_reg_weight, (int, float)) or self.round_reg_weight < 0:
-            raise ValueError(f"round_reg_weight must be a number >= 0, got {self.round_reg_weight!r}")
-        if not isinstance(self.round_warmup, (int, float)) or not 0 <= self.round_warmup < 1:
-            raise ValueError(f"round_warmup must be a fraction in [0, 1), got {self.round_warmup!r}")
+        check_number("round_reg_weight", self.round_reg_weight, 0)
+        check_number("round_warmup", self.round_warmup, 0, 1, what="a fraction in [0, 1)")
         if self.calib_num_timesteps > self.calib_num_inference_steps and self.calib_timestep_selection == "uniform":
             raise ValueError(
                 f"calib_num_timesteps ({self.calib_num_timesteps}) cannot exceed calib_num_inference_steps "
                 f"({self.calib_num_inference_steps}) with calib_timestep_selection='uniform'"
             )
         g = self.calib_guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 1:
-            raise ValueError(f"calib_guidance_scale must be a number >= 1 (1: no guidance), got {g!r}")
+        check_number("calib_guidance_scale", g, 1, what="a finite number >= 1 (1: no guidance)")
         inputs = self.calibration_inputs
         if inputs is not None and not isinstance(inputs, CalibrationInputs):
             raise ValueError(f"calibration_inputs must be a diffusers_gac.CalibrationInputs, got {type(inputs).__name__}")
@@ -288,14 +260,25 @@ class GACConfig(QuantizationConfigMixin):
                              "prompt's embeddings)")
         if self.modules_to_not_convert is not None and (
             not isinstance(self.modules_to_not_convert, (list, tuple))
-            or not all(isinstance(m, str) for m in self.modules_to_not_convert)
+            or not all(isinstance(m, str) and m for m in self.modules_to_not_convert)
         ):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
+        if self.reconstruction == "none" and self.weighting != "uniform":
+            raise ValueError(
+                f"weighting={self.weighting!r} weights the samples of the reconstruction loss, and "
+                "reconstruction='none' has no loss (round-to-nearest): use weighting='uniform' with "
+                "reconstruction='none', or reconstruction='adaround'")
         self._check_gac_options()
-        if self.layout is not None and not isinstance(self.layout, QuantizedLayout):
-            raise ValueError(f"layout must be a QuantizedLayout (written by calibration), got {type(self.layout).__name__}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_seed("seed", self.seed)
+        if self.layout is not None:
+            if not isinstance(self.layout, QuantizedLayout):
+                raise ValueError(f"layout must be a QuantizedLayout (written by calibration), got "
+                                 f"{type(self.layout).__name__}")
+            self.layout.check()
+            problems = self.layout.disagreements(self)
+            if problems:
+                raise ValueError("the quantization config contradicts its own layout (the list of converted "
+                                 f"layers): {'; '.join(problems)}")
 
     def _check_gac_options(self) -> None:
         for name in ("gac_meta_lr", "gac_virtual_lr", "gac_temperature"):
@@ -312,10 +295,8 @@ class GACConfig(QuantizationConfigMixin):
         check_choice("gac_validation_target", self.gac_validation_target, ("unit", "output"))
         check_choice("gac_weight_granularity", self.gac_weight_granularity, ("timestep", "sample"))
         check_choice("gac_val_rounding", self.gac_val_rounding, ("hard", "soft"))
-        if not isinstance(self.gac_val_fraction, (int, float)) or not 0 <= self.gac_val_fraction < 0.5:
-            raise ValueError(f"gac_val_fraction must be a fraction in [0, 0.5), got {self.gac_val_fraction!r}")
-        if not isinstance(self.gac_gm_weight, (int, float)) or self.gac_gm_weight < 0:
-            raise ValueError(f"gac_gm_weight must be a number >= 0, got {self.gac_gm_weight!r}")
+        check_number("gac_val_fraction", self.gac_val_fraction, 0, 0.5, what="a fraction in [0, 0.5)")
+        check_number("gac_gm_weight", self.gac_gm_weight, 0)
         if self.gac_max_logit is not None:
             check_positive("gac_max_logit", self.gac_max_logit, float)
 
@@ -368,11 +349,32 @@ class GACConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
-        """Build a config from ``to_dict()`` output (config.json) or from flat options; ``kwargs`` override."""
-        flat = {k: v for k, v in config_dict.items() if k not in ("quant_method", "format_version", "calibration")}
-        flat.update(config_dict.get("calibration") or {})
-        known = {k: v for k, v in flat.items() if k in cls.__dataclass_fields__}
-        config = cls(**known)
+        """Build a config from ``to_dict()`` output (config.json) or from flat options; ``kwargs`` override. A key that
+        is no option is an error (a typo such as ``w_bit`` would otherwise be dropped)."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"a GACConfig is built from a dict of options, got {type(config_dict).__name__}")
+        version = config_dict.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"format_version {version!r} is not one this diffusers-gac reads (1 to {FORMAT_VERSION}); "
+                             "a newer release of diffusers-gac wrote it: upgrade the package")
+        calibration = config_dict.get("calibration") or {}
+        if not isinstance(calibration, dict):
+            raise ValueError(f"'calibration' must be a dict of calibration options, got {type(calibration).__name__}")
+        known = set(cls.option_names()) | {"quant_method", "layout"}
+        if config_dict.get("layout") is not None:
+            # a calibrated checkpoint's calibration options only document how it was made: one this release does not
+            # know (written by another release) is reported, not fatal; its format options must all be known
+            dropped = sorted(k for k in calibration if k not in known)
+            if dropped:
+                logger.warning(f"ignoring calibration options this diffusers-gac does not know: {dropped}")
+            calibration = {k: v for k, v in calibration.items() if k in known}
+        flat = {k: v for k, v in config_dict.items() if k not in ("format_version", "calibration")}
+        flat.update(calibration)
+        unknown = [k for k in flat if k not in known]
+        if unknown:
+            raise ValueError("unknown GACConfig options: " + ", ".join(
+                f"{k!r}{suggest(k, sorted(known))}" for k in unknown) + "; see help(diffusers_gac.GACConfig)")
+        config = cls(**flat)
         unused = {k: v for k, v in kwargs.items() if not hasattr(config, k)}
         for k, v in kwargs.items():
             if hasattr(config, k):

@@ -92,12 +92,14 @@ def model_card(obj, *, repo_id: str, evaluation: dict[str, Any] | None = None, b
     is_pipeline = not isinstance(obj, nn.Module)
     cls = "DiffusionPipeline" if is_pipeline else type(obj).__name__
     acts = f"activations at {config.a_bits} bits" if config.a_bits else "activations in full precision"
-    weighting = ("gradient-aligned (learned) sample weights" if config.weighting == "gradient_aligned"
-                 else "uniform sample weights")
+    weighting = {"gradient_aligned": "gradient-aligned (learned) sample weights",
+                 "fisher": "fixed Fisher per-timestep sample weights"}.get(config.weighting, "uniform sample weights")
+    method = ("round-to-nearest weights and calibrated activation ranges" if config.reconstruction == "none"
+              else f"block reconstruction with {weighting}")
     lines = [
         f"# {repo_id.split('/')[-1]}: {bits} quantized with diffusers-gac", "",
         (f"A post-training quantized {'pipeline' if is_pipeline else type(obj).__name__}: weights at {config.w_bits} bits, "
-         f"{acts}, calibrated with {weighting} by diffusers-gac (post-training quantization for diffusers with "
+         f"{acts}, calibrated with {method} by diffusers-gac (post-training quantization for diffusers with "
          "gradient-aligned calibration)."),
         f"Base model: `{base_model}`." if base_model else "Base model: not recorded.", "",
         "## Use", "", "```python",

@@ -10,6 +10,7 @@ from diffusers.utils import logging
 from torch import nn
 
 from .config import GACConfig
+from .denoisers import check_prompt_embeds
 from .sampling import prompt_embeds_sampler, scheduler_sampler
 
 logger = logging.get_logger(__name__)
@@ -37,18 +38,14 @@ def is_text_conditional(model: nn.Module) -> bool:
                 or config.get("caption_channels") or config.get("joint_attention_dim"))
 
 
-def calibration_inputs(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None) -> dict[str, Any]:
-    """How a model fresh out of ``from_pretrained`` gets its calibration trajectories, as ``calibrate`` keywords:
-    ``config.calibration_inputs.sampler``, else the scheduler over its ``prompt_embeds`` (text-conditional), else
-    the scheduler alone."""
+def check_calibration_inputs(model: nn.Module, config: GACConfig) -> None:
+    """The inputs ``calibration_inputs`` would build fit ``model`` (run before its weights load)."""
     inputs = config.calibration_inputs
     if inputs is not None and inputs.sampler is not None:
-        fn = inputs.sampler
-        return {"sampler": lambda num_trajectories, seed: fn(model, num_trajectories, seed)}
+        return
     if inputs is not None and inputs.prompt_embeds is not None:
-        return {"sampler": prompt_embeds_sampler(
-            model, find_scheduler(checkpoint_dir), config.calib_num_inference_steps, inputs.prompt_embeds,
-            negative_prompt_embeds=inputs.negative_prompt_embeds, guidance_scale=config.calib_guidance_scale)}
+        check_prompt_embeds(model, inputs.prompt_embeds, "calibration_inputs.prompt_embeds")
+        return
     if is_text_conditional(model):
         raise ValueError(
             f"{type(model).__name__} is text-conditional: calibration needs inputs that from_pretrained cannot invent. "
@@ -58,4 +55,19 @@ def calibration_inputs(model: nn.Module, config: GACConfig, checkpoint_dir: Path
             "runs your sampling loop; or load the pipeline in full precision and call "
             "diffusers_gac.quantize_pipeline(pipe, config, prompts=[...])."
         )
+
+
+def calibration_inputs(model: nn.Module, config: GACConfig, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """How a model fresh out of ``from_pretrained`` gets its calibration trajectories, as ``calibrate`` keywords:
+    ``config.calibration_inputs.sampler``, else the scheduler over its ``prompt_embeds`` (text-conditional), else
+    the scheduler alone."""
+    check_calibration_inputs(model, config)
+    inputs = config.calibration_inputs
+    if inputs is not None and inputs.sampler is not None:
+        fn = inputs.sampler
+        return {"sampler": lambda num_trajectories, seed: fn(model, num_trajectories, seed)}
+    if inputs is not None and inputs.prompt_embeds is not None:
+        return {"sampler": prompt_embeds_sampler(
+            model, find_scheduler(checkpoint_dir), config.calib_num_inference_steps, inputs.prompt_embeds,
+            negative_prompt_embeds=inputs.negative_prompt_embeds, guidance_scale=config.calib_guidance_scale)}
     return {"sampler": scheduler_sampler(model, find_scheduler(checkpoint_dir), config.calib_num_inference_steps)}

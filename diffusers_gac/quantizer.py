@@ -4,9 +4,15 @@
   are loaded (``_process_model_after_weight_loading``); calibration inputs come from ``integration.py``.
 * Loading a checkpoint saved after calibration (its config.json carries the GACConfig with its ``layout``)
   rebuilds the frozen quantized layers on the meta device before the weights load (``quant.convert.requantize``);
-  quantizer state is loaded exactly, never cast to ``torch_dtype``. Once loaded, the layers run as the config's
+  quantizer state is loaded exactly, never cast to ``torch_dtype``. Nothing loads unchecked: the layout against the
+  model, the tensor names against the layout before any weight loads, each quantized tensor (dtype, shape, values)
+  before it is used (``quant.checkpoint``). Once loaded, the layers run as the config's
   ``execution`` says (``quant.convert.set_execution``; ``"auto"`` unless ``from_pretrained`` got a
   ``GACConfig(execution=...)``, whose load-time options ``merge_quantization_configs`` below takes over).
+* What cannot be calibrated is refused before any weight loads: a model that is no denoiser, half precision,
+  calibration inputs that do not fit the model, a device this machine lacks.
+* :func:`install_load_guard` makes a plain load (no quantization config) of diffusers-gac weights fail clearly
+  instead of leaving the quantized layers with random weights.
 
 The quantizer object a model carries (``model.hf_quantizer``) also holds the report of the calibration that
 produced it (``calibration_report``), which ``diffusers_gac.save_pretrained`` and ``push_to_hub`` write beside the
@@ -16,24 +22,29 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.utils import get_module_from_name, logging
 from torch import nn
 
 from .calibration.flow import calibrate
+from .checks import check_device
 from .config import FORMAT_OPTIONS, GACConfig
-from .integration import calibration_inputs
-from .quant.convert import dequantize_model, requantize, set_execution
+from .denoisers import HALF_DTYPES, check_denoiser
+from .integration import calibration_inputs, check_calibration_inputs
+from .quant.checkpoint import (CheckpointError, check_layout, check_presence, check_tensor, looks_quantized,
+                               quantized_tensor_specs)
+from .quant.convert import dequantize_model, plan_conversion, requantize, set_execution
 
 logger = logging.get_logger(__name__)
 
-# State of quantized layers that must load bit-exact (codes) or unrounded (scales) whatever torch_dtype says.
-QUANT_STATE_SUFFIXES = ("packed_weight", "quantizer.scale", "quantizer.zero_point", "quantizer.split")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # The calibration report, written beside a checkpoint by diffusers_gac.save_pretrained / push_to_hub.
 REPORT_NAME = "gac_calibration.json"
 
@@ -47,45 +58,68 @@ class GACQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.checkpoint_dir: Path | None = None
         self.calibration_report: dict[str, Any] | None = None
+        self.loaded_keys: list[str] | None = None
+        self.tensor_specs: dict = {}  # the quantized tensors a pre-quantized checkpoint must hold, by name
+
+    def refuse(self, problems: list[str]) -> None:
+        if problems:
+            where = f"the checkpoint in {self.checkpoint_dir}" if self.checkpoint_dir else "the checkpoint"
+            raise CheckpointError(problems, f"{where} does not match its quantization_config")
 
     def validate_environment(self, *args, **kwargs) -> None:
         device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
+        if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) > 1:
             raise ValueError("the gac backend loads a model onto one device; got a device_map spanning several")
+        devices = device_map.values() if isinstance(device_map, dict) else [] if device_map is None else [device_map]
+        for device in devices:
+            if not (isinstance(device, str) and device in DEVICE_MAP_STRATEGIES):
+                check_device(device, "device_map")
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
+        if not self.pre_quantized and torch_dtype in HALF_DTYPES:
+            raise ValueError(
+                f"calibrating while loading needs float32 weights, got torch_dtype={torch_dtype}: rounding and ranges "
+                "are learned in float32. Load with torch_dtype=torch.float32 (the default); the calibrated model then "
+                "holds integer weight codes whatever the dtype, and its saved checkpoint loads in any torch_dtype")
         return torch.float32 if torch_dtype is None else torch_dtype
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
-        # The only place the hooks learn where the checkpoint lives: calibration looks for the pipeline's scheduler.
+        # The only place the hooks learn where the checkpoint lives (calibration looks for the pipeline's scheduler)
+        # and which tensors it holds (checked against the layout before any weight loads).
         if checkpoint_files:
             self.checkpoint_dir = Path(checkpoint_files[0]).parent
+        self.loaded_keys = list(loaded_keys)
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
+        config = self.quantization_config
         if self.pre_quantized:
-            requantize(model, self.quantization_config)
+            if config.layout is not None:
+                check_layout(model, config)
+            requantize(model, config)
+            self.tensor_specs = quantized_tensor_specs(model)
+            if self.loaded_keys is not None:
+                self.refuse(check_presence(self.tensor_specs, self.loaded_keys))
+        else:  # what calibration would stumble on after the weights load, said now
+            check_denoiser(model)
+            plan_conversion(model, config)
+            check_calibration_inputs(model, config)
         return model
 
     def check_if_quantized_param(self, model, param_value: torch.Tensor, param_name: str, state_dict: dict[str, Any],
                                  **kwargs) -> bool:
-        return self.pre_quantized and param_name.endswith(QUANT_STATE_SUFFIXES)
+        return self.pre_quantized and param_name in self.tensor_specs
 
     def check_quantized_param_shape(self, param_name: str, current_param, loaded_param) -> bool:
-        if current_param.shape != loaded_param.shape:
-            raise ValueError(
-                f"{param_name}: the checkpoint has shape {tuple(loaded_param.shape)} but the quantization config "
-                f"implies {tuple(current_param.shape)}; the checkpoint does not match its config.json"
-            )
+        self.refuse(check_tensor(param_name, loaded_param, self.tensor_specs[param_name]))
         return True
 
     def create_quantized_param(self, model, param_value: torch.Tensor, param_name: str, target_device, state_dict,
                                unexpected_keys=None, **kwargs) -> None:
-        module, name = get_module_from_name(model, param_name)
         original = state_dict[param_name]  # before diffusers cast it to torch_dtype
+        self.refuse(check_tensor(param_name, original, self.tensor_specs[param_name]))
+        module, name = get_module_from_name(model, param_name)
         expected = getattr(module, name)
-        if expected.shape != original.shape:
-            self.check_quantized_param_shape(param_name, expected, original)
         module.register_buffer(name, original.to(device=target_device, dtype=expected.dtype))
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
@@ -105,7 +139,11 @@ class GACQuantizer(DiffusersQuantizer):
             logger.info(f"{len(chosen['integer'])} quantized layers run on integer kernels, {len(chosen['fake'])} as "
                         "fake quantization")
             if self.checkpoint_dir is not None and (self.checkpoint_dir / REPORT_NAME).is_file():
-                self.calibration_report = json.loads((self.checkpoint_dir / REPORT_NAME).read_text())
+                try:  # a report beside the checkpoint documents it; a damaged one does not stop the model loading
+                    self.calibration_report = json.loads((self.checkpoint_dir / REPORT_NAME).read_text())
+                except (OSError, UnicodeDecodeError, ValueError) as err:
+                    logger.warning(f"ignoring the calibration report {self.checkpoint_dir / REPORT_NAME}: it is not "
+                                   f"readable JSON ({err}); the model loaded without it")
         return model
 
     @property
@@ -159,3 +197,34 @@ def merge_quantization_configs(original):
         return stored
 
     return merge
+def refuse_unconfigured_weights(model: nn.Module, loaded_keys: list[str], where: str) -> None:
+    """A plain load of weights that diffusers-gac quantized (config.json lost its quantization_config) would leave
+    every quantized layer with random weights; refuse it, naming what was found."""
+    own = set(model.state_dict())
+    found = sorted(k for k in loaded_keys if looks_quantized(k) and k not in own)
+    packed = [k for k in found if k.endswith("packed_weight")]
+    if packed:
+        raise ValueError(
+            f"{where} holds diffusers-gac quantized weights ({len(found)} tensors such as {packed[0]!r}) but its "
+            f"config.json has no quantization_config, so {type(model).__name__} would be left with random weights; "
+            "restore the quantization_config that diffusers-gac saved in config.json (and import diffusers_gac)")
+
+
+def install_load_guard() -> None:
+    """Run :func:`refuse_unconfigured_weights` in every diffusers model load without a quantizer (diffusers has no
+    hook for it: its loader is wrapped once, in place, like the backend tables ``diffusers_gac`` extends)."""
+    current = ModelMixin.__dict__.get("_load_pretrained_model")
+    if not isinstance(current, classmethod) or getattr(current.__func__, "_gac_guard", False):
+        return
+    load = current.__func__
+
+    @functools.wraps(load)
+    def guarded(cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path, loaded_keys, *args,
+                **kwargs):
+        if kwargs.get("hf_quantizer") is None and loaded_keys:
+            refuse_unconfigured_weights(model, loaded_keys, str(pretrained_model_name_or_path))
+        return load(cls, model, state_dict, resolved_model_file, pretrained_model_name_or_path, loaded_keys, *args,
+                    **kwargs)
+
+    guarded._gac_guard = True
+    ModelMixin._load_pretrained_model = classmethod(guarded)

@@ -27,6 +27,8 @@ from diffusers.utils import logging as dlogging
 from torch import nn
 from tqdm.auto import tqdm
 
+from .denoisers import check_prompt_embeds
+
 Sampler = Callable[[int, int], Any]
 
 
@@ -277,6 +279,7 @@ def prompt_embeds_sampler(denoiser: nn.Module, scheduler, num_inference_steps: i
     Latents have the denoiser's ``in_channels`` and ``sample_size``."""
     if guidance_scale > 1 and negative_prompt_embeds is None:
         raise ValueError("guidance_scale > 1 needs negative_prompt_embeds")
+    check_prompt_embeds(denoiser, prompt_embeds)
 
     def run(num_trajectories: int, seed: int) -> None:
         noise = torch.randn(sample_shape(denoiser, num_trajectories), generator=torch.Generator().manual_seed(seed))

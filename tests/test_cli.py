@@ -92,7 +92,7 @@ def test_evaluate_without_models_scores_the_reference_itself(capsys):
     "argv, message",
     [
         (["evaluate", "/no/such/folder"], "/no/such/folder does not exist"),
-        (["evaluate", "--reference", "digitz"], "'digitz' is neither an embedded model (available: ['digits'])"),
+        (["evaluate", "--reference", "digitz"], "'digitz' is neither an embedded model (available: ['digits', 'photos'])"),
         (["sample", "--model", "nope"], "'nope' is neither an embedded model"),
         (["evaluate", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
         (["sample", "--num-samples", "0"], "argument --num-samples: must be a positive integer, got 0"),

@@ -417,3 +417,12 @@ def test_the_paper_formulation_is_one_call_away():
     assert (config.weighting, config.gac_weight_granularity, config.gac_meta_steps, config.gac_meta_every,
             config.gac_val_rounding) == ("gradient_aligned", "sample", 20, 0, "soft")
     assert config.a_bits == 8
+
+
+def test_learned_weights_are_the_default_wherever_there_is_a_loss_to_weight():
+    assert GACConfig(w_bits=4, a_bits=4).weighting == "gradient_aligned"
+    assert GACConfig(reconstruction="none").weighting == "uniform"  # round-to-nearest: nothing to weight
+    saved = GACConfig(reconstruction="none").to_dict()
+    assert GACConfig.from_dict(saved).weighting == "uniform"
+    with pytest.raises(ValueError, match="reconstruction='none'"):
+        GACConfig(reconstruction="none", weighting="gradient_aligned")

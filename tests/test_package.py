@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "diffusers_gac"
 
 # A module may import from its own layer or below, never above. Within a layer, the import graph must be acyclic.
 LAYERS = [
-    ["config", "_quiet"],
-    ["quant", "sampling", "zoo"],
+    ["config", "_quiet", "checks", "layout"],
+    ["quant", "sampling", "zoo", "denoisers"],
     ["calibration", "evaluation"],
     ["integration", "quantizer"],
     ["api", "saving", "hub", "pretrained"],

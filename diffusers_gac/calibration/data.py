@@ -9,16 +9,20 @@ both halves of the batch in one call; both are kept.
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import TIMESTEP_SELECTIONS
+
+STATIC_KEY = "static_json"  # safetensors metadata: the non-tensor keywords, as JSON
 
 
 def select_steps(
@@ -82,18 +86,50 @@ class CalibrationData:
         return unflatten_call(out)
 
     def save(self, path: str | Path) -> None:
+        """One safetensors file: the tensors, and the non-tensor keywords as JSON in its metadata (never pickle).
+        Tuples are stored as lists."""
         tensors = {f"inputs.{k}": v.contiguous() for k, v in self.inputs.items()}
         tensors["step_index"] = self.step_index.contiguous()
-        save_file(tensors, str(path), metadata={"static": repr(sorted(self.static))})
-        if self.static:
-            torch.save(self.static, str(path) + ".static.pt")
+        try:
+            static = json.dumps(self.static, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"CalibrationData.static must hold JSON values (numbers, strings, booleans, lists, dicts) "
+                             f"to be saved, got {self.static!r}: {err}") from None
+        save_file(tensors, str(path), metadata={STATIC_KEY: static})
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationData":
-        tensors = load_file(str(path))
+        """Read a file written by :meth:`save`. Only safetensors and JSON are read: a ``.static.pt`` sidecar of an
+        older release (a pickle, which can run code when loaded) is refused, never opened."""
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no calibration data file at {path}") from None
+        except Exception as err:  # safetensors reports a damaged header as its own error type
+            raise ValueError(f"{path} is not a calibration data file (safetensors): {err}") from None
+        sidecar = Path(str(path) + ".static.pt")
+        if STATIC_KEY not in metadata and sidecar.exists():
+            raise ValueError(
+                f"{path} keeps its non-tensor inputs in {sidecar.name}, a pickle written by an older diffusers-gac; "
+                "pickles can run code when loaded, so it is not read. Record the calibration data again and save it "
+                "with this release (one safetensors file)")
+        try:
+            static = json.loads(metadata.get(STATIC_KEY, "{}"))
+        except ValueError:
+            static = None
+        if not isinstance(static, dict):
+            raise ValueError(f"{path}: the {STATIC_KEY!r} metadata is not a JSON object")
+        if "step_index" not in tensors or "inputs.timestep" not in tensors:
+            raise ValueError(f"{path} is not a calibration data file: it lacks 'step_index' or 'inputs.timestep'")
         inputs = {k[len("inputs."):]: v for k, v in tensors.items() if k.startswith("inputs.")}
-        static_path = Path(str(path) + ".static.pt")
-        static = torch.load(static_path, weights_only=False) if static_path.is_file() else {}
+        rows = {k: v.shape[0] if v.dim() else None for k, v in inputs.items()}
+        wrong = {k: n for k, n in rows.items() if n != len(tensors["step_index"])}
+        if wrong:
+            raise ValueError(f"{path}: every input must have one row per sample ({len(tensors['step_index'])}), but "
+                             f"{wrong} differ")
         return cls(inputs=inputs, step_index=tensors["step_index"], static=static)
 
 

@@ -20,7 +20,9 @@ from diffusers.utils import logging
 from torch import nn
 
 from ..config import GACConfig, QuantizedLayout
-from ..quant.convert import act_quantizers, convert_model, float_layers, freeze_model, set_quant_state
+from ..denoisers import check_denoiser, check_full_precision
+from ..quant.convert import (act_quantizers, convert_model, float_layers, freeze_model, quant_layers,
+                             set_quant_state)
 from ..sampling import Sampler
 from .data import CalibrationData, CalibrationRecorder, select_steps
 from .distributed import Shard
@@ -147,6 +149,11 @@ def calibrate(
     """
     if calibration_data is None and sampler is None:
         raise ValueError("calibration needs a sampler to record calibration data, or calibration_data")
+    check_denoiser(denoiser)
+    if quant_layers(denoiser):
+        raise ValueError(f"{type(denoiser).__name__} already holds diffusers-gac quantized layers; calibrate a "
+                         "full-precision model")
+    check_full_precision(denoiser)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
@@ -194,7 +201,5 @@ def _cached(folder: Path | None, name: str, record) -> CalibrationData:
     data = record()
     tmp = path.with_name(f".{path.name}.tmp")
     data.save(tmp)
-    for suffix in ("", ".static.pt"):  # the data file (and its sidecar, if any) renamed into place
-        if Path(str(tmp) + suffix).is_file():
-            os.replace(str(tmp) + suffix, str(path) + suffix)
+    os.replace(tmp, path)  # one file (tensors, and the rest as JSON metadata), renamed into place
     return data

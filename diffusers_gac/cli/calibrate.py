@@ -18,7 +18,8 @@ from ..config import ACT_SCHEMES, RECONSTRUCTIONS, TIMESTEP_SELECTIONS, WEIGHTIN
 from ..evaluation import EvalResult, evaluate_denoiser, image_grid, sample_images, summarize
 from ..evaluation.evaluate import score_samples
 from ..saving import replace_folder_atomically, write_checkpoint
-from .common import CLIError, bits, default_device, format_table, model_ref, optional_bits, positive_int
+from .common import (CLIError, bits, check_writable, default_device, format_table, model_ref, optional_bits,
+                     positive_int, seed)
 
 
 def add_calibrate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> None:
@@ -39,7 +40,7 @@ def add_calibrate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> 
     p.add_argument("--timesteps", choices=TIMESTEP_SELECTIONS, default=defaults.calib_timestep_selection,
                    help=f"calibration timestep selection (default: {defaults.calib_timestep_selection})")
     p.add_argument("--iters", type=positive_int, default=defaults.iters, help=f"optimisation steps per block (default: {defaults.iters})")
-    p.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of calibration and evaluation (default: {defaults.seed})")
+    p.add_argument("--seed", type=seed, default=defaults.seed, help=f"seed of calibration and evaluation (default: {defaults.seed})")
     p.add_argument("--eval-samples", type=int, default=500, help="samples for the evaluation in the report; 0 skips it (default: 500)")
     p.set_defaults(func=run_calibrate)
 
@@ -49,6 +50,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise CLIError(f"--output {args.output} already exists and is not empty; choose a new folder")
     if args.eval_samples < 0:
         raise CLIError(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    check_writable(args.output, "--output")
     config = GACConfig(
         w_bits=args.w_bits, a_bits=args.a_bits, act_scheme=args.act_scheme, weighting=args.weighting,
         reconstruction=args.reconstruction, calib_timestep_selection=args.timesteps, iters=args.iters,

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging as dlogging
+from huggingface_hub import constants as hub_constants
 
 from .. import zoo
 from ..evaluation import evaluate_denoiser, image_grid, num_class_labels, sample_images, summarize
 from ..hub import push_to_hub, write_hub_folder
 from ..saving import quantized_components
-from .common import CLIError, default_device, format_table, model_ref, positive_int
+from .common import CLIError, check_writable, default_device, format_table, image_file, model_ref, positive_int, repo_id
+from .common import seed as seed_type
 
 logger = dlogging.get_logger(__name__)
 
@@ -23,14 +25,16 @@ def add_sample_parser(subparsers, parents: list[argparse.ArgumentParser]) -> Non
         "sample", parents=parents, help="sample a model into a PNG grid", description="Sample a model into a PNG grid."
     )
     p.add_argument("--model", type=model_ref, default=zoo.DEFAULT_MODEL, help="embedded name or model folder (default: digits)")
-    p.add_argument("--output", type=Path, default=Path("samples.png"), help="PNG file to write (default: samples.png)")
+    p.add_argument("--output", type=image_file, default=Path("samples.png"),
+                   help="image file to write, PNG or another format PIL writes (default: samples.png)")
     p.add_argument("--num-samples", type=positive_int, default=100, help="number of images (default: 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the initial noise (default: 0)")
     p.add_argument("--class-label", type=int, default=None, help="one class for all samples (default: all classes in turn)")
     p.set_defaults(func=run_sample)
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    check_writable(args.output, "--output")
     device = args.device or default_device()
     unet, scheduler = zoo.load_model(args.model, device=device)
     num_classes = num_class_labels(unet)
@@ -72,7 +76,7 @@ def add_evaluate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> N
     p.add_argument("models", nargs="*", type=model_ref, help="model folders or embedded names (default: the reference itself)")
     p.add_argument("--reference", type=model_ref, default=zoo.DEFAULT_MODEL, help="full-precision model (default: digits)")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="samples per seed (default: 1000)")
-    p.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0], help="one or more seeds (default: 0)")
+    p.add_argument("--seed", "--seeds", dest="seeds", type=seed_type, nargs="+", default=[0], help="one or more seeds (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object per model and line")
     p.set_defaults(func=run_evaluate)
 
@@ -121,12 +125,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_push_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "push", help="upload a calibrated model with its generated model card to the Hub",
-        description="Upload a calibrated model (a `calibrate` output folder or a saved quantized model) to the Hugging "
+        description="Upload a calibrated model (a calibrate output folder or a saved quantized model) to the Hugging "
         "Face Hub with a generated model card: bits, calibration settings, the measured quality from report.json "
         "and the learned-weights plot.",
     )
-    p.add_argument("model", type=Path, help="a `calibrate` output folder, or a quantized model folder")
-    p.add_argument("repo_id", help="the Hub repository, e.g. my-org/digits-w4a4")
+    p.add_argument("model", type=Path, help="a calibrate output folder, or a quantized model folder")
+    p.add_argument("repo_id", type=repo_id, help="the Hub repository, e.g. my-org/digits-w4a4")
     p.add_argument("--base-model", default=None, help="the full-precision model's Hub id, for the card's metadata")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--dry-run", type=Path, default=None, metavar="DIR",
@@ -137,6 +141,15 @@ def add_push_parser(subparsers) -> None:
 def run_push(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         raise CLIError(f"model {args.model} is not a folder")
+    try:
+        zoo.resolve_model_path(args.model)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
+    if args.dry_run is None and hub_constants.HF_HUB_OFFLINE:
+        raise CLIError("push uploads to the Hub, but offline mode is on (HF_HUB_OFFLINE is set); unset it, or write "
+                       "what would be uploaded with --dry-run DIR")
+    if args.dry_run is not None and args.dry_run.exists() and (not args.dry_run.is_dir() or any(args.dry_run.iterdir())):
+        raise CLIError(f"--dry-run {args.dry_run} already exists and is not an empty folder")
     unet, _ = zoo.load_model(args.model)
     if not quantized_components(unet):
         raise CLIError(f"{args.model} holds a full-precision model; run `diffusers-gac calibrate` first")
@@ -145,8 +158,6 @@ def run_push(args: argparse.Namespace) -> int:
     if report_file.is_file():  # written by `calibrate`: calibration report and evaluation
         evaluation = json.loads(report_file.read_text()).get("evaluation")
     if args.dry_run is not None:
-        if args.dry_run.exists() and any(args.dry_run.iterdir()):
-            raise CLIError(f"--dry-run {args.dry_run} already exists and is not empty")
         write_hub_folder(unet, args.dry_run, repo_id=args.repo_id, evaluation=evaluation, base_model=args.base_model)
         print(f"wrote {args.dry_run} (nothing uploaded)")
         return 0

@@ -66,8 +66,21 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def check_modules_to_not_convert(model: nn.Module, patterns: list[str] | None) -> None:
+    """Every entry names a module of the model (or a prefix of module names): a typo must not convert a layer the
+    user meant to keep in full precision."""
+    names = [n for n, _ in model.named_modules() if n]
+    unmatched = [p for p in patterns or [] if not any(_matches(n, [p]) for n in names)]
+    if unmatched:
+        top = sorted({n.split(".")[0] for n in names})
+        raise ValueError(f"modules_to_not_convert names no module of {type(model).__name__}: "
+                         f"{', '.join(repr(p) for p in unmatched)}; it takes module names or their prefixes, such as "
+                         f"{', '.join(repr(t) for t in top[:8])}")
+
+
 def plan_conversion(model: nn.Module, config: GACConfig) -> QuantizedLayout:
     """Decide which layers to convert and how, without touching the model."""
+    check_modules_to_not_convert(model, config.modules_to_not_convert)
     report = QuantizedLayout()
     splits = skip_join_splits(model) if config.split_skip_inputs else {}
     for name, module in model.named_modules():
@@ -185,10 +198,14 @@ class quantization_disabled:
 
 @torch.no_grad()
 def freeze_model(model: nn.Module, execution: str | None = None) -> None:
-    """Harden every layer's rounding into its weight (the model then holds 2^bits-level weights); with
-    ``execution``, then choose how the frozen layers run (see :func:`set_execution`)."""
+    """Harden every layer's rounding into its weight (the model then holds 2^bits-level weights) and store every
+    activation step as it is used (``|scale|``, at least 1e-8: a learned step may have crossed zero), so that a
+    checkpoint's scales are all positive; the outputs do not change. With ``execution``, then choose how the frozen
+    layers run (see :func:`set_execution`)."""
     for layer in quant_layers(model).values():
         layer.freeze()
+    for q in act_quantizers(model):
+        q.scale.abs_().clamp_min_(1e-8)
     if execution is not None:
         set_execution(model, execution)
 

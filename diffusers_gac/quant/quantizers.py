@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import ACT_SCHEMES, WEIGHT_INITS, check_bits, check_choice
+from ..checks import check_bits, check_choice
+from ..config import ACT_SCHEMES, WEIGHT_INITS
 
 WeightInit = Literal["minmax", "mse"]
 ActScheme = Literal["static", "timestep", "dynamic"]
@@ -268,6 +269,7 @@ class SplitActQuantizer(nn.Module):
     def __init__(self, split: int, bits: int, scheme: ActScheme = "static", groups: int = 1, channel_dim: int = 1):
         super().__init__()
         self.register_buffer("split", torch.tensor(int(split)))
+        self.channels = int(split)  # the same number, readable on the meta device (checkpoint checks)
         self.first = ActQuantizer(bits, scheme, groups, channel_dim)
         self.second = ActQuantizer(bits, scheme, groups, channel_dim)
 
