@@ -179,7 +179,7 @@ def test_calibration_inputs_are_validated(options, match):
 
 
 def test_guidance_needs_negative_embeddings():
-    with pytest.raises(ValueError, match="calib_guidance_scale must be a number >= 1"):
+    with pytest.raises(ValueError, match="calib_guidance_scale must be a finite number >= 1"):
         GACConfig(calib_guidance_scale=0.5)
     with pytest.raises(ValueError, match="needs calibration_inputs.negative_prompt_embeds"):
         GACConfig(calibration_inputs=CalibrationInputs(prompt_embeds=torch.zeros(2, 8, 12)), calib_guidance_scale=5.0)
