@@ -572,7 +572,10 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     code = ("import sys, diffusers_gac.cli as cli\n"
             f"sys.exit(cli.main(['sample', '--steps', '1000', '--num-samples', '100000', '--output', "
             f"{str(tmp_path / 'x.png')!r}]))\n")
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # as from a terminal: a test run started in the background (nohup, &) passes SIGINT down as ignored, and Python
+    # then keeps it ignored
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = b"", time.monotonic() + 300
     while b"sampling" not in seen:  # interrupt the denoising loop itself, whatever the machine's load
         assert child.poll() is None and time.monotonic() < deadline, seen[-2000:]
