@@ -25,6 +25,7 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["processes", "sd"])
     p.add_argument("--output", type=Path, default=None)
-    p.add_argument("--workdir", default="/tmp/calibration_scaling")
+    p.add_argument("--workdir", default=None, help="where the runs write their models (default: a temporary folder)")
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--num-trajectories", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         return child_sd(a)
     if a.part is None:
         p.error("--part is required")
+    a.workdir = a.workdir or tempfile.mkdtemp(prefix="calibration_scaling-")
     rows = run_processes(a) if a.part == "processes" else run_sd(a)
     command = "python " + " ".join(["benchmarks/calibration_scaling.py", *(argv if argv is not None else sys.argv[1:])])
     text = table(a.part, rows, command, a.threads)

@@ -64,7 +64,7 @@ def main() -> None:
             parts = breakdown(Path(tmp))
         footprint = unet.get_memory_footprint()
         rows.append(f"| {name} | {size / 1e6:.2f} MB | {size / fp_bytes:.1%} | {footprint / 1e6:.2f} MB | "
-                    f"{footprint / fp_footprint:.1%} | {len(unet.config.quantization_config.converted_layers)} |")
+                    f"{footprint / fp_footprint:.1%} | {len(unet.config.quantization_config.layout.layers)} |")
         details.append(f"- {name}: " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in sorted(parts.items())))
     text = "\n".join([
         "# Checkpoint size and memory footprint (embedded digits model)", "",

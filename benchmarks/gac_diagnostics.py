@@ -1,8 +1,8 @@
 """Diagnostics of one gradient-aligned calibration of the embedded model, for docs/results/gac.md.
 
     python benchmarks/gac_diagnostics.py --output docs/results/gac_diagnostics
-    python benchmarks/gac_diagnostics.py --output docs/results/gac_output_val_diagnostics --set \
-        gac_validation_target=output gac_weight_granularity=timestep gac_gm_weight=0 gac_timestep_importance=perturbation
+    python benchmarks/gac_diagnostics.py --output docs/results/gac_paper_diagnostics --set weighting=gradient_aligned \
+        gac_weight_granularity=sample gac_meta_steps=20 gac_meta_every=0 gac_val_rounding=soft
 
 writes ``<output>.png`` (gradient conflict before/after per unit, learned weight mass per timestep, meta
 objective) and ``<output>.json`` (the same numbers for every unit, plus summaries).
@@ -51,6 +51,8 @@ def main() -> None:
             "step_conflict_before": mean_off_diagonal(u["weighting"]["conflict_before"]["steps"])
             if "steps" in u["weighting"]["conflict_before"] else None,
             "effective_sample_fraction": u["weighting"].get("effective_sample_fraction"),
+            "max_min_weight_ratio": u["weighting"].get("max_min_weight_ratio"),
+            "logit_updates": u["weighting"].get("logit_updates"),
         }
         for u in units
         if "rounding" in u["weighting"].get("conflict_before", {})

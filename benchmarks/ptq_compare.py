@@ -93,6 +93,7 @@ def run_one(job: dict) -> dict:
     from diffusers_gac import GACConfig, quantize_model, zoo
     from diffusers_gac.evaluation import evaluate_denoiser, sample_images, score_samples, trajectory_error
     from diffusers_gac.sampling import resolve_labels
+    from safetensors.torch import load_file, save_file
 
     dlogging.set_verbosity_error()
     name = job["model"]
@@ -100,14 +101,14 @@ def run_one(job: dict) -> dict:
     scheduler = zoo.load_embedded_scheduler(name)
     features, real = zoo.load_feature_network(name), zoo.load_real_images(name, "test")
     seed, steps, n = job["seed"], job["steps"], job["num_samples"]
-    cache = Path(job["cache"]) / f"{name}-seed{seed}-steps{steps}-n{n}.pt"
+    cache = Path(job["cache"]) / f"{name}-seed{seed}-steps{steps}-n{n}.safetensors"
     if cache.is_file():  # the full-precision samples of this seed, shared by every method of the sweep
-        reference = torch.load(cache)
+        reference = load_file(cache)["samples"]
     else:
         reference, _ = sample_images(fp, scheduler, n, num_inference_steps=steps, seed=seed, show_progress=False)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(reference, tmp)
+        save_file({"samples": reference.contiguous()}, tmp)
         os.replace(tmp, cache)
     row = {k: job[k] for k in ("model", "bits", "method", "seed", "steps", "num_samples")}
     if job["method"] != "fp":

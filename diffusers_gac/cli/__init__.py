@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.verbose:
             raise
-        parser.exit(130, f"diffusers-gac {args.command}: interrupted\n")
+        fresh_line = "" if getattr(args, "quiet", False) else "\n"  # a progress bar leaves its line open
+        parser.exit(130, f"{fresh_line}diffusers-gac {args.command}: interrupted\n")
     except (ValueError, OSError) as err:  # the library's refusals, missing files, the Hub's answers
         if args.verbose:
             raise

@@ -12,6 +12,14 @@ from torch import nn
 FEATURE_DIM = 128
 
 
+def save_network(network: nn.Module, folder: str | Path, config: dict) -> None:
+    """Write a feature network as ``config.json`` (``config``) and ``model.safetensors`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(folder / "model.safetensors"))
+
+
 class DigitsClassifier(nn.Module):
     """Input ``(N, 1, 8, 8)`` in ``[-1, 1]``; ``features`` gives ``(N, FEATURE_DIM)``, ``forward`` the 10 logits."""
 
@@ -40,11 +48,7 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
     def save_pretrained(self, folder: str | Path, **extra) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {"num_classes": self.num_classes, "feature_dim": self.feature_dim, **extra}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        save_network(self, folder, {"num_classes": self.num_classes, "feature_dim": self.feature_dim, **extra})
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "DigitsClassifier":

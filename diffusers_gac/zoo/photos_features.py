@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .classifier import save_network
 from .photos_data import NUM_SOURCES, SOURCE_NAMES, PatchSampler, load_test_set
 
 FEATURE_DIM = 128
@@ -67,17 +68,8 @@ class PhotoPatchClassifier(nn.Module):
 
     def save_pretrained(self, folder: str | Path, **extra) -> None:
         """Write ``config.json`` (architecture plus ``extra`` entries) and ``model.safetensors`` into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "num_classes": self.num_classes,
-            "feature_dim": self.feature_dim,
-            "width": self.width,
-            "dropout": self.dropout,
-            **extra,
-        }
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "model.safetensors"))
+        save_network(self, folder, {"num_classes": self.num_classes, "feature_dim": self.feature_dim, "width": self.width,
+                                    "dropout": self.dropout, **extra})
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None) -> PhotoPatchClassifier:

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as dlogging
 
 from .photos_data import PATCH_SIZE, PatchSampler
+from .training import digits_scheduler, noise_prediction_loss, warmup_cosine
 
 
 logger = dlogging.get_logger(__name__)
@@ -50,10 +49,9 @@ def photos_unet_config() -> dict:
 
 
 def photos_scheduler() -> DDPMScheduler:
-    """The training noise schedule: linear betas 1e-4..0.02 over 1000 steps, epsilon prediction."""
-    return DDPMScheduler(
-        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon"
-    )
+    """The training noise schedule, the digits model's: linear betas 1e-4..0.02 over 1000 steps, epsilon
+    prediction."""
+    return digits_scheduler()
 
 
 @dataclass
@@ -67,13 +65,6 @@ class PhotosTrainingArgs:
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 250
-
-
-def _lr_factor(step: int, args: PhotosTrainingArgs) -> float:
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_photos_unet(
@@ -92,7 +83,7 @@ def train_photos_unet(
     scheduler = photos_scheduler()
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, args))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, args.warmup_steps, args.steps))
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     num_train_timesteps = scheduler.config.num_train_timesteps
     log: list[dict] = []
@@ -103,9 +94,7 @@ def train_photos_unet(
         x0 = sampler.sample(args.batch_size)[0].to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, num_train_timesteps, (args.batch_size,), generator=gen).to(device)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        loss = noise_prediction_loss(unet, x0, noise, t, alphas_cumprod)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

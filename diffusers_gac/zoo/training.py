@@ -49,6 +49,22 @@ def digits_scheduler() -> DDPMScheduler:
     )
 
 
+def warmup_cosine(step: int, warmup_steps: int, steps: int) -> float:
+    """Learning-rate factor of the embedded models' training: linear warm-up, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def noise_prediction_loss(unet: UNet2DModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                          alphas_cumprod: torch.Tensor, **conditioning) -> torch.Tensor:
+    """The epsilon-prediction loss of ``unet`` on ``x0`` noised to timesteps ``t`` with ``noise``."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return F.mse_loss(unet(xt, t, **conditioning).sample, noise)
+
+
 @dataclass
 class DiffusionTrainingArgs:
     steps: int = 8000
@@ -73,13 +89,7 @@ def train_digits_unet(
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
 
-    def lr_at(step: int) -> float:
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, args.warmup_steps, args.steps))
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     log: list[dict] = []
     running, start = 0.0, time.time()
@@ -88,10 +98,7 @@ def train_digits_unet(
         x0, y = images[idx], labels[idx]
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen).to(device)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(xt, t, class_labels=y).sample
-        loss = F.mse_loss(pred, noise)
+        loss = noise_prediction_loss(unet, x0, noise, t, alphas_cumprod, class_labels=y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
