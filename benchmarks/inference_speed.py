@@ -53,7 +53,10 @@ from diffusers_gac import GACConfig
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers
 from diffusers_gac.zoo import load_embedded_unet
 
-VARIANTS = {  # name -> (execution or None for float, w_bits, a_bits)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import PEERS, build_peer  # noqa: E402  (benchmarks/peers.py)
+
+VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits)
     "fp32": (None, None, None),
     "bf16": ("bf16", None, None),
     "fake_w4a4": ("fake", 4, 4),
@@ -62,8 +65,16 @@ VARIANTS = {  # name -> (execution or None for float, w_bits, a_bits)
     "int_w4a8": ("integer", 4, 8),
     "int_w4a4": ("integer", 4, 4),
     "auto_w4a4": ("auto", 4, 4),
+    "compiled_fp32": ("compile", None, None),
+    "compiled_w4a4": ("compile", 4, 4),
+    "torchao_w8a8": ("torchao", 8, 8),
+    "quanto_w8a8": ("quanto", 8, 8),
+    "quanto_w4a8": ("quanto", 4, 8),
+    "bnb_nf4": ("bnb-nf4", 4, None),
 }
 DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
+PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
+COMPILED_VARIANTS = ["compiled_fp32", "compiled_w4a4"]
 SD_CHANNELS = (320, 640, 1280, 1280)
 
 
@@ -107,10 +118,18 @@ def model_inputs(model: nn.Module, latent: int, batch: int, tokens: int = 77) ->
     return call
 
 
-def build_variant(fp32: nn.Module, name: str) -> nn.Module:
+def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
     kind, w_bits, a_bits = VARIANTS[name]
     if kind is None:
         return fp32
+    if kind in PEERS:
+        bits = f"W{w_bits}A{a_bits or 16}"
+        model, mean_bits = build_peer(kind, bits, fp32, lambda m: m(**call))  # calibrated on the timed input
+        log(f"{name}: {mean_bits:.1f} bits per Linear/Conv2d weight")
+        return model
+    if kind == "compile":
+        model = fp32 if w_bits is None else build_variant(fp32, "auto_w4a4", call)
+        return torch.compile(model)
     model = copy.deepcopy(fp32)
     if kind == "bf16":
         return model.to(torch.bfloat16)
@@ -153,17 +172,30 @@ def step_peak_mib(fn: Callable[[], object]) -> float | None:
     return None if before is None or peak is None else (peak - before) / 1024
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: the inner tensors of a tensor subclass (torchao, quanto), a bitsandbytes 4-bit weight's
+    packed data plus its block scales."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names if isinstance(getattr(t, n), torch.Tensor))
+    size = t.numel() * t.element_size()
+    state = getattr(t, "quant_state", None)
+    absmax = getattr(state, "absmax", None)
+    return size + (absmax.numel() * absmax.element_size() if isinstance(absmax, torch.Tensor) else 0)
+
+
 def resident_mib(model: nn.Module) -> float:
     tensors = list(model.parameters()) + [b for _, b in model.named_buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    return sum(tensor_bytes(t) for t in tensors) / 2**20
 
 
 def forward_fn(model: nn.Module, call: dict) -> Callable[[], torch.Tensor]:
     dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32  # a peer's packed parameters
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in call.items()}
 
     def run() -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: optimum-quanto's frozen tensors refuse it
             return model(**cast, return_dict=False)[0].float()
 
     return run
@@ -186,11 +218,15 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, 
 
 def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) -> list[dict]:
     call = model_inputs(fp32, latent, args.batch)
-    models = {}
+    models, built = {}, {}
     for name in args.variants:
         start = time.perf_counter()
-        models[name] = build_variant(fp32, name)
-        log(f"{label} latent {latent}: built {name} in {time.perf_counter() - start:.1f} s")
+        models[name] = build_variant(fp32, name, call)
+        fn = forward_fn(models[name], call)
+        if VARIANTS[name][0] == "compile":
+            fn()  # compiling happens on the first call
+        built[name] = time.perf_counter() - start
+        log(f"{label} latent {latent}: built {name} in {built[name]:.1f} s")
     fns = {name: forward_fn(model, call) for name, model in models.items()}
     reference = fns["fp32"]()  # parse_args always includes fp32
     errors = {name: ((fn() - reference).norm() / reference.norm()).item() for name, fn in fns.items()}
@@ -214,7 +250,7 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) 
                      "median_ms": 1e3 * median, "min_ms": 1e3 * min(samples[name]),
                      "max_ms": 1e3 * max(samples[name]), "vs_fp32": base / median,
                      "resident_mib": resident_mib(models[name]), "step_peak_mib": peaks[name],
-                     "rel_l2_vs_fp32": errors[name],
+                     "rel_l2_vs_fp32": errors[name], "build_s": built[name],
                      "load": f"{load_before} / {load_after}"})
     return rows
 
@@ -237,7 +273,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=["embedded", "sd"], default=["embedded", "sd"])
     parser.add_argument("--latents", type=int, nargs="+", default=[32], help="latent sizes of the SD-sized UNet")
     parser.add_argument("--batch", type=int, default=1, help="samples per step (2 for classifier-free guidance)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
+                        help=f"default: {' '.join(DEFAULT_VARIANTS)}; peers: {' '.join(PEER_VARIANTS)}; "
+                             f"torch.compile: {' '.join(COMPILED_VARIANTS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall clock, or the process's CPU time (stable on a busy machine at 1 thread)")

@@ -41,6 +41,7 @@ from .integration import calibration_inputs, check_calibration_inputs
 from .quant.checkpoint import (CheckpointError, check_layout, check_presence, check_tensor, looks_quantized,
                                quantized_tensor_specs)
 from .quant.convert import dequantize_model, plan_conversion, requantize, set_execution
+from .quant.quantizers import ActQuantizer
 
 logger = logging.get_logger(__name__)
 
@@ -100,6 +101,11 @@ class GACQuantizer(DiffusersQuantizer):
             self.tensor_specs = quantized_tensor_specs(model)
             if self.loaded_keys is not None:
                 self.refuse(check_presence(self.tensor_specs, self.loaded_keys))
+                # tensors the rebuilt model does not save (a dynamic quantizer's empty range) but this checkpoint
+                # holds load and are checked like the others: a static range under a config saying dynamic is refused
+                for key in set(self.loaded_keys) & {k for k, spec in self.tensor_specs.items() if spec.optional}:
+                    module, name = get_module_from_name(model, key)
+                    module._non_persistent_buffers_set.discard(name)
         else:  # what calibration would stumble on after the weights load, said now
             check_denoiser(model)
             plan_conversion(model, config)
@@ -120,7 +126,8 @@ class GACQuantizer(DiffusersQuantizer):
         self.refuse(check_tensor(param_name, original, self.tensor_specs[param_name]))
         module, name = get_module_from_name(model, param_name)
         expected = getattr(module, name)
-        module.register_buffer(name, original.to(device=target_device, dtype=expected.dtype))
+        module.register_buffer(name, original.to(device=target_device, dtype=expected.dtype),
+                               persistent=name not in module._non_persistent_buffers_set)
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
         return missing_keys
@@ -135,6 +142,9 @@ class GACQuantizer(DiffusersQuantizer):
             self.calibration_report = report.to_dict()
             model.register_to_config(quantization_config=config)
         else:
+            for module in model.modules():  # empty ranges are not saved again (see above)
+                if isinstance(module, ActQuantizer) and module.scale.numel() == 0:
+                    module._non_persistent_buffers_set.update(("scale", "zero_point"))
             chosen = set_execution(model, self.quantization_config.execution)
             logger.info(f"{len(chosen['integer'])} quantized layers run on integer kernels, {len(chosen['fake'])} as "
                         "fake quantization")
@@ -197,6 +207,8 @@ def merge_quantization_configs(original):
         return stored
 
     return merge
+
+
 def refuse_unconfigured_weights(model: nn.Module, loaded_keys: list[str], where: str) -> None:
     """A plain load of weights that diffusers-gac quantized (config.json lost its quantization_config) would leave
     every quantized layer with random weights; refuse it, naming what was found."""

@@ -430,6 +430,34 @@ def test_with_input_quantizers_off_the_integer_model_runs_the_reference(integer_
         assert torch.equal(_out(model), _out(reference))
 
 
+def test_torch_compile_captures_the_integer_model_in_one_graph(integer_model):
+    """Under ``torch.compile`` integer layers trace the reference computation from their integer buffers (the int8
+    kernels' out= writes into views would break the graph), so the whole model is one graph and matches eager."""
+    model = copy.deepcopy(integer_model)
+    with torch.no_grad():
+        eager = _out(model)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+        result = compiled(**_call(0)).sample
+    assert ((result - eager).norm() / eager.norm()).item() < 1e-4
+    assert all(m.execution == "integer" for m in quant_layers(model).values())
+
+
+def test_torch_compile_with_inductor_matches_eager():
+    """The backend declares itself compileable: a small model of frozen W4A4 layers (packed, integer layout) compiled
+    with the default backend gives what it gives in eager mode."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 6, 6)
+    conv = _frozen(nn.Conv2d(16, 16, 3, padding=1), x, 4, 4, "dynamic")
+    linear = _frozen(nn.Linear(6, 8), torch.randn(2, 16, 6, 6), 4, 4, "dynamic")
+    model = nn.Sequential(conv, linear).eval()
+    set_execution(model, "integer")
+    with torch.no_grad():
+        eager = model(x)
+        result = torch.compile(model, fullgraph=True)(x)
+    assert torch.allclose(result, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
+    assert diffusers_gac.GACQuantizer(GACConfig()).is_compileable
+
+
 # -- benchmarks/inference_speed.py, at a size that runs in seconds --------------------------------------------------
 
 def _benchmark_module():

@@ -86,6 +86,9 @@ def unpack_int4(packed: torch.Tensor, zero_point: torch.Tensor, cols: int) -> to
     """Int8 carrier ``c - z`` of a block stored two 4-bit codes per byte, halves split: byte ``j`` of a row holds
     code ``j`` (low nibble) and code ``j + ceil(cols/2)`` (high nibble). ``zero_point``: int8 (rows, 1)."""
     rows, half = packed.shape
+    if torch.compiler.is_compiling():  # out= into a view breaks a torch.compile graph; the compiler fuses this anyway
+        w = torch.cat([packed & 15, packed >> 4], 1).to(torch.int8) - zero_point
+        return w if cols == 2 * half else w[:, :cols]
     out = torch.empty(rows, 2 * half, dtype=torch.uint8, device=packed.device)
     torch.bitwise_and(packed, 15, out=out[:, :half])
     torch.bitwise_right_shift(packed, 4, out=out[:, half:])

@@ -11,9 +11,9 @@ so rounding and ranges can be learned and quantization can be switched off to re
     L.packed_weight                  uint8 (out, ceil(k/2)) for w_bits <= 4, (out, k) otherwise; see packing.py
     L.bias                           unchanged (float)
     L.weight_quantizer.scale         float (out, 1[, 1, 1])       weight = (code - zero_point) * scale
-    L.weight_quantizer.zero_point    float (out, 1[, 1, 1])       an integer in [0, 2**w_bits - 1]
+    L.weight_quantizer.zero_point    float (out, 1[, 1, 1])       an integer in [0, 2**w_bits - 1] (saved as uint8)
     L.input_quantizer.scale          float (groups,)               absent when a_bits is None; groups = 0 if dynamic
-    L.input_quantizer.zero_point     float (groups,)
+    L.input_quantizer.zero_point     float (groups,)               (saved as uint8; dynamic: empty, not saved)
     L.input_quantizer.split          int64 ()                      split inputs only, with .first/.second quantizers
 
 *Frozen, integer execution* (``set_execution("integer")``): ``packed_weight`` is replaced by the layout the int8
@@ -59,6 +59,7 @@ class QuantLayerMixin:
             self.input_quantizer = ActQuantizer(a_bits, act_scheme, act_groups, channel_dim)
         self.quantize_weight = True
         self.frozen = False
+        self.register_state_dict_post_hook(_compact_zero_points)
 
     @property
     def codes_per_channel(self) -> int:
@@ -149,6 +150,23 @@ class QuantLayerMixin:
                 + (f", execution={self.execution}" if self.frozen else ""))
 
 
+ZERO_POINT_KEYS = ("weight_quantizer.zero_point", "input_quantizer.zero_point", "input_quantizer.first.zero_point",
+                   "input_quantizer.second.zero_point")
+
+
+def _compact_zero_points(layer: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A frozen layer saves its zero points as uint8: integers in [0, 2**bits - 1] (at most 8 bits), so exact, and a
+    quarter of float32 (loading casts them back to the buffers' float dtype)."""
+    if not layer.frozen:
+        return
+    for key in ZERO_POINT_KEYS:
+        t = state_dict.get(prefix + key)
+        if t is not None and t.is_floating_point() and t.numel() and t.device.type != "meta":
+            t = t.detach()
+            if bool((t == t.round()).all()) and 0 <= float(t.min()) and float(t.max()) <= 255:
+                state_dict[prefix + key] = t.to(torch.uint8)
+
+
 def _resync_execution(layer: nn.Module, incompatible_keys) -> None:
     if layer.frozen and layer._integer_storage is not None:
         with torch.no_grad():
@@ -170,7 +188,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.execution == "integer":
+        if self.execution == "integer" and not torch.compiler.is_compiling():  # compiled: the reference, fused
             y = intexec.forward(self, x)
             if y is not None:
                 return y
@@ -190,7 +208,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.execution == "integer":
+        if self.execution == "integer" and not torch.compiler.is_compiling():  # compiled: the reference, fused
             y = intexec.forward(self, x)
             if y is not None:
                 return y
