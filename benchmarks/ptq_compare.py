@@ -13,6 +13,14 @@ class accuracy (class-conditional models); and the trajectory error: the quantiz
 against full precision along the full-precision trajectories (``evaluation.trajectory_error``, on the first
 ``--trajectory-samples`` of them), which no error compounds into and so varies far less between seeds.
 
+Peers (``benchmarks/peers.py``): ``torchao``, ``quanto`` and ``bnb-nf4`` quantize the same full-precision model with
+their own libraries at the ``--bits`` each supports (quanto's activation ranges come from its own calibration pass
+over 64 sampled trajectories of ``--steps`` steps), and are scored like every method. "weight bits" is the mean bits
+per Linear/Conv2d weight of the quantized model (a layer left in full precision counts 32).
+
+    python benchmarks/ptq_compare.py --model digits --bits W8A8 --methods gac torchao quanto --seeds 0 1 2 \
+        --jsonl docs/results/peers.jsonl --table docs/results/peers.md
+
 ``--equal-time gac`` adds, after the sweep, uniform reconstruction (``qdiffusion``) with as many iterations as fit in
 the CPU time the named method took on average over the sweep's seeds (same bits and options).
 
@@ -35,6 +43,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from peers import PEERS, build_peer, check_peer
 
 METHODS: dict[str, dict] = {
     "rtn": {"reconstruction": "none"},
@@ -48,14 +57,19 @@ METHODS: dict[str, dict] = {
 }
 LABELS = {"fp": "full precision", "rtn": "round-to-nearest", "qdiffusion": "uniform (Q-Diffusion)",
           "ptq4dm": "PTQ4DM-style timesteps", "fisher": "Fisher per-timestep (fixed)", "gac": "GAC",
-          "gac-paper": "GAC, paper formulation"}
+          "gac-paper": "GAC, paper formulation", "torchao": "torchao int8 dynamic (Linear only)",
+          "quanto": "optimum-quanto", "bnb-nf4": "bitsandbytes NF4 (Linear only)"}
 
 
 def method_options(method: str) -> dict:
     """``name`` or ``name:option=value,option=value`` (e.g. ``qdiffusion:iters=800``)."""
     name, _, extra = method.partition(":")
+    if name in PEERS:
+        if extra:
+            raise argparse.ArgumentTypeError(f"peer {name!r} takes no options")
+        return {}
     if name not in METHODS:
-        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from fp, {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from fp, {', '.join([*METHODS, *PEERS])}")
     options = dict(METHODS[name])
     for item in filter(None, extra.split(",")):
         key, _, value = item.partition("=")
@@ -92,6 +106,7 @@ def run_one(job: dict) -> dict:
 
     from diffusers_gac import GACConfig, quantize_model, zoo
     from diffusers_gac.evaluation import evaluate_denoiser, sample_images, score_samples, trajectory_error
+    from diffusers_gac.quant.convert import quant_layers
     from diffusers_gac.sampling import resolve_labels
     from safetensors.torch import load_file, save_file
 
@@ -111,7 +126,15 @@ def run_one(job: dict) -> dict:
         save_file({"samples": reference.contiguous()}, tmp)
         os.replace(tmp, cache)
     row = {k: job[k] for k in ("model", "bits", "method", "seed", "steps", "num_samples")}
-    if job["method"] != "fp":
+    if job["method"] in PEERS:
+        def calibrate(m):  # the peer's own calibration: its model sampling 64 trajectories
+            sample_images(m, scheduler, 64, num_inference_steps=steps, seed=seed + 10_000, show_progress=False)
+
+        wall, cpu = time.time(), time.process_time()
+        model, row["mean_weight_bits"] = build_peer(job["method"], job["bits"], fp, calibrate)
+        row["calibration_seconds"] = round(time.time() - wall, 1)
+        row["calibration_cpu_seconds"] = round(time.process_time() - cpu, 1)
+    elif job["method"] != "fp":
         options = {**parse_bits(job["bits"]), **job["base"], **method_options(job["method"]), "seed": seed}
         model = copy.deepcopy(fp)
         wall, cpu = time.time(), time.process_time()
@@ -119,6 +142,9 @@ def run_one(job: dict) -> dict:
         row["calibration_seconds"] = round(time.time() - wall, 1)
         row["calibration_cpu_seconds"] = round(time.process_time() - cpu, 1)
         row["config"] = report.config
+        counts = {n: m.weight.numel() for n, m in fp.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        bits = {n: m.w_bits for n, m in quant_layers(model).items()}
+        row["mean_weight_bits"] = sum(c * bits.get(n, 32) for n, c in counts.items()) / sum(counts.values())
         row["unit_error_before"] = sum(u.loss_before for u in report.units)
         row["unit_error_after"] = sum(u.loss_after for u in report.units)
         gac = [u.weighting for u in report.units if "effective_sample_fraction" in u.weighting]
@@ -159,7 +185,7 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(group_key(r), []).append(r)
-    order = ["fp", *METHODS]
+    order = ["fp", *METHODS, *PEERS]
     lines = [
         (f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} CPU cores), torch "
          f"{__import__('torch').__version__}, one torch thread and one process per run. Calibration time in CPU "
@@ -167,8 +193,8 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
          "precision along the full-precision trajectories (x1e-3). Command:"),
         "", "```", command, "```", "",
         "| model | setting | method | seeds | FD ↓ | PSNR vs FP (dB) ↑ | sample MSE (x1e-3) ↓ | trajectory MSE (x1e-3) ↓ "
-        "| accuracy ↑ | calibration (CPU s) | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| accuracy ↑ | weight bits | calibration (CPU s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ordered = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] != "FP32",
                                                     kv[0][3], order.index(kv[0][4].split(":")[0]), kv[0][4]))
@@ -180,6 +206,7 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
             f"| {model} | {setting} | {label} | {len(rs)} | {_cell([r['fd'] for r in rs])} | "
             f"{_cell([r.get('psnr') for r in rs])} | {_cell([r.get('mse') for r in rs], 3, 1e3)} | "
             f"{_cell([r.get('trajectory_mse') for r in rs], 3, 1e3)} | {_cell([r['accuracy'] for r in rs], 3)} | "
+            f"{_cell([r.get('mean_weight_bits') for r in rs][:1], 1)} | "
             f"{_cell([r.get('calibration_cpu_seconds') for r in rs], 0)} | {_cell([r['peak_rss_mb'] for r in rs], 0)} |"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="digits", help="embedded model (digits or photos)")
     p.add_argument("--bits", nargs="+", default=["W4A4"], type=str)
     p.add_argument("--methods", nargs="+", default=["fp", "rtn", "qdiffusion", "ptq4dm"],
-                   help=f"fp, {', '.join(METHODS)}; a method may carry options: qdiffusion:iters=800")
+                   help=f"fp, {', '.join(METHODS)}, or a peer: {', '.join(PEERS)}; a method may carry options: "
+                        "qdiffusion:iters=800")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the evaluation (and of the calibration data)")
     p.add_argument("--num-samples", type=int, default=1000)
@@ -240,6 +268,12 @@ def main(argv: list[str] | None = None) -> None:
                 method_options(m)
             except argparse.ArgumentTypeError as err:
                 p.error(str(err))
+        if m in PEERS:
+            for b in a.bits:
+                try:
+                    check_peer(m, b)
+                except ValueError as err:
+                    p.error(f"--methods {m} --bits {b}: {err}")
     base = {k: parse_value(v) for k, _, v in (item.partition("=") for item in a.set)}
     base.setdefault("calib_num_inference_steps", a.steps)
 

@@ -17,7 +17,8 @@ from .calibration.flow import CalibrationReport
 from .config import CalibrationInputs, GACConfig, GACQuantizationMethod, QuantizedLayout
 from .hub import push_to_hub
 from .pretrained import calibrate_pretrained, load_prompts
-from .quantizer import GACQuantizer, install_load_guard
+from .quant.convert import set_execution
+from .quantizer import GACQuantizer, install_load_guard, merge_quantization_configs
 from .saving import save_pretrained
 
 
@@ -26,6 +27,11 @@ def _register_backend() -> None:
     lookup tables are extended in place), and refuse diffusers-gac weights that lost their quantization config."""
     _auto.AUTO_QUANTIZER_MAPPING[GACQuantizationMethod.GAC.value] = GACQuantizer
     _auto.AUTO_QUANTIZATION_CONFIG_MAPPING[GACQuantizationMethod.GAC.value] = GACConfig
+    merge = _auto.DiffusersAutoQuantizer.merge_quantization_configs
+    if not getattr(merge, "_gac", False):  # once, even if the package is reloaded
+        wrapped = merge_quantization_configs(merge.__func__)
+        wrapped._gac = True
+        _auto.DiffusersAutoQuantizer.merge_quantization_configs = classmethod(wrapped)
     install_load_guard()
 
 
@@ -48,4 +54,5 @@ __all__ = [
     "quantize_pipeline",
     "record_calibration_data",
     "save_pretrained",
+    "set_execution",
 ]

@@ -7,7 +7,8 @@ A config holds three kinds of things, kept apart:
   serialisable; a checkpoint's ``config.json`` keeps the format options at the top level and the calibration options
   under ``"calibration"`` (only those that shaped the result).
 * **runtime inputs** (``calibration_inputs``, a :class:`CalibrationInputs`): tensors and callables a calibration is
-  run on; used while calibrating, never saved.
+  run on; used while calibrating, never saved; and the load-time choice ``execution`` (how the frozen layers run,
+  which does not change the checkpoint, so it is never saved either: any checkpoint loads with any choice).
 * **outputs** (``layout``, a :class:`QuantizedLayout`): written by calibration, never set by the user: which layers
   were converted and how, so a saved checkpoint can rebuild its quantized layers before its weights load.
 """
@@ -39,6 +40,7 @@ RECONSTRUCTIONS = ("adaround", "none")
 ACT_SCHEMES = ("static", "timestep", "dynamic")
 WEIGHT_INITS = ("minmax", "mse")
 TIMESTEP_SELECTIONS = ("uniform", "normal", "all")
+EXECUTIONS = ("auto", "integer", "fake")
 
 # options that fix the quantized layout: needed to rebuild a checkpoint (top level of config.json)
 FORMAT_OPTIONS = ("w_bits", "a_bits", "act_scheme", "act_timestep_groups", "attn_bits", "special_bits",
@@ -149,6 +151,12 @@ class GACConfig(QuantizationConfigMixin):
     Runtime inputs (never saved):
         calibration_inputs: a :class:`CalibrationInputs` (prompt embeddings or a sampler) for denoisers whose
             calibration trajectories ``from_pretrained`` cannot produce by itself (text-conditional ones).
+        execution: how the frozen model runs once calibrated or loaded: ``"integer"`` (int8 GEMMs on the CPU for
+            every layer with quantized inputs, ``quant/intexec.py``), ``"fake"`` (the fake-quant reference:
+            dequantized weights, float ops) or ``"auto"`` (integer for the layers on a CPU with the kernels that are
+            wide enough to gain from them, fake for the others). Passing ``GACConfig(execution=...)`` to
+            ``from_pretrained`` of a calibrated checkpoint sets it (its other options come from the checkpoint);
+            ``diffusers_gac.set_execution(model, ...)`` changes it later.
     Written by calibration (leave unset):
         layout: the :class:`QuantizedLayout` of the calibrated model.
     """
@@ -199,6 +207,7 @@ class GACConfig(QuantizationConfigMixin):
     gac_val_rounding: str = "hard"
     # -- runtime inputs and outputs -------------------------------------------------------------------------------
     calibration_inputs: CalibrationInputs | None = field(default=None, repr=False, compare=False)
+    execution: str = field(default="auto", compare=False)
     layout: QuantizedLayout | None = None
 
     def __new__(cls, *args, **kwargs):
@@ -222,6 +231,7 @@ class GACConfig(QuantizationConfigMixin):
         check_bits("attn_bits", self.attn_bits, allow_none=True)
         check_bool("split_skip_inputs", self.split_skip_inputs)
         check_choice("act_scheme", self.act_scheme, ACT_SCHEMES)
+        check_choice("execution", self.execution, EXECUTIONS)
         check_choice("weight_init", self.weight_init, WEIGHT_INITS)
         check_choice("calib_timestep_selection", self.calib_timestep_selection, TIMESTEP_SELECTIONS)
         check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
@@ -304,7 +314,8 @@ class GACConfig(QuantizationConfigMixin):
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         """Every serialisable option (format and calibration), in declaration order."""
-        return tuple(f.name for f in fields(cls) if f.name not in ("quant_method", "calibration_inputs", "layout"))
+        runtime = ("quant_method", "calibration_inputs", "execution", "layout")
+        return tuple(f.name for f in fields(cls) if f.name not in runtime)
 
     def calibration_options(self) -> dict[str, Any]:
         """The calibration options that shaped this calibration: the ``gac_*`` ones only for learned weights."""

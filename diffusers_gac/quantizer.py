@@ -6,7 +6,9 @@
   rebuilds the frozen quantized layers on the meta device before the weights load (``quant.convert.requantize``);
   quantizer state is loaded exactly, never cast to ``torch_dtype``. Nothing loads unchecked: the layout against the
   model, the tensor names against the layout before any weight loads, each quantized tensor (dtype, shape, values)
-  before it is used (``quant.checkpoint``).
+  before it is used (``quant.checkpoint``). Once loaded, the layers run as the config's
+  ``execution`` says (``quant.convert.set_execution``; ``"auto"`` unless ``from_pretrained`` got a
+  ``GACConfig(execution=...)``, whose load-time options ``merge_quantization_configs`` below takes over).
 * What cannot be calibrated is refused before any weight loads: a model that is no denoiser, half precision,
   calibration inputs that do not fit the model, a device this machine lacks.
 * :func:`install_load_guard` makes a plain load (no quantization config) of diffusers-gac weights fail clearly
@@ -33,12 +35,13 @@ from torch import nn
 
 from .calibration.flow import calibrate
 from .checks import check_device
-from .config import GACConfig
+from .config import FORMAT_OPTIONS, GACConfig
 from .denoisers import HALF_DTYPES, check_denoiser
 from .integration import calibration_inputs, check_calibration_inputs
 from .quant.checkpoint import (CheckpointError, check_layout, check_presence, check_tensor, looks_quantized,
                                quantized_tensor_specs)
-from .quant.convert import dequantize_model, plan_conversion, requantize
+from .quant.convert import dequantize_model, plan_conversion, requantize, set_execution
+from .quant.quantizers import ActQuantizer
 
 logger = logging.get_logger(__name__)
 
@@ -98,6 +101,11 @@ class GACQuantizer(DiffusersQuantizer):
             self.tensor_specs = quantized_tensor_specs(model)
             if self.loaded_keys is not None:
                 self.refuse(check_presence(self.tensor_specs, self.loaded_keys))
+                # tensors the rebuilt model does not save (a dynamic quantizer's empty range) but this checkpoint
+                # holds load and are checked like the others: a static range under a config saying dynamic is refused
+                for key in set(self.loaded_keys) & {k for k, spec in self.tensor_specs.items() if spec.optional}:
+                    module, name = get_module_from_name(model, key)
+                    module._non_persistent_buffers_set.discard(name)
         else:  # what calibration would stumble on after the weights load, said now
             check_denoiser(model)
             plan_conversion(model, config)
@@ -118,7 +126,8 @@ class GACQuantizer(DiffusersQuantizer):
         self.refuse(check_tensor(param_name, original, self.tensor_specs[param_name]))
         module, name = get_module_from_name(model, param_name)
         expected = getattr(module, name)
-        module.register_buffer(name, original.to(device=target_device, dtype=expected.dtype))
+        module.register_buffer(name, original.to(device=target_device, dtype=expected.dtype),
+                               persistent=name not in module._non_persistent_buffers_set)
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
         return missing_keys
@@ -132,12 +141,19 @@ class GACQuantizer(DiffusersQuantizer):
             self.quantization_config = config
             self.calibration_report = report.to_dict()
             model.register_to_config(quantization_config=config)
-        elif self.checkpoint_dir is not None and (self.checkpoint_dir / REPORT_NAME).is_file():
-            try:  # a report beside the checkpoint documents it; a damaged one does not stop the model loading
-                self.calibration_report = json.loads((self.checkpoint_dir / REPORT_NAME).read_text())
-            except (OSError, UnicodeDecodeError, ValueError) as err:
-                logger.warning(f"ignoring the calibration report {self.checkpoint_dir / REPORT_NAME}: it is not "
-                               f"readable JSON ({err}); the model loaded without it")
+        else:
+            for module in model.modules():  # empty ranges are not saved again (see above)
+                if isinstance(module, ActQuantizer) and module.scale.numel() == 0:
+                    module._non_persistent_buffers_set.update(("scale", "zero_point"))
+            chosen = set_execution(model, self.quantization_config.execution)
+            logger.info(f"{len(chosen['integer'])} quantized layers run on integer kernels, {len(chosen['fake'])} as "
+                        "fake quantization")
+            if self.checkpoint_dir is not None and (self.checkpoint_dir / REPORT_NAME).is_file():
+                try:  # a report beside the checkpoint documents it; a damaged one does not stop the model loading
+                    self.calibration_report = json.loads((self.checkpoint_dir / REPORT_NAME).read_text())
+                except (OSError, UnicodeDecodeError, ValueError) as err:
+                    logger.warning(f"ignoring the calibration report {self.checkpoint_dir / REPORT_NAME}: it is not "
+                                   f"readable JSON ({err}); the model loaded without it")
         return model
 
     @property
@@ -167,6 +183,30 @@ def mark_calibrated(model: nn.Module, config: GACConfig, report: dict[str, Any] 
     model.quantization_method = config.quant_method
     if hasattr(model, "register_to_config"):
         model.register_to_config(quantization_config=config)
+
+
+def merge_quantization_configs(original):
+    """Wrap diffusers' ``DiffusersAutoQuantizer.merge_quantization_configs`` (which keeps a checkpoint's own
+    quantization config and drops the one passed to ``from_pretrained``) so that a ``GACConfig`` passed when loading
+    a calibrated checkpoint still sets the load-time choice ``execution``. Format options always come from the
+    checkpoint; those the caller set to something else are named in a warning."""
+
+    def merge(cls, quantization_config, quantization_config_from_args):
+        stored = quantization_config
+        if isinstance(stored, dict) and stored.get("quant_method") == GACConfig.quant_method.value:
+            stored = GACConfig.from_dict(stored)
+        if not (isinstance(quantization_config_from_args, GACConfig) and isinstance(stored, GACConfig)):
+            return original(cls, quantization_config, quantization_config_from_args)
+        given = quantization_config_from_args
+        stored.execution = given.execution
+        default, theirs = GACConfig().to_dict(), stored.to_dict()
+        ignored = [k for k, v in given.to_dict().items() if k in FORMAT_OPTIONS and v != default[k] and v != theirs[k]]
+        if ignored:
+            logger.warning(f"loading a calibrated checkpoint: its own {', '.join(ignored)} are used, not those passed "
+                           "in quantization_config (only load-time options such as execution are taken from it)")
+        return stored
+
+    return merge
 
 
 def refuse_unconfigured_weights(model: nn.Module, loaded_keys: list[str], where: str) -> None:

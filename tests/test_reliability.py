@@ -23,6 +23,7 @@ from diffusers_gac import CalibrationData, CalibrationInputs, GACConfig, quantiz
 from diffusers_gac.cli import main
 from diffusers_gac.quant.checkpoint import CheckpointError, TensorSpec, check_checkpoint, check_tensor
 from diffusers_gac.quant.convert import requantize
+from diffusers_gac.quant.quantizers import ActQuantizer
 from diffusers_gac.saving import replace_folder_atomically
 from diffusers_gac.sampling import prompt_embeds_sampler
 
@@ -122,6 +123,31 @@ def test_the_intact_checkpoint_loads_identically(calibrated, checkpoint):
     assert torch.equal(_out(UNet2DModel.from_pretrained(checkpoint)), _out(calibrated))
 
 
+def test_checkpoints_store_zero_points_as_uint8_and_no_empty_tensors(tmp_path):
+    """The compact form: frozen layers save zero points as uint8 (exact) and dynamic quantizers save nothing; a
+    checkpoint of the earlier form (float32 zero points, empty dynamic tensors) loads to the same outputs."""
+    model = tiny_unet2d()
+    quantize_model(model, GACConfig(**{**FAST, "act_scheme": "dynamic", "attn_bits": None}),
+                   scheduler=DDIMScheduler(num_train_timesteps=1000), show_progress=False)
+    diffusers_gac.save_pretrained(model, tmp_path / "new")
+    state = load_file(tmp_path / "new" / WEIGHTS)
+    zero_points = {k: t for k, t in state.items() if k.endswith("zero_point")}
+    assert zero_points and all(t.dtype == torch.uint8 for t in zero_points.values())
+    assert all(t.numel() for t in state.values())
+    assert not any(k.endswith("input_quantizer.scale") for k in state)  # all dynamic here
+    expected = _out(model)
+    assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path / "new")), expected)
+
+    def earlier_form(s):
+        s.update({k: t.float() for k, t in zero_points.items()})
+        for name, module in model.named_modules():
+            if isinstance(module, ActQuantizer):
+                s[f"{name}.scale"], s[f"{name}.zero_point"] = torch.ones(0), torch.zeros(0)
+    older = damaged(tmp_path / "new", tmp_path, tensors=earlier_form)
+    assert load_file(older / WEIGHTS)["conv_in.input_quantizer.scale"].numel() == 0
+    assert torch.equal(_out(UNet2DModel.from_pretrained(older)), expected)
+
+
 DAMAGE = {
     "top-level w_bits edited 4 -> 8": (
         dict(config=lambda d: d["quantization_config"].update(w_bits=8)), "contradicts its own layout"),
@@ -161,7 +187,9 @@ DAMAGE = {
     "a zero scale": (
         dict(tensors=_set("down_blocks.0.resnets.0.conv1.weight_quantizer.scale", torch.zeros_like)), "scales <= 0"),
     "a zero point out of range": (
-        dict(tensors=_set("conv_in.weight_quantizer.zero_point", lambda t: t + 300)), "zero points outside"),
+        dict(tensors=_set("conv_in.weight_quantizer.zero_point", lambda t: t.float() + 300)), "zero points outside"),
+    "a zero point stored as int64": (
+        dict(tensors=_set("conv_in.weight_quantizer.zero_point", lambda t: t.long())), "is uint8 or floating point"),
     "a fractional zero point": (
         dict(tensors=_set("conv_in.input_quantizer.zero_point", lambda t: t + 0.5)), "zero points outside"),
     "packed weights stored as float": (

@@ -185,7 +185,7 @@ def calibrate(
     units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting, validation_data=validation_data,
                               show_progress=show_progress, state=state, checkpoint=checkpoint)
     seconds["reconstruct"] = round(time.time() - start, 2)
-    freeze_model(denoiser)
+    freeze_model(denoiser, config.execution)
     return CalibrationReport(config=config.options(), layout=layout, skipped_layers=skipped,
                              num_calibration_samples=shard.total, units=units, seconds=seconds)
 

@@ -11,7 +11,8 @@ What a tensor must be:
 
 * ``packed_weight``: uint8 of the layer's packed shape; codes below ``2**w_bits`` (see ``packing.py``);
 * ``*.scale``: floating point, finite and > 0 (a probabilities quantizer's scale is fixed at ``1 / (2**bits - 1)``);
-* ``*.zero_point``: floating point, integer-valued, in ``[0, 2**bits - 1]``;
+* ``*.zero_point``: uint8 (how frozen layers save them) or floating point, integer-valued, in ``[0, 2**bits - 1]``;
+* a dynamic quantizer's ``scale``/``zero_point``: empty, and optional (saved by none but the earliest checkpoints);
 * ``input_quantizer.split``: an integer scalar equal to the layout's ``split``.
 """
 
@@ -57,6 +58,7 @@ class TensorSpec:
     num_codes: int | None = None  # codes per row ("codes")
     value: int | None = None  # the layout's split ("split")
     fixed_scale: float | None = None  # a range known in advance ("scale" of a probabilities quantizer)
+    optional: bool = False  # may be absent (the empty tensors of a dynamic quantizer)
 
 
 def _quantizer_specs(prefix: str, q: nn.Module) -> dict[str, TensorSpec]:
@@ -68,8 +70,9 @@ def _quantizer_specs(prefix: str, q: nn.Module) -> dict[str, TensorSpec]:
     if not isinstance(q, (ActQuantizer, WeightQuantizer)):
         return {}
     fixed = 1.0 / (2**q.bits - 1) if getattr(q, "fixed_range", False) else None
-    return {f"{prefix}.scale": TensorSpec("scale", tuple(q.scale.shape), q.bits, fixed_scale=fixed),
-            f"{prefix}.zero_point": TensorSpec("zero_point", tuple(q.zero_point.shape), q.bits)}
+    optional = q.scale.numel() == 0
+    return {f"{prefix}.scale": TensorSpec("scale", tuple(q.scale.shape), q.bits, fixed_scale=fixed, optional=optional),
+            f"{prefix}.zero_point": TensorSpec("zero_point", tuple(q.zero_point.shape), q.bits, optional=optional)}
 
 
 def quantized_tensor_specs(model: nn.Module) -> dict[str, TensorSpec]:
@@ -123,7 +126,7 @@ def check_presence(specs: Mapping[str, TensorSpec], keys: Iterable[str]) -> list
     """Problems with the tensor names: quantized tensors the config implies but the checkpoint lacks, and quantized
     tensors the checkpoint holds but the config does not know (a layer missing from its layout)."""
     keys = set(keys)
-    missing = sorted(k for k in specs if k not in keys)
+    missing = sorted(k for k, spec in specs.items() if k not in keys and not spec.optional)
     extra = sorted(k for k in keys if k not in specs and looks_quantized(k))
     problems = []
     if missing:
@@ -145,8 +148,11 @@ def check_tensor(name: str, tensor: torch.Tensor, spec: TensorSpec) -> list[str]
     elif spec.kind == "split":
         if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
             return [f"{name} is stored as {tensor.dtype}; a split is an integer"]
+    elif spec.kind == "zero_point" and tensor.dtype == torch.uint8:
+        pass  # frozen layers save their zero points as uint8 (exact: integers in [0, 2**bits - 1])
     elif not tensor.dtype.is_floating_point:
-        return [f"{name} is stored as {tensor.dtype}; a quantizer {spec.kind.replace('_', ' ')} is floating point "
+        allowed = "uint8 or floating point" if spec.kind == "zero_point" else "floating point"
+        return [f"{name} is stored as {tensor.dtype}; a quantizer {spec.kind.replace('_', ' ')} is {allowed} "
                 "(an integer copy would have lost its fractional part)"]
     if tuple(tensor.shape) != spec.shape:
         return [f"{name} has shape {tuple(tensor.shape)} but the config implies {spec.shape}"]

@@ -15,7 +15,8 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from ..config import GACConfig, QuantizedLayout
+from ..config import EXECUTIONS, GACConfig, QuantizedLayout, check_choice
+from . import intexec
 from .attention import quantize_attention
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear
 from .quantizers import ActQuantizer, TimestepContext
@@ -196,14 +197,41 @@ class quantization_disabled:
 
 
 @torch.no_grad()
-def freeze_model(model: nn.Module) -> None:
+def freeze_model(model: nn.Module, execution: str | None = None) -> None:
     """Harden every layer's rounding into its weight (the model then holds 2^bits-level weights) and store every
     activation step as it is used (``|scale|``, at least 1e-8: a learned step may have crossed zero), so that a
-    checkpoint's scales are all positive; the outputs do not change."""
+    checkpoint's scales are all positive; the outputs do not change. With ``execution``, then choose how the frozen
+    layers run (see :func:`set_execution`)."""
     for layer in quant_layers(model).values():
         layer.freeze()
     for q in act_quantizers(model):
         q.scale.abs_().clamp_min_(1e-8)
+    if execution is not None:
+        set_execution(model, execution)
+
+
+@torch.no_grad()
+def set_execution(model: nn.Module, execution: str = "auto", int4_storage: str = "packed") -> dict[str, list[str]]:
+    """Choose how the frozen quantized layers of ``model`` run; returns the layer names per mode as they run now.
+
+    ``"fake"``: the reference (dequantize the weight, float conv/linear on fake-quantized inputs). ``"integer"``: int8
+    GEMMs (``quant/intexec.py``) for every layer with quantized inputs. ``"auto"``: ``"integer"`` for the layers wide
+    enough to gain from it (``intexec.integer_pays_off``), ``"fake"`` for the others. Integer execution holds while
+    a layer sits on a device with the kernels (``intexec.integer_kernels_available``: the CPU); moved elsewhere
+    (``model.to("cuda")``) it runs the reference, and moved back, the kernels again. ``int4_storage``: how weights of
+    4 bits or fewer stay resident in integer mode, ``"packed"`` (two per byte, unpacked per call) or ``"int8"`` (one
+    per byte). Checkpoints and results do not depend on the mode beyond float rounding (docs/index.md, Inference)."""
+    check_choice("execution", execution, EXECUTIONS)
+    check_choice("int4_storage", int4_storage, intexec.INT4_STORAGES)
+    chosen: dict[str, list[str]] = {"integer": [], "fake": []}
+    for name, layer in quant_layers(model).items():
+        if not layer.frozen:
+            raise ValueError(f"{name} is not frozen: calibrate (or freeze_model) before choosing an execution")
+        mode = execution
+        if mode == "auto":
+            mode = "integer" if intexec.integer_pays_off(layer) else "fake"
+        chosen["integer" if layer.set_execution(mode, int4_storage) else "fake"].append(name)
+    return chosen
 
 
 def requantize(model: nn.Module, config: GACConfig) -> None:

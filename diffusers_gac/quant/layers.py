@@ -11,10 +11,14 @@ so rounding and ranges can be learned and quantization can be switched off to re
     L.packed_weight                  uint8 (out, ceil(k/2)) for w_bits <= 4, (out, k) otherwise; see packing.py
     L.bias                           unchanged (float)
     L.weight_quantizer.scale         float (out, 1[, 1, 1])       weight = (code - zero_point) * scale
-    L.weight_quantizer.zero_point    float (out, 1[, 1, 1])       an integer in [0, 2**w_bits - 1]
+    L.weight_quantizer.zero_point    float (out, 1[, 1, 1])       an integer in [0, 2**w_bits - 1] (saved as uint8)
     L.input_quantizer.scale          float (groups,)               absent when a_bits is None; groups = 0 if dynamic
-    L.input_quantizer.zero_point     float (groups,)
+    L.input_quantizer.zero_point     float (groups,)               (saved as uint8; dynamic: empty, not saved)
     L.input_quantizer.split          int64 ()                      split inputs only, with .first/.second quantizers
+
+*Frozen, integer execution* (``set_execution("integer")``): ``packed_weight`` is replaced by the layout the int8
+kernels read (``intexec.py``); ``state_dict`` still writes ``packed_weight``, rebuilt exactly, so checkpoints do not
+depend on the execution mode.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packing import pack_codes, packed_width, unpack_codes
+from ..config import check_choice
+from . import intexec
+from .packing import pack_codes, packed_width
 from .quantizers import ActQuantizer, ActScheme, SplitActQuantizer, WeightInit, WeightQuantizer
 
 
@@ -36,6 +42,8 @@ class QuantLayerMixin:
     input_quantizer: ActQuantizer | SplitActQuantizer | None
     quantize_weight: bool
     frozen: bool
+    execution: str = "fake"  # frozen layers: "fake" (dequantize, float op) or "integer" (int8 GEMMs; intexec.py)
+    _integer_storage: str | None = None  # integer execution asked for, with this int4 storage (set_execution)
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
                     act_groups: int, channel_dim: int, split: int | None) -> None:
@@ -51,6 +59,7 @@ class QuantLayerMixin:
             self.input_quantizer = ActQuantizer(a_bits, act_scheme, act_groups, channel_dim)
         self.quantize_weight = True
         self.frozen = False
+        self.register_state_dict_post_hook(_compact_zero_points)
 
     @property
     def codes_per_channel(self) -> int:
@@ -64,7 +73,7 @@ class QuantLayerMixin:
         return self.weight_quantizer(self.weight)
 
     def dequantized_weight(self) -> torch.Tensor:
-        codes = unpack_codes(self.packed_weight, self.codes_per_channel, self.w_bits)
+        codes = intexec.weight_codes(self)
         q = self.weight_quantizer
         dtype = q.scale.dtype if self.bias is None else self.bias.dtype
         w = codes.view(self.weight_shape).to(dtype)
@@ -91,8 +100,77 @@ class QuantLayerMixin:
         self.register_buffer("packed_weight", torch.zeros(self.weight_shape[0], width, dtype=torch.uint8, device=device))
         self.frozen = True
 
+    @torch.no_grad()
+    def set_execution(self, execution: str, int4_storage: str = "packed") -> bool:
+        """Run this frozen layer as ``"fake"`` quantization or on the ``"integer"`` kernels; returns whether it
+        runs integer now. A layer the kernels do not serve stays fake (``intexec.integer_support``); one on a device
+        without them runs fake until it is moved to one with them (``_apply``)."""
+        check_choice("execution", execution, ("fake", "integer"))
+        check_choice("int4_storage", int4_storage, intexec.INT4_STORAGES)
+        if not self.frozen:
+            raise ValueError("only frozen layers choose an execution; freeze() the layer first")
+        wanted = execution == "integer" and intexec.integer_support(self) is None
+        self._integer_storage = int4_storage if wanted else None
+        return self._sync_execution()
+
+    def _sync_execution(self) -> bool:
+        """Hold the integer layout if and only if integer execution was asked for and the device has the kernels."""
+        if self._integer_storage is None or not intexec.integer_kernels_available(intexec.layer_device(self)):
+            intexec.to_fake(self)
+            return False
+        packed = self._integer_storage == "packed" and self.w_bits <= 4
+        if self.execution != "integer" or self._int_spec.packed != packed:
+            intexec.to_fake(self)
+            intexec.to_integer(self, self._integer_storage)
+        return True
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.frozen and self._integer_storage is not None:  # moved: follow the device (no kernels, no integer)
+            with torch.no_grad():
+                self._sync_execution()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.execution == "integer":  # checkpoints hold the packed codes whatever the execution
+            destination[prefix + "packed_weight"] = pack_codes(intexec.weight_codes(self), self.w_bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.execution == "integer" and prefix + "packed_weight" in state_dict:
+            # load into the reference layout; the post-hook goes back to integer once the quantizers loaded too
+            intexec.to_fake(self)
+            if not getattr(self, "_resync_hook", False):
+                self.register_load_state_dict_post_hook(_resync_execution)
+                self._resync_hook = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, frozen={self.frozen}"
+        return (f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, frozen={self.frozen}"
+                + (f", execution={self.execution}" if self.frozen else ""))
+
+
+ZERO_POINT_KEYS = ("weight_quantizer.zero_point", "input_quantizer.zero_point", "input_quantizer.first.zero_point",
+                   "input_quantizer.second.zero_point")
+
+
+def _compact_zero_points(layer: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A frozen layer saves its zero points as uint8: integers in [0, 2**bits - 1] (at most 8 bits), so exact, and a
+    quarter of float32 (loading casts them back to the buffers' float dtype)."""
+    if not layer.frozen:
+        return
+    for key in ZERO_POINT_KEYS:
+        t = state_dict.get(prefix + key)
+        if t is not None and t.is_floating_point() and t.numel() and t.device.type != "meta":
+            t = t.detach()
+            if bool((t == t.round()).all()) and 0 <= float(t.min()) and float(t.max()) <= 255:
+                state_dict[prefix + key] = t.to(torch.uint8)
+
+
+def _resync_execution(layer: nn.Module, incompatible_keys) -> None:
+    if layer.frozen and layer._integer_storage is not None:
+        with torch.no_grad():
+            layer._sync_execution()
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
@@ -110,6 +188,10 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == "integer" and not torch.compiler.is_compiling():  # compiled: the reference, fused
+            y = intexec.forward(self, x)
+            if y is not None:
+                return y
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
@@ -126,6 +208,10 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == "integer" and not torch.compiler.is_compiling():  # compiled: the reference, fused
+            y = intexec.forward(self, x)
+            if y is not None:
+                return y
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 

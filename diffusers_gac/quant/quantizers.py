@@ -168,9 +168,10 @@ class ActQuantizer(nn.Module):
         check_choice("act_scheme", scheme, ACT_SCHEMES)
         self.bits, self.scheme, self.channel_dim = bits, scheme, channel_dim
         n = {"static": 1, "timestep": groups, "dynamic": 0}[scheme]
-        # buffers, not parameters: the reconstruction loop turns on requires_grad for the step sizes it learns
-        self.register_buffer("scale", torch.ones(n))
-        self.register_buffer("zero_point", torch.zeros(n))
+        # buffers, not parameters: the reconstruction loop turns on requires_grad for the step sizes it learns; a
+        # dynamic quantizer's are empty and not saved (nothing to store)
+        self.register_buffer("scale", torch.ones(n), persistent=n > 0)
+        self.register_buffer("zero_point", torch.zeros(n), persistent=n > 0)
         self.context: TimestepContext | None = None
         self.enabled = True
         self.fixed_range = False  # a range known in advance (softmax probabilities): never observed or learned

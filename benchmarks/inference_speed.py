@@ -1,0 +1,342 @@
+"""Time per denoising step: full precision, fake quantization and the integer path, in one process.
+
+Every variant of a model is built before timing starts and the variants run round-robin (FP32, fake, W8A8, ...,
+FP32, fake, ...) so that load from other jobs on the machine hits them alike; the table reports medians and the
+ratio FP32 / variant. One step is one forward of the denoiser on ``--batch`` samples.
+
+Models:
+
+* ``embedded``: the embedded digits ``UNet2DModel`` (8x8, class-conditional);
+* ``sd``: a randomly initialised ``UNet2DConditionModel`` with Stable Diffusion 1.5's blocks (320/640/1280/1280
+  channels, two layers per block, 8 heads, 77 text tokens of 768) at latent size ``--latents``; ``--sd-channels``
+  shrinks it for a smoke test.
+
+Quantized variants are converted with the library's defaults (dynamic per-token activations, first/last layer and
+embeddings at 8 bits) and round-to-nearest weights: speed does not depend on how the rounding was learned, so
+nothing is calibrated. ``fake`` runs the fake-quant reference (dequantize, float ops); ``int`` the integer kernels
+for every layer with quantized inputs (``execution="integer"``); ``auto`` the integer kernels for the layers wide
+enough to gain from them, fake quantization for the others (``execution="auto"``, the default when loading).
+"weights resident" sums the model's parameters and buffers; "step peak" is how far one step raises the process's
+resident memory (Linux peak RSS, reset before the step); "rel. L2 vs FP32" is a sanity check of each output.
+
+    python benchmarks/inference_speed.py --models embedded sd --latents 16 32 64 --threads 2 --output docs/results/inference_speed.md
+    python benchmarks/inference_speed.py --json          # SD-sized UNet at latent 32: one JSON object
+
+On a machine shared with other jobs, ``--threads 1 --clock cpu`` (process CPU time) gives stable ratios; wall-clock
+timing with several threads then waits for descheduled threads. glibc's malloc returns large buffers to the system
+after every call; ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296`` keeps them (set it before starting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.utils import logging as dlogging
+from torch import nn
+
+from diffusers_gac import GACConfig
+from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers
+from diffusers_gac.zoo import load_embedded_unet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import PEERS, build_peer  # noqa: E402  (benchmarks/peers.py)
+
+VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits)
+    "fp32": (None, None, None),
+    "bf16": ("bf16", None, None),
+    "fake_w4a4": ("fake", 4, 4),
+    "fake_w8a8": ("fake", 8, 8),
+    "int_w8a8": ("integer", 8, 8),
+    "int_w4a8": ("integer", 4, 8),
+    "int_w4a4": ("integer", 4, 4),
+    "auto_w4a4": ("auto", 4, 4),
+    "compiled_fp32": ("compile", None, None),
+    "compiled_w4a4": ("compile", 4, 4),
+    "torchao_w8a8": ("torchao", 8, 8),
+    "quanto_w8a8": ("quanto", 8, 8),
+    "quanto_w4a8": ("quanto", 4, 8),
+    "bnb_nf4": ("bnb-nf4", 4, None),
+}
+DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
+PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
+COMPILED_VARIANTS = ["compiled_fp32", "compiled_w4a4"]
+SD_CHANNELS = (320, 640, 1280, 1280)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def sd_unet(channels: tuple[int, ...], cross_attention_dim: int) -> UNet2DConditionModel:
+    """Stable Diffusion 1.5's UNet architecture (diffusers' defaults are SD's blocks), random weights."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, block_out_channels=tuple(channels),
+                                layers_per_block=2, cross_attention_dim=cross_attention_dim,
+                                attention_head_dim=8).eval()
+
+
+def model_inputs(model: nn.Module, latent: int, batch: int, tokens: int = 77) -> dict:
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    call = {"sample": torch.randn(batch, cfg.in_channels, latent, latent, generator=g),
+            "timestep": torch.full((batch,), 500)}
+    if getattr(cfg, "num_class_embeds", None):
+        call["class_labels"] = torch.arange(batch) % cfg.num_class_embeds
+    if getattr(cfg, "cross_attention_dim", None):
+        call["encoder_hidden_states"] = torch.randn(batch, tokens, cfg.cross_attention_dim, generator=g)
+    return call
+
+
+def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
+    kind, w_bits, a_bits = VARIANTS[name]
+    if kind is None:
+        return fp32
+    if kind in PEERS:
+        bits = f"W{w_bits}A{a_bits or 16}"
+        model, mean_bits = build_peer(kind, bits, fp32, lambda m: m(**call))  # calibrated on the timed input
+        log(f"{name}: {mean_bits:.1f} bits per Linear/Conv2d weight")
+        return model
+    if kind == "compile":
+        model = fp32 if w_bits is None else build_variant(fp32, "auto_w4a4", call)
+        return torch.compile(model)
+    model = copy.deepcopy(fp32)
+    if kind == "bf16":
+        return model.to(torch.bfloat16)
+    convert_model(model, GACConfig(w_bits=w_bits, a_bits=a_bits, weight_init="minmax"))
+    freeze_model(model, kind)
+    running = sum(m.execution == "integer" for m in quant_layers(model).values())
+    wanted = {"fake": 0, "integer": sum(m.input_quantizer is not None for m in quant_layers(model).values())}
+    if running != wanted.get(kind, running):
+        raise RuntimeError(f"{name}: {running} of {wanted[kind]} layers run the integer kernels")
+    log(f"{name}: {running} of {len(quant_layers(model))} quantized layers on the integer kernels")
+    return model
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def step_peak_mib(fn: Callable[[], object]) -> float | None:
+    """How far one call raises the process's resident memory above what it held before (activations, workspaces,
+    dequantized weights): Linux's peak RSS, reset just before the call (``/proc/self/clear_refs``), after glibc has
+    given back the memory it kept from earlier calls (``malloc_trim``)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    return None if before is None or peak is None else (peak - before) / 1024
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: the inner tensors of a tensor subclass (torchao, quanto), a bitsandbytes 4-bit weight's
+    packed data plus its block scales."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names if isinstance(getattr(t, n), torch.Tensor))
+    size = t.numel() * t.element_size()
+    state = getattr(t, "quant_state", None)
+    absmax = getattr(state, "absmax", None)
+    return size + (absmax.numel() * absmax.element_size() if isinstance(absmax, torch.Tensor) else 0)
+
+
+def resident_mib(model: nn.Module) -> float:
+    tensors = list(model.parameters()) + [b for _, b in model.named_buffers()]
+    return sum(tensor_bytes(t) for t in tensors) / 2**20
+
+
+def forward_fn(model: nn.Module, call: dict) -> Callable[[], torch.Tensor]:
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32  # a peer's packed parameters
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in call.items()}
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():  # not inference_mode: optimum-quanto's frozen tensors refuse it
+            return model(**cast, return_dict=False)[0].float()
+
+    return run
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, clock: Callable[[], float]
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, ``rounds`` samples each, candidates alternating."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            start = clock()
+            fn()
+            samples[k].append(clock() - start)
+    return samples
+
+
+def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) -> list[dict]:
+    call = model_inputs(fp32, latent, args.batch)
+    models, built = {}, {}
+    for name in args.variants:
+        start = time.perf_counter()
+        models[name] = build_variant(fp32, name, call)
+        fn = forward_fn(models[name], call)
+        if VARIANTS[name][0] == "compile":
+            fn()  # compiling happens on the first call
+        built[name] = time.perf_counter() - start
+        log(f"{label} latent {latent}: built {name} in {built[name]:.1f} s")
+    fns = {name: forward_fn(model, call) for name, model in models.items()}
+    reference = fns["fp32"]()  # parse_args always includes fp32
+    errors = {name: ((fn() - reference).norm() / reference.norm()).item() for name, fn in fns.items()}
+    peaks = {name: step_peak_mib(fn) for name, fn in fns.items()}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    load_before = loadavg()
+    samples = interleaved(fns, args.rounds, args.warmup, clock)
+    load_after = loadavg()
+    if args.profile:
+        for name in args.profile:
+            if name in fns:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    fns[name]()
+                log(f"## profile {label} latent {latent} {name}\n"
+                    + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    base = statistics.median(samples["fp32"])
+    rows = []
+    for name in fns:
+        median = statistics.median(samples[name])
+        rows.append({"model": label, "latent": latent, "batch": args.batch, "variant": name,
+                     "median_ms": 1e3 * median, "min_ms": 1e3 * min(samples[name]),
+                     "max_ms": 1e3 * max(samples[name]), "vs_fp32": base / median,
+                     "resident_mib": resident_mib(models[name]), "step_peak_mib": peaks[name],
+                     "rel_l2_vs_fp32": errors[name], "build_s": built[name],
+                     "load": f"{load_before} / {load_after}"})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | latent | batch | variant | ms / step (median) | min | max | FP32 / variant | weights resident "
+             "MiB | step peak MiB | rel. L2 vs FP32 | load avg before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['vs_fp32']:.2f}x"
+        peak = "n/a" if r["step_peak_mib"] is None else f"{r['step_peak_mib']:.1f}"
+        lines.append(f"| {r['model']} | {r['latent']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | "
+                     f"{r['min_ms']:.1f} | {r['max_ms']:.1f} | {ratio} | {r['resident_mib']:.1f} | {peak} | "
+                     f"{r['rel_l2_vs_fp32']:.2e} | {r['load']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=["embedded", "sd"], default=["embedded", "sd"])
+    parser.add_argument("--latents", type=int, nargs="+", default=[32], help="latent sizes of the SD-sized UNet")
+    parser.add_argument("--batch", type=int, default=1, help="samples per step (2 for classifier-free guidance)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
+                        help=f"default: {' '.join(DEFAULT_VARIANTS)}; peers: {' '.join(PEER_VARIANTS)}; "
+                             f"torch.compile: {' '.join(COMPILED_VARIANTS)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall clock, or the process's CPU time (stable on a busy machine at 1 thread)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--sd-channels", type=int, nargs=4, default=list(SD_CHANNELS),
+                        help="block channels of the SD-sized UNet (smaller for a smoke test)")
+    parser.add_argument("--cross-attention-dim", type=int, default=768)
+    parser.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
+                        help="print the top ops of one step of these variants (stderr)")
+    parser.add_argument("--profile-rows", type=int, default=15)
+    parser.add_argument("--json", action="store_true",
+                        help="time the SD-sized UNet at the first --latents (default 32) and print one JSON object")
+    parser.add_argument("--output", type=Path, default=None, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    for required in ("fp32", "int_w8a8", "int_w4a4") if args.json else ("fp32",):
+        if required not in args.variants:
+            args.variants.insert(0 if required == "fp32" else len(args.variants), required)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    command = "python benchmarks/inference_speed.py " + shlex.join(argv)
+    dlogging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows = []
+    if args.json:
+        rows += measure("sd", sd_unet(args.sd_channels, args.cross_attention_dim), args.latents[0], args)
+    else:
+        if "embedded" in args.models:
+            unet = load_embedded_unet().eval()
+            rows += measure("embedded digits", unet, unet.config.sample_size, args)
+        if "sd" in args.models:
+            unet = sd_unet(args.sd_channels, args.cross_attention_dim)
+            for latent in args.latents:
+                rows += measure("SD-1.5-sized (random)", unet, latent, args)
+    machine = {"processor": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "clock": args.clock, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if args.json:
+        result = {f"{r['variant']}_ms": round(r["median_ms"], 3) for r in rows}
+        result.update(model="sd", sd_channels=list(args.sd_channels), latent=args.latents[0], batch=args.batch,
+                      rounds=args.rounds, command=command, **machine,
+                      ratios={r["variant"]: round(r["vs_fp32"], 3) for r in rows})
+        print(json.dumps(result))
+        return
+    text = "\n".join([
+        "# Time per denoising step on the CPU: FP32, fake quantization and integer kernels", "",
+        f"Command: `{command}`", "",
+        f"{machine['date']}; {machine['processor']}, {machine['cpu_count']} CPUs ({machine['cpu_capability']}), "
+        f"{machine['torch_threads']} torch threads, torch {machine['torch']}, {args.clock} clock, median of "
+        f"{args.rounds} interleaved rounds; {time.perf_counter() - started:.0f} s in all.", "",
+        table(rows), ""])
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

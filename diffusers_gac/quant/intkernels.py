@@ -1,0 +1,284 @@
+"""Integer kernels: int8 x int8 -> int32 GEMMs (``torch._int_mm``) for the frozen quantized layers, from stock ops.
+
+They compute exactly what the fake-quantized layers compute (``layers.py``: dequantized weight, float conv/linear
+on fake-quantized inputs), with the products summed in int32, so the only differences are float rounding in the
+rescale (tests hold them within 1e-5 of the output's scale; measured ~1e-7).
+
+Activations (``Act``): a quantized input carried in int8 (rows of tokens for a linear layer; (B, C, H, W) for a
+convolution) with a float scale per token (or per sample, broadcastable) and, for 8-bit inputs only, a float
+offset: ``value = scale * (q - zero)``. The library's codes are affine, ``c`` in ``[0, 2^b - 1]`` with an integer
+zero point ``z``: for ``b <= 7`` the carrier ``c - z`` fits int8 exactly (``|c - z| <= 2^b - 1``) and ``zero`` is
+None; for ``b = 8`` the carrier is ``c - 128`` and ``zero = z - 128``. ``quantize_dynamic`` reproduces
+``ActQuantizer``'s per-token ranges (same float ops, so the same codes); ``quantize_static`` its learned ranges.
+
+Weights: int8 blocks ``(out, in)``, one per (input part, kernel tap) segment of a layer, carrying ``c - z`` (bits <= 7,
+exact) or ``c - 128`` (8 bits, with the offset ``zw = z - 128`` per output channel left to correct).
+
+Sum over segments ``j`` (taps of a convolution, parts of a split input), with per-token scale ``s_j``, offset
+``z_j``, sums ``r_j`` of the carriers over the channels and ``C_j`` input channels::
+
+    out = ws * (sum_j s_j * acc_j  -  sum_j colsum_j (x) (s_j z_j)  -  zw (x) (sum_j s_j (r_j - C_j z_j))) + bias
+
+with ``acc_j`` the int32 GEMM of the segment (``int_mm``) and ``colsum_j`` the per-output-channel sums of its weight
+block. The correction terms exist only for 8-bit inputs (``z``) or 8-bit weights (``zw``): one rank-J update and
+one rank-1 update per layer.
+
+A convolution with a scale per input position is one GEMM per kernel tap (each output sums kh*kw positions with
+different scales), computed channels first: ``acc (out, positions) = W_tap (out, C) @ X_tap (C, positions)`` with the
+samples side by side along the positions (a free view for one sample, an int8 copy for several), so float
+activations are never transposed and the output comes out in the model's (B, C, H, W) layout. Stride 1: the taps
+read zero-copy column slices of the padded input flattened to (C, B*Hp*Wp) ("flat shift": output column ``o`` of
+tap ``(i, j)`` reads input column ``o + i*dh*Wp + j*dw``; the columns between image rows and between images are
+computed and dropped). Other strides gather each tap's columns (an int8 copy). 1x1 convolutions are one GEMM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+EPS = 1e-8  # the library's smallest scale (quantizers.affine_params)
+BLOCK_OUTPUTS, BLOCK_MIN_ROWS = 1 << 18, 256  # row blocks of linear_dynamic
+
+
+class Act(NamedTuple):
+    """An int8-carried quantized activation: ``value = scale * (q - zero)`` row by row (``zero`` None means 0)."""
+
+    q: torch.Tensor  # int8 (..., C), contiguous
+    scale: torch.Tensor  # float32 (..., 1)
+    zero: torch.Tensor | None  # float32 (..., 1) or None
+
+
+def quantize_dynamic(x: torch.Tensor, bits: int, dim: int = -1) -> Act:
+    """Affine quantization with the range ``[min(x, 0), max(x, 0)]`` of each token (slice along ``dim``, the
+    channels): the ``dynamic`` scheme of ``ActQuantizer``. Scale and zero keep ``dim`` with size 1."""
+    levels = 2**bits - 1
+    # amin + amax: torch.aminmax over the innermost dim is ~30x slower on CPU
+    lo, hi = x.amin(dim, keepdim=True).clamp_max_(0), x.amax(dim, keepdim=True).clamp_min_(0)
+    scale = ((hi - lo) / levels).clamp_min_(EPS)
+    zp = torch.round(-lo / scale)
+    # c - z = clamp(round(x/s), -z, levels - z); the lower bound holds by construction (x >= lo, division is
+    # monotonic, round(lo/s) = -z), so only the upper one is applied
+    t = torch.div(x, scale).round_().clamp_max_(levels - zp)
+    if bits <= 7:
+        return Act(t.to(torch.int8), scale, None)
+    return Act(t.add_(zp - 128).to(torch.int8), scale, zp - 128)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> Act:
+    """Affine quantization with given ranges (``scale``/``zero_point`` of shape (B, 1, ..., 1), one per sample):
+    the ``static`` and ``timestep`` schemes. Scale and zero stay of that shape (broadcastable)."""
+    levels = 2**bits - 1
+    t = torch.div(x, scale).round_()
+    low, high = -zero_point, levels - zero_point
+    if bits <= 7:
+        q = t.clamp_min_(low).clamp_max_(high).to(torch.int8)
+        zero = None
+    else:
+        q = t.clamp_min_(low).clamp_max_(high).add_(zero_point - 128).to(torch.int8)
+        zero = zero_point - 128
+    return Act(q, scale, zero)
+
+
+def unpack_int4(packed: torch.Tensor, zero_point: torch.Tensor, cols: int) -> torch.Tensor:
+    """Int8 carrier ``c - z`` of a block stored two 4-bit codes per byte, halves split: byte ``j`` of a row holds
+    code ``j`` (low nibble) and code ``j + ceil(cols/2)`` (high nibble). ``zero_point``: int8 (rows, 1)."""
+    rows, half = packed.shape
+    if torch.compiler.is_compiling():  # out= into a view breaks a torch.compile graph; the compiler fuses this anyway
+        w = torch.cat([packed & 15, packed >> 4], 1).to(torch.int8) - zero_point
+        return w if cols == 2 * half else w[:, :cols]
+    out = torch.empty(rows, 2 * half, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 15, out=out[:, :half])
+    torch.bitwise_right_shift(packed, 4, out=out[:, half:])
+    w = out.view(torch.int8).sub_(zero_point)
+    return w if cols == 2 * half else w[:, :cols]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``unpack_int4`` (before the zero point): codes (rows, cols) in [0, 15] -> uint8 (rows, ceil(cols/2))."""
+    codes = codes.to(torch.uint8)
+    half = (codes.shape[1] + 1) // 2
+    if codes.shape[1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return (codes[:, :half] | (codes[:, half:] << 4)).contiguous()
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of int8 (M, K) and (K, N) in int32: ``torch._int_mm``, except for K = 1, where the CPU kernel of
+    torch 2.13 returns garbage (an outer product then, exact in int32)."""
+    if a.shape[1] == 1:
+        return a.to(torch.int32) * b.to(torch.int32)
+    return torch._int_mm(a, b)
+
+
+def _rows(t: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """Per-row values (M, 1) of a scale or zero given per row or per sample."""
+    return None if t is None else t.expand(*q.shape[:-1], 1).reshape(-1, 1)
+
+
+def _corrections(dst: torch.Tensor, terms: list, zw: torch.Tensor | None, colsum: torch.Tensor | None) -> None:
+    """Subtract the zero-point terms: ``terms`` holds per segment ``(s_j, z_j, r_j, C_j)`` rows (each (M, 1))."""
+    if colsum is not None:  # 8-bit inputs: - sum_j (s_j z_j) (x) colsum_j
+        u = torch.cat([s * z for s, z, _, _ in terms], 1)
+        dst.addmm_(u, colsum, alpha=-1)
+    if zw is not None:  # 8-bit weights: - sum_j s_j (r_j - C_j z_j) (x) zw
+        v = None
+        for s, z, r, c in terms:
+            part = s * (r if z is None else r - c * z)
+            v = part if v is None else v.add_(part)
+        dst.addr_(v.view(-1), zw, alpha=-1)
+
+
+def _epilogue(dst: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``dst * w_scale + bias`` in place: one pass, and no new output buffer (a fresh large buffer costs page faults
+    with glibc's default malloc: 10x the pass itself for a 1024 x 2560 float output)."""
+    return dst.mul_(w_scale) if bias is None else torch.addcmul(bias, dst, w_scale, out=dst)
+
+
+def linear(a: Act, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+           zw: torch.Tensor | None = None, colsum: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` of a quantized input (rows (..., K)) and an int8 weight carrier (N, K) -> float (..., N); with
+    ``out`` (rows, N), written there."""
+    q = a.q.reshape(-1, a.q.shape[-1])
+    s = _rows(a.scale, a.q)
+    acc = int_mm(q, weight.t())
+    dst = acc.float().mul_(s)
+    if colsum is not None or zw is not None:
+        r = q.sum(1, keepdim=True, dtype=torch.int32).float() if zw is not None else None
+        _corrections(dst, [(s, _rows(a.zero, a.q), r, q.shape[1])], zw, colsum)
+    if out is not None:
+        return torch.mul(dst, w_scale, out=out) if bias is None else torch.addcmul(bias, dst, w_scale, out=out)
+    return _epilogue(dst, w_scale, bias).view(*a.q.shape[:-1], weight.shape[0])
+
+
+def linear_dynamic(x: torch.Tensor, bits: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, zw: torch.Tensor | None = None,
+                   colsum: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear`` of ``x`` (..., K) quantized per token (``quantize_dynamic``), in blocks of rows that keep the
+    int32 and float intermediates near the cache (``BLOCK_OUTPUTS`` outputs, at least ``BLOCK_MIN_ROWS`` rows): exact,
+    since every token is quantized alone. At 8192 tokens x 2560 outputs this is ~1.6x faster than one block."""
+    n = weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = max(BLOCK_MIN_ROWS, BLOCK_OUTPUTS // n)
+    if x2.shape[0] <= rows:
+        return linear(quantize_dynamic(x, bits), weight, w_scale, bias, zw, colsum)
+    out = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x.device)
+    for r0 in range(0, x2.shape[0], rows):
+        linear(quantize_dynamic(x2[r0:r0 + rows], bits), weight, w_scale, bias, zw, colsum, out=out[r0:r0 + rows])
+    return out.view(*x.shape[:-1], n)
+
+
+class ConvGeometry(NamedTuple):
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _position_maps(a: Act, groups: int, need_r: bool) -> list[torch.Tensor]:
+    """Per input position, channels first then samples (views (rows, B, H, W)): [q (C rows), scale, scale*zero for
+    8-bit inputs, scale*(rowsum - C*zero) (one row per group) for 8-bit weights]."""
+    q = a.q
+    b, c, h, w = q.shape
+    s = a.scale.expand(b, 1, h, w)
+    z = None if a.zero is None else a.zero.expand(b, 1, h, w)
+    maps = [q, s]
+    if z is not None:
+        maps.append(s * z)
+    if need_r:
+        cg = c // groups
+        r = q.reshape(b, groups, cg, h, w).sum(2, dtype=torch.int32).float()
+        maps.append(s * (r if z is None else r - cg * z))
+    return [m.transpose(0, 1) for m in maps]
+
+
+def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], out_channels: int, geo: ConvGeometry,
+           w_scale: torch.Tensor, bias: torch.Tensor | None, zw: torch.Tensor | None = None,
+           colsum: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d`` of a quantized input split along channels into ``parts`` (each ``Act`` with q (B, C_p, H, W),
+    scale and zero (B, 1, H, W) or broadcastable), with int8 weight blocks ``weight(group, part, tap) -> (out/groups,
+    C_p/groups)``. ``colsum``: float (parts * taps, out), needed for 8-bit inputs; ``zw``: float (out,), for 8-bit
+    weights. Returns (B, out, Ho, Wo), contiguous.
+
+    Channels first: per tap and group, ``acc (out/groups, positions) = W_tap @ X_tap`` with ``X_tap`` the int8 input
+    laid out (C, B*H*W) (a free view for one sample, an int8 copy otherwise) read at the tap's offsets."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), g = geo
+    b, _, h, w = parts[0].q.shape
+    ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
+    og = out_channels // g
+    need_r = zw is not None
+    one_by_one = kh == kw == 1 and ph == pw == 0
+    hp, wp = h + 2 * ph, w + 2 * pw
+    flat_shift = not one_by_one and sh == sw == 1
+    device = parts[0].q.device
+    if flat_shift:  # every sample's padded image side by side; the columns between rows and images are dropped
+        cols = (b - 1) * hp * wp + (ho - 1) * wp + wo
+        dst = torch.empty(out_channels, b * hp * wp, dtype=torch.float32, device=device)[:, :cols]
+    else:
+        cols = b * ho * wo
+        dst = torch.empty(out_channels, cols, dtype=torch.float32, device=device)
+    segments = []  # per (part, tap): the part, the tap, its channels per group, maps with a column per output
+    for p, a in enumerate(parts):
+        maps = _position_maps(a, g, need_r)
+        if one_by_one:
+            if sh != 1 or sw != 1:
+                maps = [m[:, :, ::sh, ::sw] for m in maps]
+            maps = [m.reshape(m.shape[0], cols) for m in maps]
+        else:
+            padded = []
+            for m in maps:
+                mp = m.new_zeros(m.shape[0], b, hp, wp)
+                mp[:, :, ph:ph + h, pw:pw + w] = m
+                padded.append(mp)
+            maps = padded
+        for i in range(kh):
+            for j in range(kw):
+                if one_by_one:
+                    tm = maps
+                elif flat_shift:
+                    off = i * dh * wp + j * dw
+                    tm = [m.view(m.shape[0], -1)[:, off:off + cols] for m in maps]
+                else:
+                    tm = [m[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+                          .reshape(m.shape[0], cols) for m in maps]
+                segments.append((p, i * kw + j, a.q.shape[1] // g, tm))
+    # output columns are independent: run them in blocks that keep the int32 and float partial sums near the cache
+    block = max(BLOCK_MIN_ROWS, BLOCK_OUTPUTS // out_channels)
+    for c0 in range(0, cols, block):
+        cs = slice(c0, min(cols, c0 + block))
+        blk = dst[:, cs]
+        u, v = [], None
+        for k, (p, t, cg, tm) in enumerate(segments):
+            q, s = tm[0][:, cs], tm[1][:, cs]
+            for gi in range(g):
+                acc = int_mm(weight(gi, p, t), q if g == 1 else q[gi * cg:(gi + 1) * cg])
+                d = blk if g == 1 else blk[gi * og:(gi + 1) * og]
+                if k == 0:
+                    torch.mul(acc, s, out=d)
+                else:
+                    d.addcmul_(acc, s)
+            if parts[p].zero is not None:
+                u.append(tm[2][:, cs])
+            if need_r:
+                v = tm[-1][:, cs] if v is None else v + tm[-1][:, cs]
+        if colsum is not None:  # 8-bit inputs: - sum_j colsum_j (x) (s z)_j
+            blk.addmm_(colsum.t(), torch.cat(u), alpha=-1)
+        if need_r:  # 8-bit weights: - zw (x) sum_j s_j (r_j - C_j z_j), per group
+            for gi in range(g):
+                rows = slice(gi * og, (gi + 1) * og)
+                blk[rows].addr_(zw[rows], v[gi], alpha=-1)
+    ws, bs = w_scale.view(1, -1, 1, 1), None if bias is None else bias.view(1, -1, 1, 1)
+    if b == 1 and not flat_shift:  # already the output's layout
+        return _epilogue(dst.view(1, out_channels, ho, wo), ws, bs)
+    image, row = (hp * wp, wp) if flat_shift else (ho * wo, wo)
+    res = torch.as_strided(dst, (b, out_channels, ho, wo), (image, dst.stride(0), row, 1))
+    out = torch.empty(b, out_channels, ho, wo, dtype=torch.float32, device=device)
+    return torch.mul(res, ws, out=out) if bs is None else torch.addcmul(bs, res, ws, out=out)

@@ -1,0 +1,508 @@
+"""Integer execution (``execution="integer"``): int8 GEMMs through ``torch._int_mm`` on the CPU, weights resident
+in their integer layout, against the fake-quant reference.
+
+Tolerance, layer by layer: the integer output matches the fake-quant output within ``1e-5 * max|fake output|``
+(the only difference is float rounding in the rescale: measured ~4e-7). One wrong integer code anywhere shifts an
+output by at least one weight step times one activation step, which is 1e-3 to 1e-2 of the output's range at these
+bit widths, so the tolerance catches any error in the codes, zero points or scales.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file
+from torch import nn
+
+import diffusers_gac
+from diffusers_gac import GACConfig
+from diffusers_gac.quant import convert, intexec, intkernels
+from diffusers_gac.quant.convert import freeze_model, quant_layers, quantization_disabled, set_execution
+from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
+from diffusers_gac.quant.quantizers import SplitActQuantizer, TimestepContext
+from diffusers_gac.zoo import embedded_model_path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TOLERANCE = 1e-5  # relative to the largest output of the fake-quant reference
+BITS = [(8, 8), (4, 8), (4, 4), (8, 4), (3, 6)]
+SCHEMES = ["static", "timestep", "dynamic"]
+CONVS = {
+    "3x3 padded": dict(kernel_size=3, padding=1),
+    "3x3 strided": dict(kernel_size=3, stride=2, padding=1),
+    "3x3 grouped dilated": dict(kernel_size=3, padding=2, dilation=2, groups=4),
+    "1x1": dict(kernel_size=1),
+    "2x3 stride (2, 1) unpadded, no bias": dict(kernel_size=(2, 3), stride=(2, 1), bias=False),
+}
+
+
+def _input_quantizers(layer):
+    q = layer.input_quantizer
+    return [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
+
+
+def _frozen(module, x, w_bits, a_bits, scheme, split=None):
+    """A frozen quantized layer with activation ranges observed on ``x`` (two timestep groups for ``timestep``)."""
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    layer = cls.from_module(module, w_bits=w_bits, a_bits=a_bits, weight_init="minmax", act_scheme=scheme,
+                            act_groups=2, split=split)
+    if scheme == "timestep":
+        context = TimestepContext(2)
+        context.set_timesteps(torch.tensor([900, 10, 10][: x.shape[0]]))
+        for q in _input_quantizers(layer):
+            q.context = context
+    for q in _input_quantizers(layer):
+        q.start_observing()
+    layer(x)
+    for q in _input_quantizers(layer):
+        q.finish_observing()
+    layer.freeze()
+    return layer
+
+
+@pytest.fixture
+def int_mm_calls(monkeypatch):
+    """Counts the int8 GEMMs run, to prove the integer path was taken (not a silent fallback)."""
+    calls = []
+    original = torch._int_mm
+
+    def counted(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return original(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", counted)
+    return calls
+
+
+def _compare(layer, x, int_mm_calls):
+    with torch.no_grad():
+        reference = layer(x)
+        assert layer.set_execution("integer") and layer.execution == "integer"
+        assert not int_mm_calls
+        result = layer(x)
+    assert int_mm_calls, "the integer layer ran no int8 GEMM"
+    assert result.shape == reference.shape and result.dtype == torch.float32
+    error = (result - reference).abs().max() / reference.abs().max()
+    assert error <= TOLERANCE
+    return reference, result
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("geometry", CONVS)
+def test_conv2d_matches_the_fake_quant_reference(geometry, scheme, w_bits, a_bits, int_mm_calls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11) + 0.5  # ranges not centred on zero: zero points matter
+    layer = _frozen(nn.Conv2d(12, 8, **CONVS[geometry]), x, w_bits, a_bits, scheme)
+    _compare(layer, x, int_mm_calls)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_linear_matches_the_fake_quant_reference(scheme, w_bits, a_bits, int_mm_calls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 33) * torch.linspace(0.1, 3, 33) + 0.3
+    layer = _frozen(nn.Linear(33, 7), x, w_bits, a_bits, scheme)
+    _compare(layer, x, int_mm_calls)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+def test_linear_in_row_blocks_is_exact(w_bits, a_bits, int_mm_calls, monkeypatch):
+    """Many tokens: the dynamic scheme runs the linear layer in blocks of rows, with the same result."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 33) * torch.linspace(0.1, 3, 33) + 0.3
+    layer = _frozen(nn.Linear(33, 7), x, w_bits, a_bits, "dynamic")
+    reference, whole = _compare(layer, x, int_mm_calls)
+    assert len(int_mm_calls) == 1
+    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 28)
+    monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
+    with torch.no_grad():
+        blocks = layer(x)
+    assert len(int_mm_calls) == 1 + 3  # rows 4 + 4 + 2
+    assert torch.equal(blocks, whole)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 4)])
+@pytest.mark.parametrize("geometry", ["3x3 padded", "3x3 strided", "3x3 grouped dilated", "1x1"])
+def test_conv2d_in_column_blocks_matches(geometry, w_bits, a_bits, int_mm_calls, monkeypatch):
+    """Many output positions: the convolution runs its columns in blocks (7 here), with the same result."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11) + 0.5
+    layer = _frozen(nn.Conv2d(12, 8, **CONVS[geometry]), x, w_bits, a_bits, "dynamic")
+    reference, whole = _compare(layer, x, int_mm_calls)
+    calls = len(int_mm_calls)
+    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 8 * 7)
+    monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
+    with torch.no_grad():
+        blocks = layer(x)
+    assert len(int_mm_calls) - calls > 5 * calls  # the blocks ran
+    assert (blocks - whole).abs().max() <= 1e-6 * whole.abs().max()
+    assert (blocks - reference).abs().max() <= TOLERANCE * reference.abs().max()
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_split_skip_input_matches_the_fake_quant_reference(kernel, scheme, w_bits, a_bits, int_mm_calls):
+    torch.manual_seed(0)
+    up, skip = torch.randn(2, 6, 7, 7) * 4, torch.rand(2, 5, 7, 7) * 0.2  # very different ranges per part
+    x = torch.cat([up, skip], 1)
+    layer = _frozen(nn.Conv2d(11, 8, kernel, padding=kernel // 2), x, w_bits, a_bits, scheme, split=6)
+    _compare(layer, x, int_mm_calls)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("shape", ["one input channel", "depthwise", "one input feature"])
+def test_single_channel_dot_products_match(shape, w_bits, a_bits):
+    """K = 1 GEMMs (a first conv on a grey image, a depthwise conv, a linear of one feature), where torch's CPU
+    ``_int_mm`` returns garbage: the kernels take an exact outer product instead."""
+    torch.manual_seed(0)
+    module, x = {
+        "one input channel": (nn.Conv2d(1, 16, 3, padding=1), torch.randn(2, 1, 6, 6)),
+        "depthwise": (nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.randn(2, 8, 6, 6)),
+        "one input feature": (nn.Linear(1, 16), torch.randn(5, 1)),
+    }[shape]
+    layer = _frozen(module, x, w_bits, a_bits, "dynamic")
+    with torch.no_grad():
+        reference = layer(x)
+        layer.set_execution("integer")
+        error = (layer(x) - reference).abs().max() / reference.abs().max()
+    assert layer.execution == "integer" and error <= TOLERANCE
+
+
+def test_a_wrong_code_is_caught_by_the_tolerance(int_mm_calls):
+    """The tolerance can fail: the integer layer with one weight code changed by one step is out of it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11)
+    layer = _frozen(nn.Conv2d(12, 8, 3, padding=1), x, 4, 4, "dynamic")
+    with torch.no_grad():
+        reference = layer(x)
+        codes = layer.packed_weight
+        codes[0, 0] ^= 1  # low nibble of the first byte: the first code, +-1
+        layer.set_execution("integer")
+        error = (layer(x) - reference).abs().max() / reference.abs().max()
+    assert error > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("w_bits,storage,bytes_per_weight", [(4, "packed", 0.5), (4, "int8", 1), (8, "packed", 1),
+                                                             (6, "packed", 1)])
+def test_integer_weights_stay_resident_in_integer_form(w_bits, storage, bytes_per_weight):
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 6, 6)
+    layer = _frozen(nn.Conv2d(16, 32, 3, padding=1), x, w_bits, 8, "dynamic")
+    layer.set_execution("integer", storage)
+    weights = 32 * 16 * 9
+    assert layer.int_weight.dtype in (torch.int8, torch.uint8)
+    assert layer.int_weight.numel() == weights * bytes_per_weight
+    assert not hasattr(layer, "weight") and "packed_weight" not in dict(layer.named_buffers())
+    floats = sum(t.numel() for t in layer.state_dict(keep_vars=True).values() if t.is_floating_point())
+    floats += sum(t.numel() for n, t in layer.named_buffers() if n.startswith("int_") and t.is_floating_point())
+    assert floats < weights / 8  # per-channel scales, bias, correction sums: no float copy of the weight
+
+
+@pytest.mark.parametrize("w_bits", [4, 8, 5])
+def test_state_dict_and_reference_layout_do_not_depend_on_the_execution(w_bits):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 5)
+    layer = _frozen(nn.Conv2d(6, 10, 3, padding=1, groups=2), x, w_bits, 8, "static")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for storage in ("packed", "int8", "packed"):
+        layer.set_execution("integer", storage)
+        saved = layer.state_dict()
+        assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in before)
+    layer.set_execution("fake")
+    assert layer.execution == "fake" and torch.equal(layer.packed_weight, before["packed_weight"])
+
+
+def test_loading_a_state_dict_into_an_integer_layer_keeps_it_integer(int_mm_calls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 5)
+    source = _frozen(nn.Conv2d(6, 10, 3, padding=1), x, 4, 4, "static")
+    target = _frozen(nn.Conv2d(6, 10, 3, padding=1), x * 3, 4, 4, "static")  # other weights and ranges
+    target.set_execution("integer")
+    target.load_state_dict(source.state_dict())
+    assert target.execution == "integer"
+    with torch.no_grad():
+        expected = source(x)
+        got = target(x)
+    assert int_mm_calls and (got - expected).abs().max() <= TOLERANCE * expected.abs().max()
+
+
+def test_other_dtypes_and_disabled_quantizers_run_the_reference(int_mm_calls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 5)
+    fake = _frozen(nn.Conv2d(6, 10, 3, padding=1), x, 4, 8, "dynamic")
+    integer = copy.deepcopy(fake)
+    integer.set_execution("integer")
+    with torch.no_grad():
+        xd = x.double()
+        assert torch.equal(integer.double()(xd), fake.double()(xd))
+        assert not int_mm_calls  # float64 input: no int8 kernel, the reference in float64
+        integer.float(), fake.float()
+        for layer in (fake, integer):
+            layer.input_quantizer.enabled = False
+        assert torch.equal(integer(x), fake(x))
+        assert not int_mm_calls
+    for layer in (fake, integer):
+        layer.input_quantizer.enabled = True
+    xg = x.clone().requires_grad_()  # int8 GEMMs have no gradient: a call that needs one runs the reference
+    integer(xg).square().sum().backward()
+    grad = xg.grad.clone()
+    xg.grad = None
+    fake(xg).square().sum().backward()
+    assert not int_mm_calls and torch.equal(grad, xg.grad)
+
+
+@pytest.mark.parametrize("case", ["weight-only", "padding='same'", "reflect padding"])
+def test_layers_the_kernels_do_not_serve_stay_fake(case):
+    torch.manual_seed(0)
+    if case == "weight-only":
+        layer = QuantLinear.from_module(nn.Linear(8, 4), w_bits=4, a_bits=None, weight_init="minmax")
+        layer.freeze()
+        x = torch.randn(3, 8)
+    else:
+        module = nn.Conv2d(4, 4, 3, padding="same") if case == "padding='same'" else \
+            nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        x = torch.randn(1, 4, 5, 5)
+        layer = _frozen(module, x, 4, 4, "dynamic")
+    with torch.no_grad():
+        expected = layer(x)
+        assert layer.set_execution("integer") is False and layer.execution == "fake"
+        assert intexec.integer_support(layer) is not None and torch.equal(layer(x), expected)
+
+
+def test_bad_option_values_fail_clearly(tiny_unet):
+    with pytest.raises(ValueError, match=r"execution must be one of 'auto', 'integer', 'fake', got 'int8'"):
+        GACConfig(execution="int8")
+    convert.convert_model(tiny_unet, GACConfig(w_bits=4, a_bits=4, weight_init="minmax"))
+    with pytest.raises(ValueError, match="not frozen"):
+        set_execution(tiny_unet, "integer")
+    freeze_model(tiny_unet)
+    with pytest.raises(ValueError, match=r"execution must be one of 'auto', 'integer', 'fake', got 'fast'"):
+        set_execution(tiny_unet, "fast")
+    with pytest.raises(ValueError, match=r"int4_storage must be one of 'packed', 'int8', got 'nibbles'"):
+        set_execution(tiny_unet, "integer", int4_storage="nibbles")
+
+
+def test_auto_picks_integer_for_wide_layers_on_a_cpu_with_the_kernels_and_fake_elsewhere(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({
+        "wide_conv": _frozen(nn.Conv2d(128, 8, 3, padding=1), torch.randn(1, 128, 4, 4), 4, 4, "dynamic"),
+        "narrow_conv": _frozen(nn.Conv2d(64, 8, 3, padding=1), torch.randn(1, 64, 4, 4), 4, 4, "dynamic"),
+        "wide_pointwise": _frozen(nn.Conv2d(64, 8, 1), torch.randn(1, 64, 4, 4), 4, 4, "dynamic"),
+        "grouped": _frozen(nn.Conv2d(256, 8, 1, groups=8), torch.randn(1, 256, 4, 4), 4, 4, "dynamic"),
+        "wide_linear": _frozen(nn.Linear(64, 8), torch.randn(3, 64), 8, 8, "dynamic"),
+        "narrow_linear": _frozen(nn.Linear(63, 8), torch.randn(3, 63), 8, 8, "dynamic"),
+    })
+    chosen = set_execution(model, "auto")
+    if intexec.integer_kernels_available("cpu"):
+        assert chosen == {"integer": ["wide_conv", "wide_pointwise", "wide_linear"],
+                          "fake": ["narrow_conv", "grouped", "narrow_linear"]}
+    assert set_execution(model, "integer")["fake"] == []  # "integer" runs every layer it can on the kernels
+    monkeypatch.setattr(intexec, "integer_kernels_available", lambda device: False)
+    assert set_execution(model, "auto")["integer"] == []
+    assert all(m.execution == "fake" for m in model.values())
+
+
+def test_integer_execution_follows_the_device(int_mm_calls, monkeypatch):
+    """Moved to a device without the kernels (simulated: every ``.to``/``.float`` is an ``_apply``), a layer runs the
+    reference from the checkpoint layout; moved back, the kernels again."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 5, 5)
+    model = nn.Sequential(_frozen(nn.Conv2d(128, 8, 3, padding=1), x, 4, 4, "dynamic"))
+    layer = model[0]
+    with torch.no_grad():
+        reference = model(x)
+        assert set_execution(model, "auto")["integer"] == ["0"]
+        integer = model(x)
+        kernels = {"on": False}
+        monkeypatch.setattr(intexec, "integer_kernels_available", lambda device: kernels["on"])
+        model.to("cpu")
+        assert layer.execution == "fake" and "int_weight" not in dict(layer.named_buffers())
+        calls = len(int_mm_calls)
+        assert torch.equal(model(x), reference) and len(int_mm_calls) == calls
+        kernels["on"] = True
+        model.float()
+        assert layer.execution == "integer" and torch.equal(model(x), integer) and len(int_mm_calls) > calls
+        kernels["on"] = False
+        assert set_execution(model, "integer") == {"integer": [], "fake": ["0"]}  # asked for, waits for the kernels
+        kernels["on"] = True
+        model.to("cpu")
+        assert layer.execution == "integer"
+        set_execution(model, "fake")
+        model.to("cpu")
+        assert layer.execution == "fake"  # fake asked for: stays fake wherever it goes
+
+
+# -- the embedded digits model, calibrated while it loads -----------------------------------------------------------
+
+FAST = dict(w_bits=4, a_bits=4, reconstruction="none", calib_num_inference_steps=5, calib_num_timesteps=2,
+            calib_samples_per_timestep=4, batch_size=8)
+
+
+def _call(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(4, 1, 8, 8, generator=g), timestep=torch.tensor([10, 300, 600, 950]),
+                class_labels=torch.tensor([0, 3, 5, 9]))
+
+
+def _out(model, seed=0):
+    with torch.no_grad():
+        return model(**_call(seed)).sample
+
+
+@pytest.fixture(scope="module")
+def fake_model():
+    model = UNet2DModel.from_pretrained(embedded_model_path(), subfolder="unet",
+                                        quantization_config=GACConfig(execution="fake", **FAST))
+    assert all(m.execution == "fake" for m in quant_layers(model).values())
+    return model
+
+
+@pytest.fixture(scope="module")
+def integer_model(fake_model):
+    model = copy.deepcopy(fake_model)
+    chosen = set_execution(model, "integer")
+    assert chosen["fake"] == [] and len(chosen["integer"]) == len(quant_layers(model))  # special layers at 8 bits
+    return model
+
+
+def test_embedded_model_integer_matches_fake_quant(fake_model, integer_model):
+    """Whole model: per-layer differences of float rounding can move an activation across a rounding boundary in a
+    later layer, so the model-level tolerance is wider than a layer's: relative L2 within 1e-4 (measured ~2e-7, no
+    flip), while quantization itself moves the output by ~5e-2 (relative L2 to full precision)."""
+    fp = UNet2DModel.from_pretrained(embedded_model_path(), subfolder="unet")
+    for seed in (0, 1):
+        reference, result, full = _out(fake_model, seed), _out(integer_model, seed), _out(fp, seed)
+        relative = ((result - reference).norm() / reference.norm()).item()
+        assert relative < 1e-4
+        assert ((reference - full).norm() / full.norm()).item() > 100 * relative
+
+
+def test_embedded_model_round_trip(fake_model, integer_model, tmp_path):
+    integer_model.save_pretrained(tmp_path / "integer")
+    fake_model.save_pretrained(tmp_path / "fake")
+    weights = "diffusion_pytorch_model.safetensors"
+    saved_int, saved_fake = load_file(tmp_path / "integer" / weights), load_file(tmp_path / "fake" / weights)
+    assert saved_int.keys() == saved_fake.keys() and all(torch.equal(saved_int[k], saved_fake[k]) for k in saved_int)
+    config = json.loads((tmp_path / "integer" / "config.json").read_text())["quantization_config"]
+    assert "execution" not in config  # a load-time choice, not part of the checkpoint
+
+    loaded = UNet2DModel.from_pretrained(tmp_path / "integer")  # "auto": integer for the wide layers on this CPU
+    auto = copy.deepcopy(fake_model)
+    chosen = set_execution(auto, "auto")
+    assert [n for n, m in quant_layers(loaded).items() if m.execution == "integer"] == chosen["integer"]
+    if intexec.integer_kernels_available("cpu"):
+        assert chosen["integer"] and chosen["fake"]  # 128-channel convs and 64-wide linears gain, 32-channel ones not
+    assert torch.equal(_out(loaded), _out(auto))
+    loaded = UNet2DModel.from_pretrained(tmp_path / "integer", quantization_config=GACConfig(execution="fake"))
+    assert all(m.execution == "fake" for m in quant_layers(loaded).values())
+    assert torch.equal(_out(loaded), _out(fake_model))
+    loaded = UNet2DModel.from_pretrained(tmp_path / "fake", quantization_config=GACConfig(execution="integer"))
+    assert all(m.execution == "integer" for m in quant_layers(loaded).values())
+    assert torch.equal(_out(loaded), _out(integer_model))
+
+
+def test_loaded_model_switches_execution_and_back(integer_model):
+    model = copy.deepcopy(integer_model)
+    expected = _out(model)
+    diffusers_gac.set_execution(model, "fake")
+    diffusers_gac.set_execution(model, "integer")
+    assert torch.equal(_out(model), expected)
+
+
+def test_with_input_quantizers_off_the_integer_model_runs_the_reference(integer_model):
+    """``quantization_disabled`` on a frozen model turns the input quantizers off: the integer layers then run the
+    reference with float inputs, exactly like the fake-quant model."""
+    model = copy.deepcopy(integer_model)
+    reference = copy.deepcopy(model)
+    set_execution(reference, "fake")
+    with quantization_disabled(model), quantization_disabled(reference):
+        assert torch.equal(_out(model), _out(reference))
+
+
+def test_torch_compile_captures_the_integer_model_in_one_graph(integer_model):
+    """Under ``torch.compile`` integer layers trace the reference computation from their integer buffers (the int8
+    kernels' out= writes into views would break the graph), so the whole model is one graph and matches eager."""
+    model = copy.deepcopy(integer_model)
+    with torch.no_grad():
+        eager = _out(model)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+        result = compiled(**_call(0)).sample
+    assert ((result - eager).norm() / eager.norm()).item() < 1e-4
+    assert all(m.execution == "integer" for m in quant_layers(model).values())
+
+
+def test_torch_compile_with_inductor_matches_eager():
+    """The backend declares itself compileable: a small model of frozen W4A4 layers (packed, integer layout) compiled
+    with the default backend gives what it gives in eager mode."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 6, 6)
+    conv = _frozen(nn.Conv2d(16, 16, 3, padding=1), x, 4, 4, "dynamic")
+    linear = _frozen(nn.Linear(6, 8), torch.randn(2, 16, 6, 6), 4, 4, "dynamic")
+    model = nn.Sequential(conv, linear).eval()
+    set_execution(model, "integer")
+    with torch.no_grad():
+        eager = model(x)
+        result = torch.compile(model, fullgraph=True)(x)
+    assert torch.allclose(result, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
+    assert diffusers_gac.GACQuantizer(GACConfig()).is_compileable
+
+
+# -- benchmarks/inference_speed.py, at a size that runs in seconds --------------------------------------------------
+
+def _benchmark_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "inference_speed.py"
+    spec = importlib.util.spec_from_file_location("inference_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_SD = ["--sd-channels", "32", "32", "64", "64", "--cross-attention-dim", "32", "--latents", "8", "--rounds", "1",
+           "--threads", "1"]
+
+
+def test_inference_speed_json(capsys):
+    _benchmark_module().main(["--json", *TINY_SD])
+    result = json.loads(capsys.readouterr().out)
+    for key in ("fp32_ms", "int_w8a8_ms", "int_w4a8_ms", "int_w4a4_ms", "fake_w4a4_ms"):
+        assert result[key] > 0
+    assert result["latent"] == 8 and result["ratios"]["fp32"] == 1.0 and result["command"].endswith("--threads 1")
+
+
+def test_inference_speed_table(capsys):
+    _benchmark_module().main(["--models", "embedded", "--variants", "int_w4a4", *TINY_SD])
+    out = capsys.readouterr().out
+    assert "Command: `python benchmarks/inference_speed.py --models embedded --variants int_w4a4" in out
+    rows = [line for line in out.splitlines() if line.startswith("| embedded digits")]
+    assert [row.split(" | ")[3] for row in rows] == ["fp32", "int_w4a4"]  # FP32 is always timed, first
+    fp32_mib, int_mib = (float(row.split(" | ")[8]) for row in rows)
+    assert int_mib < fp32_mib / 5  # packed 4-bit weights resident, no float copy
+
+
+def test_format_options_passed_when_loading_a_checkpoint_are_ignored_with_a_warning(fake_model, tmp_path,
+                                                                                  monkeypatch):
+    from diffusers_gac import quantizer
+
+    fake_model.save_pretrained(tmp_path)
+    warnings = []
+    monkeypatch.setattr(quantizer.logger, "warning", warnings.append)
+    loaded = UNet2DModel.from_pretrained(tmp_path, quantization_config=GACConfig(w_bits=8, execution="fake"))
+    assert loaded.config.quantization_config.w_bits == 4 and torch.equal(_out(loaded), _out(fake_model))
+    assert len(warnings) == 1 and "w_bits" in warnings[0] and "execution" in warnings[0]
+    warnings.clear()
+    UNet2DModel.from_pretrained(tmp_path, quantization_config=GACConfig(w_bits=4, a_bits=4, execution="integer"))
+    assert warnings == []  # options equal to the checkpoint's, or left at their defaults, say nothing
