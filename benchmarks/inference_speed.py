@@ -75,6 +75,7 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits)
 DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
 COMPILED_VARIANTS = ["compiled_fp32", "compiled_w4a4"]
+SKIPPED: list[str] = []  # variants that failed to build, with why
 SD_CHANNELS = (320, 640, 1280, 1280)
 
 
@@ -106,7 +107,7 @@ def sd_unet(channels: tuple[int, ...], cross_attention_dim: int) -> UNet2DCondit
                                 attention_head_dim=8).eval()
 
 
-def model_inputs(model: nn.Module, latent: int, batch: int, tokens: int = 77) -> dict:
+def model_inputs(model: nn.Module, latent: int, batch: int, tokens: int = 77, device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(0)
     cfg = model.config
     call = {"sample": torch.randn(batch, cfg.in_channels, latent, latent, generator=g),
@@ -115,7 +116,7 @@ def model_inputs(model: nn.Module, latent: int, batch: int, tokens: int = 77) ->
         call["class_labels"] = torch.arange(batch) % cfg.num_class_embeds
     if getattr(cfg, "cross_attention_dim", None):
         call["encoder_hidden_states"] = torch.randn(batch, tokens, cfg.cross_attention_dim, generator=g)
-    return call
+    return {k: v.to(device) for k, v in call.items()}
 
 
 def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
@@ -184,6 +185,16 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return size + (absmax.numel() * absmax.element_size() if isinstance(absmax, torch.Tensor) else 0)
 
 
+def cuda_step_peak_mib(fn: Callable[[], object]) -> float:
+    """How far one call raises the CUDA memory allocated (PyTorch's caching allocator)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def resident_mib(model: nn.Module) -> float:
     tensors = list(model.parameters()) + [b for _, b in model.named_buffers()]
     return sum(tensor_bytes(t) for t in tensors) / 2**20
@@ -194,9 +205,14 @@ def forward_fn(model: nn.Module, call: dict) -> Callable[[], torch.Tensor]:
     dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32  # a peer's packed parameters
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in call.items()}
 
+    cuda = next(model.parameters()).device.type == "cuda"
+
     def run() -> torch.Tensor:
         with torch.no_grad():  # not inference_mode: optimum-quanto's frozen tensors refuse it
-            return model(**cast, return_dict=False)[0].float()
+            out = model(**cast, return_dict=False)[0].float()
+        if cuda:
+            torch.cuda.synchronize()  # the step is done when its kernels are
+        return out
 
     return run
 
@@ -217,20 +233,30 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, 
 
 
 def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) -> list[dict]:
-    call = model_inputs(fp32, latent, args.batch)
+    fp32 = fp32.to(args.device)
+    call = model_inputs(fp32, latent, args.batch, device=args.device)
     models, built = {}, {}
     for name in args.variants:
         start = time.perf_counter()
-        models[name] = build_variant(fp32, name, call)
-        fn = forward_fn(models[name], call)
-        if VARIANTS[name][0] == "compile":
-            fn()  # compiling happens on the first call
+        try:
+            models[name] = build_variant(fp32, name, call)
+            fn = forward_fn(models[name], call)
+            if VARIANTS[name][0] == "compile":
+                fn()  # compiling happens on the first call
+        except Exception as err:  # a peer that cannot run here is reported, not fatal to the other rows
+            if name == "fp32":
+                raise
+            models.pop(name, None)
+            SKIPPED.append(f"{label} latent {latent} {name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            log(f"skipped {SKIPPED[-1]}")
+            continue
         built[name] = time.perf_counter() - start
         log(f"{label} latent {latent}: built {name} in {built[name]:.1f} s")
     fns = {name: forward_fn(model, call) for name, model in models.items()}
     reference = fns["fp32"]()  # parse_args always includes fp32
     errors = {name: ((fn() - reference).norm() / reference.norm()).item() for name, fn in fns.items()}
-    peaks = {name: step_peak_mib(fn) for name, fn in fns.items()}
+    peaks = {name: (cuda_step_peak_mib if args.device.startswith("cuda") else step_peak_mib)(fn)
+             for name, fn in fns.items()}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load_before = loadavg()
     samples = interleaved(fns, args.rounds, args.warmup, clock)
@@ -255,16 +281,25 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) 
     return rows
 
 
+LEGEND = """Variants: `fake_*` dequantize the packed weight and run float ops on fake-quantized inputs (the reference);
+`int_*` run every layer with quantized inputs on int8 GEMMs (`execution="integer"`; on a GPU they fall back to the
+reference); `auto_w4a4` is the loading default (integer kernels only for layers wide enough to gain); `compiled_*` are
+`torch.compile` of FP32 and of `auto_w4a4`, compile time in "build s". Peers: `torchao_w8a8`
+(`Int8DynamicActivationInt8WeightConfig`, Linear layers only), `quanto_w8a8`/`quanto_w4a8` (optimum-quanto, Linear and
+Conv2d, activation ranges calibrated on the timed input), `bnb_nf4` (bitsandbytes NF4 weights, Linear only). Quantized
+weights are round-to-nearest: speed does not depend on how rounding was learned."""
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | latent | batch | variant | ms / step (median) | min | max | FP32 / variant | weights resident "
-             "MiB | step peak MiB | rel. L2 vs FP32 | load avg before / after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MiB | step peak MiB | rel. L2 vs FP32 | build s | load avg before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['vs_fp32']:.2f}x"
         peak = "n/a" if r["step_peak_mib"] is None else f"{r['step_peak_mib']:.1f}"
         lines.append(f"| {r['model']} | {r['latent']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | "
                      f"{r['min_ms']:.1f} | {r['max_ms']:.1f} | {ratio} | {r['resident_mib']:.1f} | {peak} | "
-                     f"{r['rel_l2_vs_fp32']:.2e} | {r['load']} |")
+                     f"{r['rel_l2_vs_fp32']:.2e} | {r['build_s']:.1f} | {r['load']} |")
     return "\n".join(lines)
 
 
@@ -277,6 +312,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"default: {' '.join(DEFAULT_VARIANTS)}; peers: {' '.join(PEER_VARIANTS)}; "
                              f"torch.compile: {' '.join(COMPILED_VARIANTS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: on a GPU the integer kernels are not "
+                        "used (layers there run the fake-quant reference) and memory is CUDA memory")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall clock, or the process's CPU time (stable on a busy machine at 1 thread)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -315,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
             unet = sd_unet(args.sd_channels, args.cross_attention_dim)
             for latent in args.latents:
                 rows += measure("SD-1.5-sized (random)", unet, latent, args)
-    machine = {"processor": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    processor = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
+    machine = {"device": args.device, "processor": processor, "cpu_count": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "clock": args.clock, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if args.json:
@@ -325,13 +364,16 @@ def main(argv: list[str] | None = None) -> None:
                       ratios={r["variant"]: round(r["vs_fp32"], 3) for r in rows})
         print(json.dumps(result))
         return
+    where = (f"{processor} (CUDA; step peak = CUDA memory allocated)" if args.device.startswith("cuda") else
+             f"{processor}, {machine['cpu_count']} CPUs ({machine['cpu_capability']}), {machine['torch_threads']} torch "
+             "threads (step peak = resident memory)")
     text = "\n".join([
-        "# Time per denoising step on the CPU: FP32, fake quantization and integer kernels", "",
+        f"# Time per denoising step on {'the GPU' if args.device.startswith('cuda') else 'the CPU'}: FP32, "
+        "quantized variants and peers", "",
         f"Command: `{command}`", "",
-        f"{machine['date']}; {machine['processor']}, {machine['cpu_count']} CPUs ({machine['cpu_capability']}), "
-        f"{machine['torch_threads']} torch threads, torch {machine['torch']}, {args.clock} clock, median of "
-        f"{args.rounds} interleaved rounds; {time.perf_counter() - started:.0f} s in all.", "",
-        table(rows), ""])
+        f"{machine['date']}; {where}, torch {machine['torch']}, {args.clock} clock, median of {args.rounds} "
+        f"interleaved rounds; {time.perf_counter() - started:.0f} s in all.", "",
+        LEGEND, "", table(rows), "", *(["Not run: " + "; ".join(SKIPPED), ""] if SKIPPED else [])])
     print(text)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
