@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 prefix=${1:-docs/results/peers}
 run="python benchmarks/ptq_compare.py --model digits --seeds 0 1 2 --jsonl $prefix.jsonl --workers 2"
 $run --bits W4A4 --methods fp rtn gac
-$run --bits W8A8 --methods rtn gac torchao quanto
-$run --bits W4A8 --methods rtn gac quanto
-$run --bits W4A16 --methods rtn gac quanto bnb-nf4 --table "$prefix.md"
+$run --bits W8A8 --methods rtn gac torchao quanto quanto-special-fp
+$run --bits W4A8 --methods rtn gac quanto quanto-special-fp
+$run --bits W4A16 --methods rtn gac quanto quanto-special-fp bnb-nf4 --table "$prefix.md"
