@@ -76,6 +76,7 @@ DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
 COMPILED_VARIANTS = ["compiled_fp32", "compiled_w4a4"]
 SKIPPED: list[str] = []  # variants that failed to build, with why
+PROFILES: list[str] = []  # --profile tables
 SD_CHANNELS = (320, 640, 1280, 1280)
 
 
@@ -266,8 +267,10 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) 
             if name in fns:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                     fns[name]()
-                log(f"## profile {label} latent {latent} {name}\n"
-                    + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+                PROFILES.append(f"## {label}, latent {latent}, {name}: one step, top ops by self CPU time\n\n```\n"
+                                + prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                            row_limit=args.profile_rows) + "\n```\n")
+                log(PROFILES[-1])
     base = statistics.median(samples["fp32"])
     rows = []
     for name in fns:
@@ -324,6 +327,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
                         help="print the top ops of one step of these variants (stderr)")
     parser.add_argument("--profile-rows", type=int, default=15)
+    parser.add_argument("--profile-output", type=Path, default=None,
+                        help="write the --profile tables here (markdown, with the command)")
     parser.add_argument("--json", action="store_true",
                         help="time the SD-sized UNet at the first --latents (default 32) and print one JSON object")
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown table here")
@@ -378,6 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
+    if args.profile_output and PROFILES:
+        args.profile_output.parent.mkdir(parents=True, exist_ok=True)
+        args.profile_output.write_text("\n".join([f"# Where a step's time goes\n\nCommand: `{command}`\n\n{where}\n",
+                                                   *PROFILES]))
 
 
 if __name__ == "__main__":

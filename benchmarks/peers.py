@@ -8,6 +8,9 @@ torchao    W8A8                         ``nn.Linear`` only (``Int8DynamicActivat
                                         int8 weights per channel, int8 activations per token, dynamic)
 quanto     W8A8, W4A8, W8A16, W4A16     ``nn.Linear`` and ``nn.Conv2d`` (optimum-quanto ``quantize``;
                                         activation ranges from its own ``Calibration`` pass, then frozen)
+quanto-    as quanto                    as quanto, but the layers diffusers-gac keeps at 8 bits by default
+special-fp                              (first, last, timestep/class embedding MLPs) stay in full precision
+                                        (quanto's ``exclude``): quanto has no per-layer bit widths
 bnb-nf4    W4A16                        ``nn.Linear`` only (bitsandbytes ``Linear4bit``, NF4 weights,
                                         float32 compute); weight-only
 =========  ===========================  =================================================================
@@ -27,6 +30,7 @@ from torch import nn
 PEERS = {
     "torchao": ("W8A8",),
     "quanto": ("W8A8", "W4A8", "W8A16", "W4A16"),
+    "quanto-special-fp": ("W8A8", "W4A8", "W8A16", "W4A16"),
     "bnb-nf4": ("W4A16",),
 }
 
@@ -56,18 +60,21 @@ def build_peer(name: str, bits: str, fp: nn.Module, calibrate: Callable[[nn.Modu
 
         quantize_(model, Int8DynamicActivationInt8WeightConfig())
         quantized = {n for n, m in fp.named_modules() if isinstance(m, nn.Linear)}
-    elif name == "quanto":
+    elif name.startswith("quanto"):
         from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
 
+        from diffusers_gac.quant.convert import is_special_layer
+
         activations = qint8 if bits.endswith("A8") else None
-        quantize(model, weights=qint4 if w_bits == 4 else qint8, activations=activations)
+        exclude = [n for n in counts if is_special_layer(n)] if name == "quanto-special-fp" else None
+        quantize(model, weights=qint4 if w_bits == 4 else qint8, activations=activations, exclude=exclude)
         if activations is not None:
             if calibrate is None:
                 raise ValueError("quanto with quantized activations needs calibration inputs (calibrate=...)")
             with Calibration(), torch.no_grad():
                 calibrate(model)
         freeze(model)
-        quantized = set(counts)
+        quantized = set(counts) - set(exclude or [])
     else:  # bnb-nf4
         quantized = _to_bnb_nf4(model)
     total = sum(counts.values())

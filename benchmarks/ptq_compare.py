@@ -58,7 +58,8 @@ METHODS: dict[str, dict] = {
 LABELS = {"fp": "full precision", "rtn": "round-to-nearest", "qdiffusion": "uniform (Q-Diffusion)",
           "ptq4dm": "PTQ4DM-style timesteps", "fisher": "Fisher per-timestep (fixed)", "gac": "GAC",
           "gac-paper": "GAC, paper formulation", "torchao": "torchao int8 dynamic (Linear only)",
-          "quanto": "optimum-quanto", "bnb-nf4": "bitsandbytes NF4 (Linear only)"}
+          "quanto": "optimum-quanto", "quanto-special-fp": "optimum-quanto, first/last/embedding layers in FP32",
+          "bnb-nf4": "bitsandbytes NF4 (Linear only)"}
 
 
 def method_options(method: str) -> dict:

@@ -430,31 +430,46 @@ def test_with_input_quantizers_off_the_integer_model_runs_the_reference(integer_
         assert torch.equal(_out(model), _out(reference))
 
 
-def test_torch_compile_captures_the_integer_model_in_one_graph(integer_model):
-    """Under ``torch.compile`` integer layers trace the reference computation from their integer buffers (the int8
-    kernels' out= writes into views would break the graph), so the whole model is one graph and matches eager."""
+def test_torch_compile_runs_the_integer_kernels_and_matches_eager(integer_model, int_mm_calls):
+    """Under ``torch.compile`` the integer layers still run the int8 kernels (outside the graph: a break per layer)
+    and everything around them is compiled; the result matches eager."""
     model = copy.deepcopy(integer_model)
     with torch.no_grad():
         eager = _out(model)
-        compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: any graph break raises
+        int_mm_calls.clear()
+        explained = torch._dynamo.explain(model)(**_call(0))
+        compiled = torch.compile(model, backend="eager")
         result = compiled(**_call(0)).sample
+    assert int_mm_calls, "the compiled model ran no int8 GEMM"
+    assert explained.graph_count > 1 and explained.graph_break_count >= 1
     assert ((result - eager).norm() / eager.norm()).item() < 1e-4
     assert all(m.execution == "integer" for m in quant_layers(model).values())
 
 
+def test_torch_compile_traces_the_fake_quant_reference_in_one_graph(fake_model):
+    """Where the reference runs (execution "fake", or any model on a GPU) the whole model is one graph."""
+    model = copy.deepcopy(fake_model)
+    with torch.no_grad():
+        eager = _out(model)
+        result = torch.compile(model, backend="eager", fullgraph=True)(**_call(0)).sample  # a break would raise
+    assert ((result - eager).norm() / eager.norm()).item() < 1e-5
+
+
 def test_torch_compile_with_inductor_matches_eager():
-    """The backend declares itself compileable: a small model of frozen W4A4 layers (packed, integer layout) compiled
-    with the default backend gives what it gives in eager mode."""
+    """The backend declares itself compileable: a small model of frozen W4A4 layers compiled with the default backend
+    gives what it gives in eager mode, in both executions."""
     torch.manual_seed(0)
     x = torch.randn(2, 16, 6, 6)
     conv = _frozen(nn.Conv2d(16, 16, 3, padding=1), x, 4, 4, "dynamic")
     linear = _frozen(nn.Linear(6, 8), torch.randn(2, 16, 6, 6), 4, 4, "dynamic")
     model = nn.Sequential(conv, linear).eval()
-    set_execution(model, "integer")
-    with torch.no_grad():
-        eager = model(x)
-        result = torch.compile(model, fullgraph=True)(x)
-    assert torch.allclose(result, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
+    for execution in ("integer", "fake"):
+        set_execution(model, execution)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            eager = model(x)
+            result = torch.compile(model)(x)
+        assert torch.allclose(result, eager, rtol=0, atol=1e-4 * eager.abs().max().item()), execution
     assert diffusers_gac.GACQuantizer(GACConfig()).is_compileable
 
 

@@ -167,6 +167,11 @@ def _compact_zero_points(layer: nn.Module, state_dict: dict, prefix: str, local_
                 state_dict[prefix + key] = t.to(torch.uint8)
 
 
+# Under torch.compile the integer kernels run as they are, outside the graph (one graph break per integer layer): the
+# compiler fuses what lies between them, and tracing their per-tap GEMM loops would cost long compiles for nothing.
+_compiled_integer_forward = torch.compiler.disable(intexec.forward)
+
+
 def _resync_execution(layer: nn.Module, incompatible_keys) -> None:
     if layer.frozen and layer._integer_storage is not None:
         with torch.no_grad():
@@ -188,8 +193,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.execution == "integer" and not torch.compiler.is_compiling():  # compiled: the reference, fused
-            y = intexec.forward(self, x)
+        if self.execution == "integer":
+            y = _compiled_integer_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
             if y is not None:
                 return y
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
@@ -208,8 +213,8 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return layer.to(module.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.execution == "integer" and not torch.compiler.is_compiling():  # compiled: the reference, fused
-            y = intexec.forward(self, x)
+        if self.execution == "integer":
+            y = _compiled_integer_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
             if y is not None:
                 return y
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
