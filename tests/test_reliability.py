@@ -136,7 +136,10 @@ def test_checkpoints_store_zero_points_as_uint8_and_no_empty_tensors(tmp_path):
     assert all(t.numel() for t in state.values())
     assert not any(k.endswith("input_quantizer.scale") for k in state)  # all dynamic here
     expected = _out(model)
-    assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path / "new")), expected)
+    loaded = UNet2DModel.from_pretrained(tmp_path / "new")
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])  # the unsaved empty ranges too
+    assert torch.equal(_out(loaded), expected)
+    assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path / "new", device_map="cpu")), expected)
 
     def earlier_form(s):
         s.update({k: t.float() for k, t in zero_points.items()})

@@ -245,6 +245,9 @@ def requantize(model: nn.Module, config: GACConfig) -> None:
     apply_conversion(model, config, config.layout)
     for layer in quant_layers(model).values():
         layer.make_frozen_placeholder()
+    for module in model.modules():  # a dynamic quantizer's empty range is not saved, so nothing loads it: not meta
+        if isinstance(module, ActQuantizer) and module.scale.numel() == 0 and module.scale.is_meta:
+            module.scale, module.zero_point = torch.ones(0), torch.zeros(0)
 
 
 @torch.no_grad()
