@@ -35,7 +35,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -54,6 +53,7 @@ from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layer
 from diffusers_gac.zoo import load_embedded_unet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fp_baseline import cpu_name  # noqa: E402  (benchmarks/fp_baseline.py)
 from peers import PEERS, build_peer  # noqa: E402  (benchmarks/peers.py)
 
 VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits)
@@ -89,15 +89,6 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def sd_unet(channels: tuple[int, ...], cross_attention_dim: int) -> UNet2DConditionModel:
