@@ -35,7 +35,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -54,6 +53,7 @@ from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layer
 from diffusers_gac.zoo import load_embedded_unet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fp_baseline import cpu_name  # noqa: E402  (benchmarks/fp_baseline.py)
 from peers import PEERS, build_peer  # noqa: E402  (benchmarks/peers.py)
 
 VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits)
@@ -89,15 +89,6 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def sd_unet(channels: tuple[int, ...], cross_attention_dim: int) -> UNet2DConditionModel:
@@ -184,6 +175,17 @@ def tensor_bytes(t: torch.Tensor) -> int:
     state = getattr(t, "quant_state", None)
     absmax = getattr(state, "absmax", None)
     return size + (absmax.numel() * absmax.element_size() if isinstance(absmax, torch.Tensor) else 0)
+
+
+def release_memory() -> None:
+    """Drop compiled graphs and hand freed memory back to the system (glibc keeps it otherwise): the next variants
+    of an 860M-parameter model are built from a clean slate."""
+    torch._dynamo.reset()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def cuda_step_peak_mib(fn: Callable[[], object]) -> float:
@@ -357,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
             unet = sd_unet(args.sd_channels, args.cross_attention_dim)
             for latent in args.latents:
                 rows += measure("SD-1.5-sized (random)", unet, latent, args)
+                release_memory()  # the variants of one latent size are gone before the next are built
     processor = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
     machine = {"device": args.device, "processor": processor, "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads(),

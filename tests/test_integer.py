@@ -14,12 +14,18 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
+from tiny_models import digits_call, digits_out
 from torch import nn
 
 import diffusers_gac
 from diffusers_gac import GACConfig
 from diffusers_gac.quant import convert, intexec, intkernels
-from diffusers_gac.quant.convert import freeze_model, quant_layers, quantization_disabled, set_execution
+from diffusers_gac.quant.convert import (
+    freeze_model,
+    quant_layers,
+    quantization_disabled,
+    set_execution,
+)
 from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
 from diffusers_gac.quant.quantizers import SplitActQuantizer, TimestepContext
 from diffusers_gac.zoo import embedded_model_path
@@ -349,17 +355,6 @@ FAST = dict(w_bits=4, a_bits=4, reconstruction="none", calib_num_inference_steps
             calib_samples_per_timestep=4, batch_size=8)
 
 
-def _call(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(sample=torch.randn(4, 1, 8, 8, generator=g), timestep=torch.tensor([10, 300, 600, 950]),
-                class_labels=torch.tensor([0, 3, 5, 9]))
-
-
-def _out(model, seed=0):
-    with torch.no_grad():
-        return model(**_call(seed)).sample
-
-
 @pytest.fixture(scope="module")
 def fake_model():
     model = UNet2DModel.from_pretrained(embedded_model_path(), subfolder="unet",
@@ -382,7 +377,7 @@ def test_embedded_model_integer_matches_fake_quant(fake_model, integer_model):
     flip), while quantization itself moves the output by ~5e-2 (relative L2 to full precision)."""
     fp = UNet2DModel.from_pretrained(embedded_model_path(), subfolder="unet")
     for seed in (0, 1):
-        reference, result, full = _out(fake_model, seed), _out(integer_model, seed), _out(fp, seed)
+        reference, result, full = digits_out(fake_model, seed), digits_out(integer_model, seed), digits_out(fp, seed)
         relative = ((result - reference).norm() / reference.norm()).item()
         assert relative < 1e-4
         assert ((reference - full).norm() / full.norm()).item() > 100 * relative
@@ -403,21 +398,21 @@ def test_embedded_model_round_trip(fake_model, integer_model, tmp_path):
     assert [n for n, m in quant_layers(loaded).items() if m.execution == "integer"] == chosen["integer"]
     if intexec.integer_kernels_available("cpu"):
         assert chosen["integer"] and chosen["fake"]  # 128-channel convs and 64-wide linears gain, 32-channel ones not
-    assert torch.equal(_out(loaded), _out(auto))
+    assert torch.equal(digits_out(loaded), digits_out(auto))
     loaded = UNet2DModel.from_pretrained(tmp_path / "integer", quantization_config=GACConfig(execution="fake"))
     assert all(m.execution == "fake" for m in quant_layers(loaded).values())
-    assert torch.equal(_out(loaded), _out(fake_model))
+    assert torch.equal(digits_out(loaded), digits_out(fake_model))
     loaded = UNet2DModel.from_pretrained(tmp_path / "fake", quantization_config=GACConfig(execution="integer"))
     assert all(m.execution == "integer" for m in quant_layers(loaded).values())
-    assert torch.equal(_out(loaded), _out(integer_model))
+    assert torch.equal(digits_out(loaded), digits_out(integer_model))
 
 
 def test_loaded_model_switches_execution_and_back(integer_model):
     model = copy.deepcopy(integer_model)
-    expected = _out(model)
+    expected = digits_out(model)
     diffusers_gac.set_execution(model, "fake")
     diffusers_gac.set_execution(model, "integer")
-    assert torch.equal(_out(model), expected)
+    assert torch.equal(digits_out(model), expected)
 
 
 def test_with_input_quantizers_off_the_integer_model_runs_the_reference(integer_model):
@@ -427,7 +422,7 @@ def test_with_input_quantizers_off_the_integer_model_runs_the_reference(integer_
     reference = copy.deepcopy(model)
     set_execution(reference, "fake")
     with quantization_disabled(model), quantization_disabled(reference):
-        assert torch.equal(_out(model), _out(reference))
+        assert torch.equal(digits_out(model), digits_out(reference))
 
 
 def test_torch_compile_runs_the_integer_kernels_and_matches_eager(integer_model, int_mm_calls):
@@ -435,11 +430,11 @@ def test_torch_compile_runs_the_integer_kernels_and_matches_eager(integer_model,
     and everything around them is compiled; the result matches eager."""
     model = copy.deepcopy(integer_model)
     with torch.no_grad():
-        eager = _out(model)
+        eager = digits_out(model)
         int_mm_calls.clear()
-        explained = torch._dynamo.explain(model)(**_call(0))
+        explained = torch._dynamo.explain(model)(**digits_call(0))
         compiled = torch.compile(model, backend="eager")
-        result = compiled(**_call(0)).sample
+        result = compiled(**digits_call(0)).sample
     assert int_mm_calls, "the compiled model ran no int8 GEMM"
     assert explained.graph_count > 1 and explained.graph_break_count >= 1
     assert ((result - eager).norm() / eager.norm()).item() < 1e-4
@@ -450,8 +445,8 @@ def test_torch_compile_traces_the_fake_quant_reference_in_one_graph(fake_model):
     """Where the reference runs (execution "fake", or any model on a GPU) the whole model is one graph."""
     model = copy.deepcopy(fake_model)
     with torch.no_grad():
-        eager = _out(model)
-        result = torch.compile(model, backend="eager", fullgraph=True)(**_call(0)).sample  # a break would raise
+        eager = digits_out(model)
+        result = torch.compile(model, backend="eager", fullgraph=True)(**digits_call(0)).sample  # a break would raise
     assert ((result - eager).norm() / eager.norm()).item() < 1e-5
 
 
@@ -516,7 +511,7 @@ def test_format_options_passed_when_loading_a_checkpoint_are_ignored_with_a_warn
     warnings = []
     monkeypatch.setattr(quantizer.logger, "warning", warnings.append)
     loaded = UNet2DModel.from_pretrained(tmp_path, quantization_config=GACConfig(w_bits=8, execution="fake"))
-    assert loaded.config.quantization_config.w_bits == 4 and torch.equal(_out(loaded), _out(fake_model))
+    assert loaded.config.quantization_config.w_bits == 4 and torch.equal(digits_out(loaded), digits_out(fake_model))
     assert len(warnings) == 1 and "w_bits" in warnings[0] and "execution" in warnings[0]
     warnings.clear()
     UNet2DModel.from_pretrained(tmp_path, quantization_config=GACConfig(w_bits=4, a_bits=4, execution="integer"))

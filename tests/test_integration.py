@@ -4,9 +4,15 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline, PipelineQuantizationConfig, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DiffusionPipeline,
+    PipelineQuantizationConfig,
+    UNet2DModel,
+)
 from safetensors import safe_open
-from tiny_models import tiny_unet2d
+from tiny_models import digits_out, tiny_unet2d
 
 import diffusers_gac
 from diffusers_gac import GACConfig, quantize_model
@@ -15,17 +21,6 @@ from diffusers_gac.quant.layers import QuantConv2d
 from diffusers_gac.zoo import embedded_model_path
 
 FAST = dict(iters=4, calib_num_inference_steps=5, calib_num_timesteps=3, calib_samples_per_timestep=4, batch_size=8)
-
-
-def _call(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(sample=torch.randn(4, 1, 8, 8, generator=g), timestep=torch.tensor([10, 300, 600, 950]),
-                class_labels=torch.tensor([0, 3, 5, 9]))
-
-
-def _out(model, seed=0):
-    with torch.no_grad():
-        return model(**_call(seed)).sample
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +39,12 @@ def saved(calibrated_from_pretrained, tmp_path_factory):
 def test_from_pretrained_calibrates_and_runs_without_nan(calibrated_from_pretrained):
     model = calibrated_from_pretrained
     assert model.is_quantized and isinstance(model.conv_in, QuantConv2d)
-    assert torch.isfinite(_out(model)).all()
+    assert torch.isfinite(digits_out(model)).all()
     fp = UNet2DModel.from_pretrained(embedded_model_path(), subfolder="unet")
     num_float = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in fp.modules())
     assert len(quant_layers(model)) == num_float == len(model.config.quantization_config.layout.layers)
     for seed in (0, 1):  # quantized, and close to full precision: W4A4 noise predictions within 1% relative MSE
-        relative = ((_out(model, seed) - _out(fp, seed)).pow(2).mean() / _out(fp, seed).pow(2).mean()).item()
+        relative = ((digits_out(model, seed) - digits_out(fp, seed)).pow(2).mean() / digits_out(fp, seed).pow(2).mean()).item()
         assert 1e-6 < relative < 0.01
 
 
@@ -62,7 +57,7 @@ def test_callers_config_is_not_mutated():
 def test_round_trip_gives_identical_outputs(calibrated_from_pretrained, saved):
     loaded = UNet2DModel.from_pretrained(saved)
     assert isinstance(loaded.conv_in, QuantConv2d) and loaded.conv_in.frozen
-    assert torch.equal(_out(loaded), _out(calibrated_from_pretrained))
+    assert torch.equal(digits_out(loaded), digits_out(calibrated_from_pretrained))
 
 
 def test_checkpoint_holds_packed_weights_and_no_float_copy(saved):
@@ -94,12 +89,12 @@ def test_sharded_round_trip(calibrated_from_pretrained, tmp_path):
     calibrated_from_pretrained.save_pretrained(tmp_path, max_shard_size="200KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     loaded = UNet2DModel.from_pretrained(tmp_path)
-    assert torch.equal(_out(loaded), _out(calibrated_from_pretrained))
+    assert torch.equal(digits_out(loaded), digits_out(calibrated_from_pretrained))
 
 
 def test_cpu_device_map(saved):
     loaded = UNet2DModel.from_pretrained(saved, device_map="cpu")
-    assert torch.isfinite(_out(loaded)).all()
+    assert torch.isfinite(digits_out(loaded)).all()
 
 
 def test_dtype_changes_are_refused(calibrated_from_pretrained):
@@ -115,7 +110,7 @@ def test_dequantize_gives_a_plain_model(saved):
     model.dequantize()
     assert not quant_layers(model) and type(model.conv_in) is torch.nn.Conv2d
     assert torch.equal(model.down_blocks[0].resnets[0].conv1.weight, weight)
-    assert torch.isfinite(_out(model)).all()
+    assert torch.isfinite(digits_out(model)).all()
     assert "quantization_config" not in model.config
 
 
@@ -151,7 +146,7 @@ def test_quantize_model_result_saves_like_a_loaded_one(tmp_path):
     quantize_model(model, GACConfig(**FAST), scheduler=scheduler, show_progress=False)
     model.save_pretrained(tmp_path)
     loaded = UNet2DModel.from_pretrained(tmp_path)
-    assert torch.equal(_out(loaded), _out(model))
+    assert torch.equal(digits_out(loaded), digits_out(model))
 
 
 def test_pipeline_from_pretrained_with_a_pipeline_quantization_config(tmp_path):
@@ -192,12 +187,12 @@ def test_a_failed_save_over_a_checkpoint_keeps_the_old_one(calibrated_from_pretr
         diffusers_gac.save_pretrained(calibrated_from_pretrained, folder, max_shard_size="200KB")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w4a4"]
     assert json.loads((folder / "config.json").read_text()) == config
-    assert torch.equal(_out(UNet2DModel.from_pretrained(folder)), _out(calibrated_from_pretrained))
+    assert torch.equal(digits_out(UNet2DModel.from_pretrained(folder)), digits_out(calibrated_from_pretrained))
     monkeypatch.undo()
     diffusers_gac.save_pretrained(calibrated_from_pretrained, folder, max_shard_size="200KB")
     assert (folder / "notes.txt").read_text() == "mine"  # what else the folder held is kept, as diffusers does
     assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    assert torch.equal(_out(UNet2DModel.from_pretrained(folder)), _out(calibrated_from_pretrained))
+    assert torch.equal(digits_out(UNet2DModel.from_pretrained(folder)), digits_out(calibrated_from_pretrained))
 
 
 def test_saving_writes_the_report_and_loading_restores_it(calibrated_from_pretrained, tmp_path):
@@ -226,8 +221,8 @@ def test_pipelines_save_through_diffusers_and_atomically(calibrated_from_pretrai
     pipe = DDPMPipeline(unet=copy.deepcopy(calibrated_from_pretrained), scheduler=DDIMScheduler(num_train_timesteps=1000))
     pipe.save_pretrained(tmp_path / "native", max_shard_size="200KB")  # diffusers' own, as for any backend
     assert (tmp_path / "native" / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path / "native", subfolder="unet")),
-                       _out(calibrated_from_pretrained))
+    assert torch.equal(digits_out(UNet2DModel.from_pretrained(tmp_path / "native", subfolder="unet")),
+                       digits_out(calibrated_from_pretrained))
     diffusers_gac.save_pretrained(pipe, tmp_path / "atomic")
     assert (tmp_path / "atomic" / "unet" / REPORT_NAME).is_file()
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "atomic")
@@ -236,4 +231,4 @@ def test_pipelines_save_through_diffusers_and_atomically(calibrated_from_pretrai
     with pytest.raises(OSError, match="disk full"):
         diffusers_gac.save_pretrained(pipe, tmp_path / "atomic")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic", "native"]  # the old pipeline folder is intact
-    assert torch.equal(_out(DiffusionPipeline.from_pretrained(tmp_path / "atomic").unet), _out(calibrated_from_pretrained))
+    assert torch.equal(digits_out(DiffusionPipeline.from_pretrained(tmp_path / "atomic").unet), digits_out(calibrated_from_pretrained))

@@ -117,3 +117,15 @@ def tiny_dit_pipeline():
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
                         latent_channels=4, norm_num_groups=4, sample_size=16).eval()
     return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=1000))
+
+
+def digits_call(seed: int = 0) -> dict:
+    """A fixed batch of inputs for the embedded digits model: four noisy 8x8 samples across the schedule."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(4, 1, 8, 8, generator=g), timestep=torch.tensor([10, 300, 600, 950]),
+                class_labels=torch.tensor([0, 3, 5, 9]))
+
+
+def digits_out(model, seed: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**digits_call(seed)).sample
