@@ -481,6 +481,24 @@ def _benchmark_module():
     return module
 
 
+def test_peers_refuse_settings_they_do_not_run_and_count_their_bits():
+    """benchmarks/peers.py: a setting a peer does not run is refused by name; bitsandbytes (a test dependency) NF4
+    quantizes the Linear layers only, so its mean bits per weight count the convolutions at 32."""
+    peers = _benchmark_module().build_peer.__globals__
+    with pytest.raises(ValueError, match="quanto runs W8A8, W4A8, W8A16, W4A16, not W4A4"):
+        peers["check_peer"]("quanto", "W4A4")
+    with pytest.raises(ValueError, match="unknown peer 'gptq'"):
+        peers["check_peer"]("gptq", "W4A4")
+    model = UNet2DModel.from_pretrained(embedded_model_path(), subfolder="unet")
+    quantized, mean_bits = peers["build_peer"]("bnb-nf4", "W4A16", model)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert mean_bits == pytest.approx((4 * linear + 32 * conv) / (linear + conv))
+    assert not any(type(m) is nn.Linear for m in quantized.modules())
+    reference, result = digits_out(model), digits_out(quantized)
+    assert 0 < ((result - reference).norm() / reference.norm()).item() < 0.2
+
+
 TINY_SD = ["--sd-channels", "32", "32", "64", "64", "--cross-attention-dim", "32", "--latents", "8", "--rounds", "1",
            "--threads", "1"]
 
