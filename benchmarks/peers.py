@@ -46,6 +46,13 @@ def _linear_and_conv_weights(model: nn.Module) -> dict[str, int]:
     return {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
+def mean_weight_bits(fp: nn.Module, bits: dict[str, int]) -> float:
+    """Mean bits per Linear/Conv2d weight of ``fp`` when the layers named in ``bits`` have that many bits and the
+    others stay at 32."""
+    counts = _linear_and_conv_weights(fp)
+    return sum(c * bits.get(n, 32) for n, c in counts.items()) / sum(counts.values())
+
+
 def build_peer(name: str, bits: str, fp: nn.Module, calibrate: Callable[[nn.Module], None] | None = None
                ) -> tuple[nn.Module, float]:
     """A quantized copy of ``fp`` and its mean bits per Linear/Conv2d weight. ``calibrate(model)`` runs the model
@@ -77,9 +84,7 @@ def build_peer(name: str, bits: str, fp: nn.Module, calibrate: Callable[[nn.Modu
         quantized = set(counts) - set(exclude or [])
     else:  # bnb-nf4
         quantized = _to_bnb_nf4(model)
-    total = sum(counts.values())
-    mean_bits = sum(c * (w_bits if n in quantized else 32) for n, c in counts.items()) / total
-    return model, mean_bits
+    return model, mean_weight_bits(fp, dict.fromkeys(quantized, w_bits))
 
 
 def _to_bnb_nf4(model: nn.Module) -> set[str]:

@@ -43,7 +43,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from peers import PEERS, build_peer, check_peer
+from peers import PEERS, build_peer, check_peer, mean_weight_bits
 
 METHODS: dict[str, dict] = {
     "rtn": {"reconstruction": "none"},
@@ -143,9 +143,7 @@ def run_one(job: dict) -> dict:
         row["calibration_seconds"] = round(time.time() - wall, 1)
         row["calibration_cpu_seconds"] = round(time.process_time() - cpu, 1)
         row["config"] = report.config
-        counts = {n: m.weight.numel() for n, m in fp.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-        bits = {n: m.w_bits for n, m in quant_layers(model).items()}
-        row["mean_weight_bits"] = sum(c * bits.get(n, 32) for n, c in counts.items()) / sum(counts.values())
+        row["mean_weight_bits"] = mean_weight_bits(fp, {n: m.w_bits for n, m in quant_layers(model).items()})
         row["unit_error_before"] = sum(u.loss_before for u in report.units)
         row["unit_error_after"] = sum(u.loss_after for u in report.units)
         gac = [u.weighting for u in report.units if "effective_sample_fraction" in u.weighting]

@@ -41,7 +41,6 @@ from .integration import calibration_inputs, check_calibration_inputs
 from .quant.checkpoint import (CheckpointError, check_layout, check_presence, check_tensor, looks_quantized,
                                quantized_tensor_specs)
 from .quant.convert import dequantize_model, plan_conversion, requantize, set_execution
-from .quant.quantizers import ActQuantizer
 
 logger = logging.get_logger(__name__)
 
@@ -126,8 +125,9 @@ class GACQuantizer(DiffusersQuantizer):
         self.refuse(check_tensor(param_name, original, self.tensor_specs[param_name]))
         module, name = get_module_from_name(model, param_name)
         expected = getattr(module, name)
+        # an empty tensor is a dynamic quantizer's range, which the model does not save again (quantizers.py)
         module.register_buffer(name, original.to(device=target_device, dtype=expected.dtype),
-                               persistent=name not in module._non_persistent_buffers_set)
+                               persistent=original.numel() > 0)
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
         return missing_keys
@@ -142,9 +142,6 @@ class GACQuantizer(DiffusersQuantizer):
             self.calibration_report = report.to_dict()
             model.register_to_config(quantization_config=config)
         else:
-            for module in model.modules():  # empty ranges are not saved again (see above)
-                if isinstance(module, ActQuantizer) and module.scale.numel() == 0:
-                    module._non_persistent_buffers_set.update(("scale", "zero_point"))
             chosen = set_execution(model, self.quantization_config.execution)
             logger.info(f"{len(chosen['integer'])} quantized layers run on integer kernels, {len(chosen['fake'])} as "
                         "fake quantization")
