@@ -50,6 +50,7 @@ from torch import nn
 
 from diffusers_gac import GACConfig
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers
+from diffusers_gac.quant.quantizers import ActQuantizer, WeightQuantizer
 from diffusers_gac.zoo import load_embedded_unet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,6 +76,42 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits)
 DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
 COMPILED_VARIANTS = ["compiled_fp32", "compiled_w4a4"]
+# Prefixes, outermost first: "compiled_" (torch.compile), "graph_" (one step captured as a CUDA graph and replayed),
+# "bf16_" (the model in bfloat16 as users load it: a quantized model's layers take and return bfloat16, their
+# quantizer state stays float32, as a torch_dtype=torch.bfloat16 load leaves it; a peer built on the bfloat16 model).
+PREFIXES = ("compiled_", "graph_", "bf16_")
+ALIASES = {"compiled_w4a4": "compiled_auto_w4a4"}
+GPU_VARIANTS = ["fp32", "bf16", "bf16_fake_w4a4", "bf16_int_w8a8", "bf16_int_w4a8", "bf16_int_w4a4",
+                "bf16_auto_w4a4", "graph_bf16", "graph_bf16_int_w8a8", "graph_bf16_int_w4a4", "bf16_bnb_nf4"]
+
+
+def split_variant(name: str) -> tuple[list[str], str]:
+    """``"graph_bf16_int_w4a4"`` -> (["graph_", "bf16_"], "int_w4a4"); ``"bf16"`` is a base variant itself."""
+    name = ALIASES.get(name, name)
+    prefixes = []
+    while name not in VARIANTS:
+        prefix = next((p for p in PREFIXES if name.startswith(p) and p not in prefixes), None)
+        if prefix is None:
+            raise ValueError(name)
+        prefixes.append(prefix)
+        name = name[len(prefix):]
+    return prefixes, name
+
+
+def variant_name(name: str) -> str:
+    """argparse type: a base variant with optional prefixes."""
+    try:
+        prefixes, base = split_variant(name)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant {name!r}: a base variant ({', '.join(VARIANTS)}) with optional prefixes "
+            f"{', '.join(PREFIXES)} (in that order), e.g. graph_bf16_int_w4a4") from None
+    if "bf16_" in prefixes and base in ("fp32", "bf16"):
+        raise argparse.ArgumentTypeError(f"{name!r}: use 'bf16' for the bfloat16 float model")
+    return name
+
+
+BUILT: dict[tuple[int, str], nn.Module] = {}  # on a GPU, variants built once and timed at every size
 SKIPPED: list[str] = []  # variants that failed to build, with why
 PROFILES: list[str] = []  # --profile tables
 SD_CHANNELS = (320, 640, 1280, 1280)
@@ -111,8 +148,72 @@ def model_inputs(model: nn.Module, latent: int, batch: int, tokens: int = 77, de
     return {k: v.to(device) for k, v in call.items()}
 
 
+def to_half(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast a (quantized) model's float parameters and buffers to ``dtype``, leaving the quantizers' scales and zero
+    points and the integer layouts' float terms in float32: what ``from_pretrained(..., torch_dtype=dtype)`` of a
+    calibrated checkpoint gives."""
+    for module in model.modules():
+        if isinstance(module, (WeightQuantizer, ActQuantizer)):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and not name.startswith("int_"):
+                setattr(module, name, b.to(dtype))
+    return model
+
+
+class CudaGraphed(nn.Module):
+    """One step of ``model`` on fixed inputs, captured as a CUDA graph at the first call and replayed after: what a
+    launch-bound step costs without the CPU's launch overhead (``torch.cuda.graphs``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_out: torch.Tensor | None = None
+
+    def forward(self, **call):
+        if self.graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
+                    self.model(**call)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            self.static_call = call
+            with torch.cuda.graph(self.graph):
+                self.static_out = self.model(**call)[0]
+        for k, v in call.items():
+            if v is not self.static_call[k]:
+                self.static_call[k].copy_(v)
+        self.graph.replay()
+        return (self.static_out,)
+
+
+def variant_dtype(name: str) -> torch.dtype:
+    prefixes, base = split_variant(name)
+    return torch.bfloat16 if base == "bf16" or "bf16_" in prefixes else torch.float32
+
+
 def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
-    kind, w_bits, a_bits = VARIANTS[name]
+    prefixes, base = split_variant(name)
+    if prefixes:
+        inner = build_variant(fp32, name[len(prefixes[0]):], call)
+        if prefixes[0] == "compiled_":
+            return torch.compile(inner)
+        if prefixes[0] == "graph_":
+            if not next(fp32.parameters()).is_cuda:
+                raise RuntimeError("CUDA graphs need --device cuda")
+            return CudaGraphed(inner)
+        dtype = torch.bfloat16  # "bf16_"
+        half_call = {k: v.to(dtype) if v.is_floating_point() else v for k, v in call.items()}
+        if VARIANTS[base][0] in PEERS:
+            return build_variant(to_half(copy.deepcopy(fp32), dtype), base, half_call)
+        return to_half(build_variant(fp32, base, call), dtype)
+    kind, w_bits, a_bits = VARIANTS[base]
     if kind is None:
         return fp32
     if kind in PEERS:
@@ -120,19 +221,17 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
         model, mean_bits = build_peer(kind, bits, fp32, lambda m: m(**call))  # calibrated on the timed input
         log(f"{name}: {mean_bits:.1f} bits per Linear/Conv2d weight")
         return model
-    if kind == "compile":
-        model = fp32 if w_bits is None else build_variant(fp32, "auto_w4a4", call)
-        return torch.compile(model)
     model = copy.deepcopy(fp32)
     if kind == "bf16":
         return model.to(torch.bfloat16)
     convert_model(model, GACConfig(w_bits=w_bits, a_bits=a_bits, weight_init="minmax"))
     freeze_model(model, kind)
-    running = sum(m.execution == "integer" for m in quant_layers(model).values())
-    wanted = {"fake": 0, "integer": sum(m.input_quantizer is not None for m in quant_layers(model).values())}
+    layers = quant_layers(model).values()
+    running = sum(m.execution == "integer" for m in layers)
+    wanted = {"fake": 0, "integer": sum(m.input_quantizer is not None for m in layers)}
     if running != wanted.get(kind, running):
         raise RuntimeError(f"{name}: {running} of {wanted[kind]} layers run the integer kernels")
-    log(f"{name}: {running} of {len(quant_layers(model))} quantized layers on the integer kernels")
+    log(f"{name}: {running} of {len(layers)} quantized layers on the integer kernels")
     return model
 
 
@@ -204,12 +303,9 @@ def resident_mib(model: nn.Module) -> float:
     return sum(tensor_bytes(t) for t in tensors) / 2**20
 
 
-def forward_fn(model: nn.Module, call: dict) -> Callable[[], torch.Tensor]:
-    dtype = next(model.parameters()).dtype
-    dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32  # a peer's packed parameters
+def forward_fn(model: nn.Module, call: dict, dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in call.items()}
-
-    cuda = next(model.parameters()).device.type == "cuda"
+    cuda = next(iter(call.values())).device.type == "cuda"
 
     def run() -> torch.Tensor:
         with torch.no_grad():  # not inference_mode: optimum-quanto's frozen tensors refuse it
@@ -236,17 +332,30 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, 
     return samples
 
 
-def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) -> list[dict]:
+def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, batch: int) -> list[dict]:
     fp32 = fp32.to(args.device)
-    call = model_inputs(fp32, latent, args.batch, device=args.device)
+    call = model_inputs(fp32, latent, batch, device=args.device)
     models, built = {}, {}
     for name in args.variants:
         start = time.perf_counter()
         try:
-            models[name] = build_variant(fp32, name, call)
-            fn = forward_fn(models[name], call)
-            if VARIANTS[name][0] == "compile":
-                fn()  # compiling happens on the first call
+            prefixes, base = split_variant(name)
+            reusable = args.device.startswith("cuda") and not prefixes[:1] == ["compiled_"] and base not in (
+                "quanto_w8a8", "quanto_w4a8")  # GPU memory holds every variant; shapes matter to these only
+            if prefixes[:1] == ["graph_"] and reusable:  # a new capture per input shape, of the shared model
+                inner = name[len("graph_"):]
+                if (id(fp32), inner) not in BUILT:
+                    BUILT[id(fp32), inner] = build_variant(fp32, inner, call)
+                models[name] = CudaGraphed(BUILT[id(fp32), inner])
+            elif reusable:
+                if (id(fp32), name) not in BUILT:
+                    BUILT[id(fp32), name] = build_variant(fp32, name, call)
+                models[name] = BUILT[id(fp32), name]
+            else:
+                models[name] = build_variant(fp32, name, call)
+            fn = forward_fn(models[name], call, variant_dtype(name))
+            if name.startswith(("compiled_", "graph_")):
+                fn()  # compiling (capturing) happens on the first call
         except Exception as err:  # a peer that cannot run here is reported, not fatal to the other rows
             if name == "fp32":
                 raise
@@ -257,9 +366,14 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) 
         built[name] = time.perf_counter() - start
         log(f"{label} latent {latent}: built {name} in {built[name]:.1f} s")
         release_memory(reset_compiled=False)  # the float copies a build made and dropped
-    fns = {name: forward_fn(model, call) for name, model in models.items()}
-    reference = fns["fp32"]()  # parse_args always includes fp32
-    errors = {name: ((fn() - reference).norm() / reference.norm()).item() for name, fn in fns.items()}
+    fns = {name: forward_fn(model, call, variant_dtype(name)) for name, model in models.items()}
+    outputs = {name: fn() for name, fn in fns.items()}
+    reference = outputs["fp32"]  # parse_args always includes fp32
+    errors = {name: ((out - reference).norm() / reference.norm()).item() for name, out in outputs.items()}
+    half = outputs.get("bf16")
+    errors_bf16 = {name: None if half is None else ((out - half).norm() / half.norm()).item()
+                   for name, out in outputs.items()}
+    del outputs
     peaks = {name: (cuda_step_peak_mib if args.device.startswith("cuda") else step_peak_mib)(fn)
              for name, fn in fns.items()}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -279,11 +393,12 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace) 
     rows = []
     for name in fns:
         median = statistics.median(samples[name])
-        rows.append({"model": label, "latent": latent, "batch": args.batch, "variant": name,
+        rows.append({"model": label, "latent": latent, "batch": batch, "variant": name,
                      "median_ms": 1e3 * median, "min_ms": 1e3 * min(samples[name]),
                      "max_ms": 1e3 * max(samples[name]), "vs_fp32": base / median,
                      "resident_mib": resident_mib(models[name]), "step_peak_mib": peaks[name],
-                     "rel_l2_vs_fp32": errors[name], "build_s": built[name],
+                     "rel_l2_vs_fp32": errors[name],
+                     "rel_l2_vs_bf16": errors_bf16[name], "build_s": built[name],
                      "load": f"{load_before} / {load_after}"})
     return rows
 
@@ -299,14 +414,15 @@ weights are round-to-nearest: speed does not depend on how rounding was learned.
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | latent | batch | variant | ms / step (median) | min | max | FP32 / variant | weights resident "
-             "MiB | step peak MiB | rel. L2 vs FP32 | build s | load avg before / after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MiB | step peak MiB | rel. L2 vs FP32 | rel. L2 vs bf16 | build s | load avg before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['vs_fp32']:.2f}x"
         peak = "n/a" if r["step_peak_mib"] is None else f"{r['step_peak_mib']:.1f}"
+        vs_bf16 = "n/a" if r["rel_l2_vs_bf16"] is None else f"{r['rel_l2_vs_bf16']:.2e}"
         lines.append(f"| {r['model']} | {r['latent']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | "
                      f"{r['min_ms']:.1f} | {r['max_ms']:.1f} | {ratio} | {r['resident_mib']:.1f} | {peak} | "
-                     f"{r['rel_l2_vs_fp32']:.2e} | {r['build_s']:.1f} | {r['load']} |")
+                     f"{r['rel_l2_vs_fp32']:.2e} | {vs_bf16} | {r['build_s']:.1f} | {r['load']} |")
     return "\n".join(lines)
 
 
@@ -314,13 +430,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=["embedded", "sd"], default=["embedded", "sd"])
     parser.add_argument("--latents", type=int, nargs="+", default=[32], help="latent sizes of the SD-sized UNet")
-    parser.add_argument("--batch", type=int, default=1, help="samples per step (2 for classifier-free guidance)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
-                        help=f"default: {' '.join(DEFAULT_VARIANTS)}; peers: {' '.join(PEER_VARIANTS)}; "
-                             f"torch.compile: {' '.join(COMPILED_VARIANTS)}")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1],
+                        help="samples per step (2 for classifier-free guidance); several give a row set each")
+    parser.add_argument("--variants", nargs="+", type=variant_name, default=None,
+                        help=f"default: {' '.join(DEFAULT_VARIANTS)} (--device cuda: {' '.join(GPU_VARIANTS)}); "
+                             f"peers: {' '.join(PEER_VARIANTS)}; base variants take the prefixes "
+                             f"{', '.join(PREFIXES)}, e.g. compiled_fp32, graph_bf16_int_w4a4, bf16_torchao_w8a8")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: on a GPU the integer kernels are not "
-                        "used (layers there run the fake-quant reference) and memory is CUDA memory")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (the integer kernels are Triton "
+                        "kernels there; memory is CUDA memory)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall clock, or the process's CPU time (stable on a busy machine at 1 thread)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -335,12 +453,55 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="write the --profile tables here (markdown, with the command)")
     parser.add_argument("--json", action="store_true",
                         help="time the SD-sized UNet at the first --latents (default 32) and print one JSON object")
+    parser.add_argument("--igemm-config", default=None, metavar="BM,BN,BK,WARPS,STAGES",
+                        help="tile configuration of the GPU implicit GEMM for every layer (tuning; default: its table)")
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
+    if args.igemm_config is not None:
+        from diffusers_gac.quant import gpukernels
+
+        gpukernels.CONFIG_OVERRIDE = tuple(int(v) for v in args.igemm_config.split(","))
+    if args.variants is None:
+        args.variants = list(GPU_VARIANTS if args.device.startswith("cuda") else DEFAULT_VARIANTS)
     for required in ("fp32", "int_w8a8", "int_w4a4") if args.json else ("fp32",):
         if required not in args.variants:
             args.variants.insert(0 if required == "fp32" else len(args.variants), required)
     return args
+
+
+def machine_info(args: argparse.Namespace) -> dict:
+    processor = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
+    return {"device": args.device, "processor": processor, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "clock": args.clock, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def machine_line(machine: dict, args: argparse.Namespace) -> str:
+    processor = machine["processor"]
+    if args.device.startswith("cuda"):
+        return f"{processor} (CUDA; step peak = CUDA memory allocated)"
+    return (f"{processor}, {machine['cpu_count']} CPUs ({machine['cpu_capability']}), {machine['torch_threads']} torch "
+            "threads (step peak = resident memory)")
+
+
+def write_report(rows: list[dict], args: argparse.Namespace, command: str, started: float, final: bool) -> None:
+    """The markdown report of the rows so far: printed at the end, and written to ``--output`` after every size (a
+    sweep stopped part way keeps what it measured)."""
+    machine = machine_info(args)
+    where = machine_line(machine, args)
+    text = "\n".join([
+        f"# Time per denoising step on {'the GPU' if args.device.startswith('cuda') else 'the CPU'}: FP32, "
+        "quantized variants and peers", "",
+        f"Command: `{command}`", "",
+        f"{machine['date']}; {where}, torch {machine['torch']}, {args.clock} clock, median of {args.rounds} "
+        f"interleaved rounds; {time.perf_counter() - started:.0f} s in all{'' if final else ' (so far)'}.", "",
+        LEGEND, "", table(rows), "", *(["Not run: " + "; ".join(SKIPPED), ""] if SKIPPED else [])])
+    if final:
+        print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,45 +513,33 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     rows = []
     if args.json:
-        rows += measure("sd", sd_unet(args.sd_channels, args.cross_attention_dim), args.latents[0], args)
+        rows += measure("sd", sd_unet(args.sd_channels, args.cross_attention_dim), args.latents[0], args,
+                        args.batch[0])
     else:
         if "embedded" in args.models:
             unet = load_embedded_unet().eval()
-            rows += measure("embedded digits", unet, unet.config.sample_size, args)
+            for batch in args.batch:
+                rows += measure("embedded digits", unet, unet.config.sample_size, args, batch)
         if "sd" in args.models:
             unet = sd_unet(args.sd_channels, args.cross_attention_dim)
             for latent in args.latents:
-                rows += measure("SD-1.5-sized (random)", unet, latent, args)
-                release_memory()  # the variants of one latent size are gone before the next are built
-    processor = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
-    machine = {"device": args.device, "processor": processor, "cpu_count": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(),
-               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "clock": args.clock, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if args.json:
+                for batch in args.batch:
+                    rows += measure("SD-1.5-sized (random)", unet, latent, args, batch)
+                    write_report(rows, args, command, started, final=False)
+                    release_memory()  # the variants of one size are gone before the next are built
+    if not args.json:
+        write_report(rows, args, command, started, final=True)
+    else:
+        machine = machine_info(args)
         result = {f"{r['variant']}_ms": round(r["median_ms"], 3) for r in rows}
-        result.update(model="sd", sd_channels=list(args.sd_channels), latent=args.latents[0], batch=args.batch,
+        result.update(model="sd", sd_channels=list(args.sd_channels), latent=args.latents[0], batch=args.batch[0],
                       rounds=args.rounds, command=command, **machine,
                       ratios={r["variant"]: round(r["vs_fp32"], 3) for r in rows})
         print(json.dumps(result))
         return
-    where = (f"{processor} (CUDA; step peak = CUDA memory allocated)" if args.device.startswith("cuda") else
-             f"{processor}, {machine['cpu_count']} CPUs ({machine['cpu_capability']}), {machine['torch_threads']} torch "
-             "threads (step peak = resident memory)")
-    text = "\n".join([
-        f"# Time per denoising step on {'the GPU' if args.device.startswith('cuda') else 'the CPU'}: FP32, "
-        "quantized variants and peers", "",
-        f"Command: `{command}`", "",
-        f"{machine['date']}; {where}, torch {machine['torch']}, {args.clock} clock, median of {args.rounds} "
-        f"interleaved rounds; {time.perf_counter() - started:.0f} s in all.", "",
-        LEGEND, "", table(rows), "", *(["Not run: " + "; ".join(SKIPPED), ""] if SKIPPED else [])])
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
     if args.profile_output and PROFILES:
         args.profile_output.parent.mkdir(parents=True, exist_ok=True)
-        args.profile_output.write_text("\n".join([f"# Where a step's time goes\n\nCommand: `{command}`\n\n{where}\n",
+        args.profile_output.write_text("\n".join([f"# Where a step's time goes\n\nCommand: `{command}`\n\n{machine_line(machine_info(args), args)}\n",
                                                    *PROFILES]))
 
 

@@ -96,7 +96,7 @@ def _to_bnb_nf4(model: nn.Module) -> set[str]:
             if type(child) is not nn.Linear:
                 continue
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4")
+                                      compute_dtype=child.weight.dtype, quant_type="nf4")
             layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data, requires_grad=False)

@@ -3,8 +3,16 @@ the checks that must not depend on a trained model (dtype, unconditional models,
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter runs the GPU kernels on CPU tensors (test_gpu_kernels.py). It is chosen when Triton is
+    # imported, which diffusers' and the peers' imports may do, so before anything else is.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from diffusers import UNet2DModel
 
 from diffusers_gac import zoo

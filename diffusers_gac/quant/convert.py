@@ -227,10 +227,7 @@ def set_execution(model: nn.Module, execution: str = "auto", int4_storage: str =
     for name, layer in quant_layers(model).items():
         if not layer.frozen:
             raise ValueError(f"{name} is not frozen: calibrate (or freeze_model) before choosing an execution")
-        mode = execution
-        if mode == "auto":
-            mode = "integer" if intexec.integer_pays_off(layer) else "fake"
-        chosen["integer" if layer.set_execution(mode, int4_storage) else "fake"].append(name)
+        chosen["integer" if layer.set_execution(execution, int4_storage) else "fake"].append(name)
     return chosen
 
 

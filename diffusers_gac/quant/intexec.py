@@ -27,6 +27,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import functools
+import importlib.util
+
 import torch
 from torch import nn
 
@@ -49,11 +52,31 @@ class IntSpec(NamedTuple):
     eight_bit_weights: bool
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton is installed (it ships with CUDA builds of torch)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _gpu_kernels():
+    from . import gpukernels  # imports Triton: only when a layer runs on the GPU path
+
+    return gpukernels
+
+
 def integer_kernels_available(device: torch.device | str) -> bool:
     """Whether integer execution runs on ``device``: the CPU with int8 GEMMs through oneDNN (x86 with AVX2 or
-    AVX-512; VNNI/AMX where present). Layers on other devices run the fake-quant reference."""
-    return (torch.device(device).type == "cpu" and hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available()
-            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    AVX-512; VNNI/AMX where present), or a CUDA GPU with int8 tensor cores (compute capability 8.0 or newer:
+    Ampere, Ada, Hopper, Blackwell) through the Triton kernels of ``gpukernels`` (Triton ships with CUDA builds of
+    torch). Layers on other devices run the fake-quant reference."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return (hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available()
+                and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    if device.type == "cuda":
+        return (torch.cuda.is_available() and triton_available()
+                and torch.cuda.get_device_capability(device) >= (8, 0))
+    return False
 
 
 def layer_device(layer: nn.Module) -> torch.device:
@@ -66,9 +89,12 @@ def layer_device(layer: nn.Module) -> torch.device:
 MIN_CHANNELS = {"kernel": 128, "pointwise": 64}
 
 
-def integer_pays_off(layer: nn.Module) -> bool:
-    """Whether ``"auto"`` runs ``layer`` on the integer kernels: wide enough for int8 GEMMs to outweigh the
-    quantization and rescale passes (``MIN_CHANNELS``)."""
+def integer_pays_off(layer: nn.Module, device: torch.device | str = "cpu") -> bool:
+    """Whether ``"auto"`` runs ``layer`` on the integer kernels of ``device``. On the CPU: wide enough for int8
+    GEMMs to outweigh the quantization and rescale passes (``MIN_CHANNELS``). On a GPU: always, since there the
+    reference path (unpacking and dequantizing the weight at every call) is the slower one at any width."""
+    if torch.device(device).type != "cpu":
+        return True
     if isinstance(layer, nn.Conv2d):
         kind = "pointwise" if layer.kernel_size == (1, 1) else "kernel"
         return layer.in_channels // layer.groups >= MIN_CHANNELS[kind]
@@ -222,15 +248,27 @@ def _quantize(q: ActQuantizer, x: torch.Tensor, dim: int) -> K.Act:
 
 
 def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The layer's output through the int8 kernels, or None when this call must take the fake-quant path."""
-    q = layer.input_quantizer
-    if x.device.type != "cpu" or x.dtype != torch.float32 or layer.int_weight.device.type != "cpu":
+    """The layer's output through the integer kernels of the input's device, or None when this call must take the
+    fake-quant path."""
+    if x.device != layer.int_weight.device:
         return None
     if torch.is_grad_enabled() and x.requires_grad:  # int8 GEMMs have no gradient: the reference has one
         return None
+    q = layer.input_quantizer
     quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
     if not all(_quantizer_ready(p) for p in quantizers):
         return None
+    if x.device.type == "cpu":
+        if x.dtype == torch.float32:
+            return _forward_cpu(layer, x, quantizers)
+        if x.dtype in (torch.bfloat16, torch.float16):  # quantized from float32, as the reference does
+            return _forward_cpu(layer, x.float(), quantizers).to(x.dtype)
+        return None
+    return gpu_forward(layer, x)
+
+
+def _forward_cpu(layer: nn.Module, x: torch.Tensor, quantizers: list[ActQuantizer]) -> torch.Tensor:
+    q = layer.input_quantizer
     spec = layer._int_spec
     w_scale = layer.weight_quantizer.scale.reshape(-1).float()
     bias = None if layer.bias is None else layer.bias.detach().float()
@@ -252,3 +290,66 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return _block(layer, gi * per_group + p * taps + t, c1 - c0)
 
     return K.conv2d(acts, weight, spec.shape[0], spec.geometry, w_scale, bias, layer.int_zw, layer.int_colsum)
+
+
+GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def gpu_support(layer: nn.Module) -> str | None:
+    """Why the GPU kernels do not serve ``layer`` (it runs the reference there), or None if they do."""
+    spec = layer._int_spec
+    if spec.conv and spec.geometry.groups != 1:
+        return "grouped convolution"
+    return None
+
+
+def _static_range(q: ActQuantizer, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-sample float32 (scale, zero point) of a static or timestep quantizer, (batch,) each; None if dynamic."""
+    if q.scheme == "dynamic":
+        return None
+    scale, zero_point = q.scale.abs().clamp_min(1e-8).float(), q.zero_point.float()
+    groups = q._sample_groups(batch, device)
+    if groups is not None:
+        return scale[groups].contiguous(), zero_point[groups].contiguous()
+    return scale.expand(batch).contiguous(), zero_point.expand(batch).contiguous()
+
+
+def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output through the Triton kernels (``gpukernels``), in ``x``'s dtype; None where they do not
+    serve the call (see ``gpu_support``). Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
+    if x.dtype not in GPU_DTYPES or gpu_support(layer) is not None:
+        return None
+    G = _gpu_kernels()
+    q = layer.input_quantizer
+    quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
+    spec = layer._int_spec
+    n = spec.shape[0]
+    rowsum = spec.eight_bit_weights
+    w_scale = layer.weight_quantizer.scale.reshape(-1)
+    if w_scale.dtype != torch.float32:
+        w_scale = w_scale.float()
+    w_zero = layer.int_zero.reshape(-1) if spec.packed else None
+    bias = None if layer.bias is None else layer.bias.detach()
+    if not spec.conv:
+        k = spec.shape[1]
+        batch = x.shape[0] if x.dim() > 1 else 1
+        x3 = x.reshape(batch, -1, k).transpose(1, 2)  # (B, K, tokens): tokens in row order
+        tokens = G.quantize(x3, q.bits, _static_range(q, batch, x.device), rowsum)
+        m = tokens.q.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        geo = G.Conv(1, 1, m, 1, 1, 1, 1, 0, 0, 1, 1, 1, m)
+        G.igemm([(tokens, k)], layer.int_weight, spec.packed, w_zero, n, geo, w_scale, bias, layer.int_colsum,
+                layer.int_zw, out, (0, 1, n))
+        return out.view(*x.shape[:-1], n)
+    b, _, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), _ = spec.geometry
+    ho, wo = K._out_size(h, kh, sh, ph, dh), K._out_size(w, kw, sw, pw, dw)
+    parts = []
+    for p, (c0, c1) in zip(quantizers, spec.parts):
+        xp = x[:, c0:c1] if len(spec.parts) > 1 else x
+        parts.append((G.quantize(xp.flatten(2), p.bits, _static_range(p, b, x.device), rowsum), c1 - c0))
+    out = torch.empty(b, n, ho, wo, dtype=x.dtype, device=x.device)
+    geo = G.Conv(b, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    G.igemm(parts, layer.int_weight, spec.packed, w_zero, n, geo, w_scale, bias, layer.int_colsum, layer.int_zw,
+            out, (n * ho * wo, ho * wo, 1))
+    return out

@@ -44,6 +44,7 @@ class QuantLayerMixin:
     frozen: bool
     execution: str = "fake"  # frozen layers: "fake" (dequantize, float op) or "integer" (int8 GEMMs; intexec.py)
     _integer_storage: str | None = None  # integer execution asked for, with this int4 storage (set_execution)
+    _integer_auto: bool = False  # ... by "auto": decided per device (intexec.integer_pays_off)
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
                     act_groups: int, channel_dim: int, split: int | None) -> None:
@@ -76,8 +77,16 @@ class QuantLayerMixin:
         codes = intexec.weight_codes(self)
         q = self.weight_quantizer
         dtype = q.scale.dtype if self.bias is None else self.bias.dtype
-        w = codes.view(self.weight_shape).to(dtype)
-        return (w - q.zero_point.to(dtype)) * q.scale.to(dtype)
+        w = codes.view(self.weight_shape).float()  # in float32, then rounded once to the layer's dtype
+        return ((w - q.zero_point.float()) * q.scale.float()).to(dtype)
+
+    def _weight_and_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (fake-)quantized weight and the bias in the input's dtype (a frozen model loaded in half precision
+        keeps its quantizer state in float32)."""
+        w, b = self.quantized_weight(), self.bias
+        if self.frozen and w.dtype != x.dtype and x.is_floating_point():
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        return w, b
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -102,20 +111,26 @@ class QuantLayerMixin:
 
     @torch.no_grad()
     def set_execution(self, execution: str, int4_storage: str = "packed") -> bool:
-        """Run this frozen layer as ``"fake"`` quantization or on the ``"integer"`` kernels; returns whether it
-        runs integer now. A layer the kernels do not serve stays fake (``intexec.integer_support``); one on a device
-        without them runs fake until it is moved to one with them (``_apply``)."""
-        check_choice("execution", execution, ("fake", "integer"))
+        """Run this frozen layer as ``"fake"`` quantization or on the ``"integer"`` kernels, or let the device decide
+        (``"auto"``: integer where ``intexec.integer_pays_off`` says the kernels gain); returns whether it runs
+        integer now. A layer the kernels do not serve stays fake (``intexec.integer_support``); one on a device
+        without them runs fake until it is moved to one with them (``_apply``), and ``"auto"`` is decided again
+        for the device it is moved to."""
+        check_choice("execution", execution, ("fake", "integer", "auto"))
         check_choice("int4_storage", int4_storage, intexec.INT4_STORAGES)
         if not self.frozen:
             raise ValueError("only frozen layers choose an execution; freeze() the layer first")
-        wanted = execution == "integer" and intexec.integer_support(self) is None
+        wanted = execution != "fake" and intexec.integer_support(self) is None
         self._integer_storage = int4_storage if wanted else None
+        self._integer_auto = execution == "auto"
         return self._sync_execution()
 
     def _sync_execution(self) -> bool:
-        """Hold the integer layout if and only if integer execution was asked for and the device has the kernels."""
-        if self._integer_storage is None or not intexec.integer_kernels_available(intexec.layer_device(self)):
+        """Hold the integer layout if and only if integer execution was asked for (by ``"auto"``: and pays off on
+        this device) and the device has the kernels."""
+        device = intexec.layer_device(self)
+        if (self._integer_storage is None or not intexec.integer_kernels_available(device)
+                or (self._integer_auto and not intexec.integer_pays_off(self, device))):
             intexec.to_fake(self)
             return False
         packed = self._integer_storage == "packed" and self.w_bits <= 4
@@ -197,7 +212,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
             y = _compiled_integer_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
             if y is not None:
                 return y
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), *self._weight_and_bias(x))
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
@@ -217,7 +232,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
             y = _compiled_integer_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
             if y is not None:
                 return y
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self.quantize_input(x), *self._weight_and_bias(x))
 
 
 QUANT_LAYERS = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

@@ -25,6 +25,8 @@ WeightInit = Literal["minmax", "mse"]
 ActScheme = Literal["static", "timestep", "dynamic"]
 RoundingMode = Literal["nearest", "learned", "hard", "hard_ste"]
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
 ZETA, GAMMA = 1.1, -0.1
 
@@ -241,6 +243,11 @@ class ActQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
+        if x.dtype in HALF_DTYPES:  # ranges and codes in float32: the same codes as a float32 input's
+            return self._quantize(x.float()).to(x.dtype)
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "dynamic":
             return self._dynamic(x)
         scale, zero_point = self.scale.abs().clamp_min(1e-8), self.zero_point

@@ -1,0 +1,206 @@
+"""Checks of the GPU integer kernels on a real GPU (the test suite runs the same kernels on CPU tensors through
+Triton's interpreter; this script is for a machine with a CUDA GPU, and exits early without one).
+
+1. Layer by layer, the Triton kernels (``execution="integer"``) against the fake-quant reference on the GPU, for
+   convolutions (3x3 padded, strided, 1x1, split inputs) and linear layers at W8A8/W4A8/W4A4 with dynamic and static
+   ranges, in float32 (within 1e-5 of the output's scale, as the CPU kernels) and bfloat16 (inputs and outputs;
+   within bfloat16's rounding of the output).
+2. The SD-1.5-sized UNet (random weights) at W4A4: the integer model against the fake-quant one on the GPU.
+3. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
+   ``F.conv2d``/``F.linear``.
+
+    python benchmarks/gpu_check.py [--skip-unet] [--skip-sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffusers_gac import GACConfig
+from diffusers_gac.quant import intexec
+from diffusers_gac.quant.convert import convert_model, freeze_model, set_execution
+from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
+from diffusers_gac.quant.quantizers import SplitActQuantizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference_speed import model_inputs, sd_unet, to_half  # noqa: E402
+
+
+def frozen(module: nn.Module, x: torch.Tensor, w_bits: int, a_bits: int, scheme: str, split: int | None = None):
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    layer = cls.from_module(module, w_bits=w_bits, a_bits=a_bits, weight_init="minmax", act_scheme=scheme,
+                            split=split)
+    q = layer.input_quantizer
+    qs = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
+    for p in qs:
+        p.start_observing()
+    layer(x)
+    for p in qs:
+        p.finish_observing()
+    layer.freeze()
+    return layer
+
+
+def check_layers(device: str) -> int:
+    """Each layer's Triton output against the fake-quant reference computed on the CPU in float32 (a GPU's float32
+    convolutions may run in TF32), from the same inputs (a bfloat16 input's values, upcast)."""
+    failures = 0
+    cases = {
+        "conv 3x3 pad": (lambda: nn.Conv2d(96, 80, 3, padding=1), (2, 96, 17, 19), None),
+        "conv 3x3 stride 2": (lambda: nn.Conv2d(64, 48, 3, stride=2, padding=1), (2, 64, 16, 16), None),
+        "conv 1x1": (lambda: nn.Conv2d(160, 64, 1), (3, 160, 9, 9), None),
+        "conv 3x3 split": (lambda: nn.Conv2d(128, 64, 3, padding=1), (2, 128, 12, 12), 80),
+        "conv 1x1 split odd": (lambda: nn.Conv2d(99, 32, 1, bias=False), (1, 99, 8, 8), 33),
+        "linear": (lambda: nn.Linear(320, 640), (2, 77, 320), None),
+        "linear odd K": (lambda: nn.Linear(75, 40), (5, 75), None),
+    }
+    settings = [(8, 8, "dynamic"), (4, 4, "dynamic"), (4, 8, "dynamic"), (4, 4, "static"), (8, 8, "static")]
+    for w_bits, a_bits, scheme in settings:
+        for name, (make, shape, split) in cases.items():
+            if scheme == "static" and name not in ("conv 3x3 split", "linear"):
+                continue
+            torch.manual_seed(0)
+            x = torch.randn(shape) + 0.3
+            layer = frozen(make(), x, w_bits, a_bits, scheme, split)
+            xh = x.bfloat16()
+            with torch.no_grad():
+                ref = layer(x)
+                ref_half = layer(xh.float())  # the codes a bfloat16 input gets, summed in float32
+                gpu = copy.deepcopy(layer).to(device)
+                assert gpu.set_execution("integer") and gpu.execution == "integer", name
+                out = gpu(x.to(device)).cpu()
+                out_half = gpu(xh.to(device)).cpu()
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            # bfloat16 output: one rounding, 2**-9 of each value
+            err_half = ((out_half.float() - ref_half).abs() / ref_half.abs().clamp_min(1e-3 * ref_half.abs().max())
+                        ).max().item()
+            ok = err <= 1e-5 and err_half <= 2 ** -7 and out_half.dtype == torch.bfloat16
+            failures += not ok
+            print(f"W{w_bits}A{a_bits} {scheme:8s} {name:20s} fp32 err {err:.1e}  bf16 err {err_half:.1e} "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
+    return failures
+
+
+def check_unet(device: str) -> int:
+    """The SD-sized W4A4 UNet at latent 32: integer on the GPU against integer on the CPU (exact int32 sums on both;
+    only float rounding differs) and against the fake-quant reference."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fp = sd_unet((320, 640, 1280, 1280), 768)
+    model = copy.deepcopy(fp)
+    convert_model(model, GACConfig(w_bits=4, a_bits=4, weight_init="minmax"))
+    freeze_model(model, "integer")
+    call = model_inputs(fp, 32, 1)
+    with torch.no_grad():
+        cpu = model(**call).sample
+        model.to(device)
+        chosen = set_execution(model, "auto")
+        print(f"auto on {device}: {len(chosen['integer'])} integer, {len(chosen['fake'])} fake {chosen['fake'][:4]}")
+        gcall = {k: v.to(device) for k, v in call.items()}
+        out = model(**gcall).sample.cpu()
+        set_execution(model, "fake")
+        fake = model(**gcall).sample.cpu()
+        rel = ((out - cpu).norm() / cpu.norm()).item()
+        rel_fake = ((out - fake).norm() / fake.norm()).item()
+        print(f"SD-sized W4A4, latent 32: GPU integer vs CPU integer rel L2 {rel:.2e}; vs GPU fake (no TF32) "
+              f"{rel_fake:.2e}; fake vs CPU integer {((fake - cpu).norm() / cpu.norm()).item():.2e}", flush=True)
+    return 0
+
+
+def bench(fn, rounds: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / rounds * 1e3
+
+
+CONFIGS = [(128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 128, 4, 3),
+           (256, 128, 64, 8, 3)]
+
+
+def sweep(device: str) -> None:
+    """Tile configurations of the implicit GEMM on SD's layers at latent 128, batch 2 (bfloat16 in and out); ms per
+    call; the last line names the configuration with the least total time."""
+    G = intexec._gpu_kernels()
+    layers = [("conv3x3 320 @128", nn.Conv2d(320, 320, 3, padding=1), (2, 320, 128, 128)),
+              ("conv3x3 640 @64", nn.Conv2d(640, 640, 3, padding=1), (2, 640, 64, 64)),
+              ("conv3x3 1280 @32", nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 32, 32)),
+              ("linear 320->2560 x32768", nn.Linear(320, 2560), (2, 16384, 320)),
+              ("linear 1280->1280 x2048", nn.Linear(1280, 1280), (2, 1024, 1280))]
+    totals = {}
+    print("\nsweep: ms per call; bf16 = F.conv2d/F.linear in bfloat16", flush=True)
+    for name, module, shape in layers:
+        x = torch.randn(shape, device=device)
+        xb = x.bfloat16()
+        half = copy.deepcopy(module).to(device).bfloat16()
+        with torch.no_grad():
+            line = [f"{name}: bf16 {bench(lambda: half(xb)):.3f}"]
+        for w_bits, a_bits in [(8, 8), (4, 4)]:
+            layer = frozen(copy.deepcopy(module).to(device), x[:1], w_bits, a_bits, "dynamic")
+            layer.set_execution("integer")
+            to_half(layer, torch.bfloat16)
+            for cfg in CONFIGS:
+                G.CONFIG_OVERRIDE = cfg
+                try:
+                    with torch.no_grad():
+                        ms = bench(lambda: layer(xb))
+                except Exception as err:  # a configuration that does not fit (shared memory) is skipped
+                    print(f"  {cfg} failed: {type(err).__name__}: {str(err)[:120]}")
+                    continue
+                totals[(w_bits, cfg)] = totals.get((w_bits, cfg), 0.0) + ms
+                line.append(f"W{w_bits}A{a_bits} {cfg} {ms:.3f}")
+            G.CONFIG_OVERRIDE = None
+            with torch.no_grad():
+                line.append(f"W{w_bits}A{a_bits} default {bench(lambda: layer(xb)):.3f}")
+                q = G.quantize(xb.flatten(2) if xb.dim() == 4 else xb.reshape(2, -1, shape[-1]).transpose(1, 2), 4)
+                line.append(f"quantize only {bench(lambda: G.quantize(xb.flatten(2) if xb.dim() == 4 else xb.reshape(2, -1, shape[-1]).transpose(1, 2), 4)):.3f}")
+                del q
+        print(" | ".join(line), flush=True)
+    for w_bits in (8, 4):
+        best = min((cfg for (w, cfg) in totals if w == w_bits), key=lambda c: totals[(w_bits, c)])
+        print(f"BEST W{w_bits} {','.join(map(str, best))} total {totals[(w_bits, best)]:.3f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-unet", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--device", default="cuda", help="cuda (default); cpu checks this script with the CPU kernels")
+    args = parser.parse_args()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to check (the tests run these kernels on CPU tensors)")
+        return
+    print(torch.cuda.get_device_name() if device == "cuda" else "cpu", torch.__version__, "kernels available:",
+          intexec.integer_kernels_available(device), flush=True)
+    failures = 0
+    stages = [("layers", check_layers), ("unet", None if args.skip_unet else check_unet),
+              ("sweep", sweep if device == "cuda" and not args.skip_sweep else None)]
+    for name, stage in stages:
+        if stage is None:
+            continue
+        start = time.perf_counter()
+        try:
+            failures += stage(device) or 0
+        except Exception:  # one stage's failure is reported, and the others still run
+            traceback.print_exc()
+            failures += 1
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{failures} failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

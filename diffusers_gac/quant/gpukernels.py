@@ -1,0 +1,284 @@
+"""Integer kernels for GPUs, in Triton: per-token activation quantization and an int8 implicit GEMM.
+
+They compute what ``intkernels`` computes on the CPU (and so what the fake-quantized layers compute): the same codes,
+products summed exactly in int32, the scales applied in float32, the output in the input's dtype.
+
+Two kernels per layer call:
+
+* ``quantize``: reads the layer's input (any float dtype, upcast to float32) and writes int8 carriers token-major,
+  ``(tokens, C)`` with the channels contiguous (a token is a row of a linear layer's input, or a pixel of a
+  convolution's input), a float32 scale per token and, for 8-bit inputs, a zero offset and the carriers' sum per
+  token. Dynamic ranges follow ``ActQuantizer``'s per-token ``[min(x, 0), max(x, 0)]`` with correctly rounded
+  divisions and round-half-to-even, so the codes are those of the float32 reference; static ranges take a scale and
+  zero point per sample.
+* ``igemm``: ``out[b, n, oh, ow] = ws[n] * sum_parts sum_taps s(token) * (acc - corrections) + bias[n]`` as an
+  implicit GEMM: each program owns a tile of output positions x output channels, and for every kernel tap gathers
+  the int8 rows of the input positions that tap reads (zero outside the image), sums ``rows @ W_tap^T`` over the
+  channels in int32 on the tensor cores, and adds it, scaled by those positions' scales, to a float32 accumulator.
+  A linear layer is the 1x1 case. Weights are read in ``intexec``'s layout: one block per (input part, tap), each
+  ``(out, C)`` int8 carriers, or two 4-bit codes per byte (``intkernels.pack_int4``: byte ``j`` holds channel ``j``
+  and channel ``j + ceil(C/2)``), unpacked in registers with the zero point subtracted: nothing is unpacked to
+  memory. The output is written in the layout asked for (``(B, N, Ho, Wo)`` for a convolution, rows for a linear
+  layer) and dtype.
+
+Zero-point corrections (8-bit inputs or weights; see ``intkernels``) are applied per tap, in the kernel:
+``acc - z * colsum[n] - zw[n] * (r - C * z)`` with ``z`` the token's zero offset, ``r`` its carriers' sum.
+
+``TRITON_INTERPRET=1`` (set before this module is imported) runs both kernels on CPU tensors, slowly: that is how
+the tests check them without a GPU. ``intexec`` imports this module on first use, so the package imports without
+Triton.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+class Tokens(NamedTuple):
+    """A quantized activation, token-major: ``value[t, c] = scale[t] * (q[t, c] - zero[t])``."""
+
+    q: torch.Tensor  # int8 (tokens, C), contiguous
+    scale: torch.Tensor  # float32 (tokens,)
+    zero: torch.Tensor | None  # float32 (tokens,), 8-bit inputs only
+    rowsum: torch.Tensor | None  # float32 (tokens,): sum of q over C, when 8-bit weights need it
+
+
+class Conv(NamedTuple):
+    """Geometry of a GEMM call: batch, input height/width, kernel, stride, padding, dilation, output height/width.
+    A linear layer over ``M`` rows is ``Conv(1, 1, M, 1, 1, 1, 1, 0, 0, 1, 1, 1, M)``."""
+
+    batch: int
+    height: int
+    width: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    dh: int
+    dw: int
+    out_h: int
+    out_w: int
+
+
+@triton.jit
+def _rint(v):  # round half to even (torch.round) for |v| < 2**22
+    r = tl.floor(v + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where((r - v == 0.5) & odd, r - 1.0, r)
+
+@triton.jit(do_not_specialize=["P", "stride_b"])
+def quantize_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, ss_ptr, sz_ptr,
+                    C, P, stride_b, stride_c, stride_p,
+                    LEVELS: tl.constexpr, EIGHT: tl.constexpr, STATIC: tl.constexpr, ROWSUM: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.arange(0, BLOCK_C)
+    pmask = offs_p < P
+    mask = pmask[:, None] & (offs_c[None, :] < C)
+    src = x_ptr + b.to(tl.int64) * stride_b + offs_p[:, None].to(tl.int64) * stride_p + offs_c[None, :] * stride_c
+    x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    if STATIC:
+        scale = tl.load(ss_ptr + b + offs_p * 0)
+        zp = tl.load(sz_ptr + b + offs_p * 0)
+    else:  # masked entries are 0, inside [min(x, 0), max(x, 0)] already
+        lo = tl.minimum(tl.min(x, axis=1), 0.0)
+        hi = tl.maximum(tl.max(x, axis=1), 0.0)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(hi.shape, LEVELS, tl.float32)), 1e-8)  # the library's smallest scale
+        zp = _rint(tl.math.div_rn(-lo, scale))
+    t = _rint(tl.math.div_rn(x, scale[:, None]))
+    t = tl.minimum(tl.maximum(t, -zp[:, None]), LEVELS - zp[:, None])
+    if EIGHT:
+        t = t + (zp[:, None] - 128.0)
+    q = t.to(tl.int8)
+    row = b.to(tl.int64) * P + offs_p
+    tl.store(q_ptr + row[:, None] * C + offs_c[None, :], q, mask=mask)
+    tl.store(s_ptr + row, scale, mask=pmask)
+    if EIGHT:
+        tl.store(z_ptr + row, zp - 128.0, mask=pmask)
+    if ROWSUM:
+        tl.store(r_ptr + row, tl.sum(tl.where(mask, t, 0.0), axis=1), mask=pmask)
+
+@triton.jit
+def _tap_sum(acc, q_ptr, rows, valid, w_ptr, wz, offs_n, nmask, C, WIDTH, BK: tl.constexpr,
+             PACKED: tl.constexpr):
+    """acc += int8 rows (BM, C) @ weight block (BN, C)^T, over the channels."""
+    offs_k = tl.arange(0, BK)
+    a_row = q_ptr + rows[:, None] * C
+    w_row = w_ptr + offs_n[:, None].to(tl.int64) * WIDTH
+    if PACKED:  # WIDTH = ceil(C/2) bytes: low nibble channel j, high nibble channel j + WIDTH
+        for k0 in range(0, WIDTH, BK):
+            kk = k0 + offs_k
+            kmask = kk < WIDTH
+            w = tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+            lo = (w & 15).to(tl.int8) - wz[:, None]
+            hi = (w >> 4).to(tl.int8) - wz[:, None]
+            a_lo = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0)
+            a_hi = tl.load(a_row + (kk + WIDTH)[None, :], mask=valid[:, None] & ((kk + WIDTH) < C)[None, :],
+                           other=0)
+            acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
+    else:
+        for k0 in range(0, C, BK):
+            kk = k0 + offs_k
+            kmask = kk < C
+            w = tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+            a = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0)
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    return acc
+
+@triton.jit
+def _part(facc, q_ptr, s_ptr, z_ptr, r_ptr, C, WIDTH, w_ptr, wz, cs_ptr, zw, tap0, offs_m, offs_n, nmask,
+          M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw,
+          KH: tl.constexpr, KW: tl.constexpr, PACKED: tl.constexpr, ZERO: tl.constexpr, ZW: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """facc += sum over the taps of this input part of s * (int32 sums - corrections)."""
+    hw = Ho * Wo
+    bi = offs_m // hw
+    pos = offs_m % hw
+    oh = pos // Wo
+    ow = pos % Wo
+    mmask = offs_m < M
+    for t in range(KH * KW):
+        ih = oh * sh - ph + (t // KW) * dh
+        iw = ow * sw - pw + (t % KW) * dw
+        valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        rows = ((bi * H + ih) * W + iw).to(tl.int64)
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        acc = _tap_sum(acc, q_ptr, rows, valid, w_ptr + t * N * WIDTH, wz, offs_n, nmask, C, WIDTH, BK, PACKED)
+        f = acc.to(tl.float32)
+        z = tl.zeros((BM,), dtype=tl.float32)
+        if ZERO:
+            z = tl.load(z_ptr + rows, mask=valid, other=0.0)
+            cs = tl.load(cs_ptr + (tap0 + t) * N + offs_n, mask=nmask, other=0.0)
+            f = f - z[:, None] * cs[None, :]
+        if ZW:
+            r = tl.load(r_ptr + rows, mask=valid, other=0.0)
+            f = f - zw[None, :] * (r - C * z)[:, None]
+        s = tl.load(s_ptr + rows, mask=valid, other=0.0)
+        facc += f * s[:, None]
+    return facc
+
+# sizes that vary with the input are not specialized on (each specialization is a compile of seconds)
+@triton.jit(do_not_specialize=["M", "H", "W", "Ho", "Wo", "sh", "sw", "ph", "pw", "dh", "dw", "so_b", "so_p"])
+def igemm_kernel(q0, s0, z0, r0, C0, WIDTH0, q1, s1, z1, r1, C1, WIDTH1,
+                 w_ptr, wz_ptr, ws_ptr, bias_ptr, cs_ptr, zw_ptr, out_ptr,
+                 M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw, so_b, so_n, so_p,
+                 KH: tl.constexpr, KW: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
+                 ZERO: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    width = GROUP_M * grid_n  # grouped order: programs that run together share weight tiles in L2
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    wz = tl.zeros((BN,), dtype=tl.int8)
+    if PACKED:
+        wz = tl.load(wz_ptr + offs_n, mask=nmask, other=0)
+    zw = tl.zeros((BN,), dtype=tl.float32)
+    if ZW:
+        zw = tl.load(zw_ptr + offs_n, mask=nmask, other=0.0)
+    facc = tl.zeros((BM, BN), dtype=tl.float32)
+    facc = _part(facc, q0, s0, z0, r0, C0, WIDTH0, w_ptr, wz, cs_ptr, zw, 0, offs_m, offs_n, nmask,
+                 M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw, KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
+    if PARTS == 2:
+        facc = _part(facc, q1, s1, z1, r1, C1, WIDTH1, w_ptr + KH * KW * N * WIDTH0, wz, cs_ptr, zw, KH * KW,
+                     offs_m, offs_n, nmask, M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw,
+                     KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
+    ws = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
+    out = facc * ws[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    hw = Ho * Wo
+    dst = (out_ptr + (offs_m // hw).to(tl.int64)[:, None] * so_b + offs_n[None, :].to(tl.int64) * so_n
+           + (offs_m % hw).to(tl.int64)[:, None] * so_p)
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & nmask[None, :])
+
+
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def quantize(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tensor] | None = None,
+             rowsum: bool = False) -> Tokens:
+    """Quantize ``x`` viewed as ``(B, C, P)`` (channels ``C``, tokens ``(b, p)``; any strides, any float dtype):
+    a conv input ``(B, C, H, W)`` is passed as ``x.flatten(2)``, a linear input ``(M, K)`` as ``x.t()[None]``.
+    ``static``: per-sample float32 ``(scale, zero_point)`` of shape ``(B,)``; None for dynamic per-token ranges."""
+    b, c, p = x.shape
+    tokens = b * p
+    eight = bits == 8
+    q = torch.empty(tokens, c, dtype=torch.int8, device=x.device)
+    scale = torch.empty(tokens, dtype=torch.float32, device=x.device)
+    zero = torch.empty(tokens, dtype=torch.float32, device=x.device) if eight else None
+    rsum = torch.empty(tokens, dtype=torch.float32, device=x.device) if rowsum else None
+    block_c = _next_pow2(c)
+    block_p = max(1, min(64, 8192 // block_c))
+    ss, sz = static if static is not None else (scale, scale)
+    quantize_kernel[(triton_cdiv(p, block_p), b)](
+        x, q, scale, zero if eight else scale, rsum if rowsum else scale, ss, sz,
+        c, p, x.stride(0), x.stride(1), x.stride(2),
+        LEVELS=2**bits - 1, EIGHT=eight, STATIC=static is not None, ROWSUM=rowsum,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4 if block_c * block_p <= 4096 else 8)
+    return Tokens(q, scale, zero, rsum)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BM, BN, BK, warps, stages), for tuning runs
+
+
+def _config(m: int, n: int, c: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, stages): a small fixed table (no autotuning: each Triton compile costs seconds)."""
+    if CONFIG_OVERRIDE is not None:
+        bm, bn, bk, warps, stages = CONFIG_OVERRIDE
+        return bm, bn, (bk if c > 64 else min(bk, 64)), warps, stages
+    bm = 128 if m >= 4096 else 64
+    bn = 128 if n >= 128 else 64
+    bk = 64 if c <= 64 else 128
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return bm, bn, bk, warps, 3
+
+
+def igemm(parts: list[tuple[Tokens, int]], weight: torch.Tensor, packed: bool, w_zero: torch.Tensor | None,
+          n: int, geo: Conv, w_scale: torch.Tensor, bias: torch.Tensor | None, colsum: torch.Tensor | None,
+          zw: torch.Tensor | None, out: torch.Tensor, out_strides: tuple[int, int, int]) -> torch.Tensor:
+    """The layer's output into ``out`` (viewed through ``out_strides``: per sample, per output channel, per output
+    position). ``parts``: one or two ``(Tokens, C)`` (a split input's parts, in order); ``weight``: the flat int8
+    (or packed uint8) blocks of ``intexec``, ``w_zero`` int8 (n,) for packed codes; ``colsum`` float32
+    (parts * taps, n) for 8-bit inputs, ``zw`` float32 (n,) for 8-bit weights."""
+    if len(parts) not in (1, 2):
+        raise ValueError(f"igemm takes one or two input parts, got {len(parts)}")
+    m = geo.batch * geo.out_h * geo.out_w
+    (t0, c0), (t1, c1) = parts[0], parts[-1]
+    width0, width1 = ((c0 + 1) // 2, (c1 + 1) // 2) if packed else (c0, c1)
+    bm, bn, bk, warps, stages = _config(m, n, max(c0, c1))
+    dummy = w_scale
+    grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
+    eight_in = t0.zero is not None
+    igemm_kernel[grid](
+        t0.q, t0.scale, t0.zero if eight_in else dummy, t0.rowsum if zw is not None else dummy, c0, width0,
+        t1.q, t1.scale, t1.zero if eight_in else dummy, t1.rowsum if zw is not None else dummy, c1, width1,
+        weight, w_zero if packed else dummy, w_scale, bias if bias is not None else dummy,
+        colsum if eight_in else dummy, zw if zw is not None else dummy, out,
+        m, n, geo.height, geo.width, geo.out_h, geo.out_w, geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw,
+        *out_strides,
+        KH=geo.kh, KW=geo.kw, PARTS=len(parts), PACKED=packed, ZERO=eight_in, ZW=zw is not None,
+        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return out

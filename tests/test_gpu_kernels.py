@@ -1,0 +1,206 @@
+"""The GPU integer kernels (``quant/gpukernels.py``, Triton) on CPU tensors through Triton's interpreter, against the
+fake-quant reference, and the device choice, fallbacks and dtype handling of integer execution, all without a GPU.
+
+Tolerance as in ``test_integer.py``: within ``1e-5`` of the reference output's scale in float32 (one wrong code shifts
+an output by 1e-3 to 1e-2 of it). The same checks on a real GPU: ``python benchmarks/gpu_check.py``.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from diffusers_gac.quant import intexec, intkernels
+from diffusers_gac.quant.layers import QuantConv2d
+
+pytest.importorskip("triton")  # without a GPU, conftest.py has chosen Triton's interpreter
+
+from test_integer import _frozen  # noqa: E402  (tests/test_integer.py: a frozen layer with observed ranges)
+
+TOLERANCE = 1e-5
+BITS = [(8, 8), (4, 8), (4, 4), (3, 6)]
+CONVS = {
+    "3x3 padded": dict(kernel_size=3, padding=1),
+    "3x3 strided": dict(kernel_size=3, stride=2, padding=1),
+    "1x1": dict(kernel_size=1),
+    "2x3 stride (2, 1) dilated, no bias": dict(kernel_size=(2, 3), stride=(2, 1), dilation=(1, 2), bias=False),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gpu_kernels_run(layer, x, dtype=torch.float32):
+    """The layer's output through the Triton kernels (integer layout, ``intexec.gpu_forward``), and the reference."""
+    with torch.no_grad():
+        reference = layer(x.to(dtype))
+        intexec.to_integer(layer, layer._integer_storage or "packed")
+        out = intexec.gpu_forward(layer, x.to(dtype))
+        intexec.to_fake(layer)
+    assert out is not None, "the GPU kernels declined the call"
+    return reference, out
+
+
+def _error(out, reference):
+    return ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("scheme", ["dynamic", "static", "timestep"])
+@pytest.mark.parametrize("geometry", CONVS)
+def test_conv2d_matches_the_fake_quant_reference(geometry, scheme, w_bits, a_bits):
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11) + 0.5  # ranges not centred on zero: zero points matter
+    layer = _frozen(nn.Conv2d(12, 8, **CONVS[geometry]), x, w_bits, a_bits, scheme)
+    reference, out = _gpu_kernels_run(layer, x)
+    assert out.shape == reference.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert _error(out, reference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+@pytest.mark.parametrize("scheme", ["dynamic", "static", "timestep"])
+def test_linear_matches_the_fake_quant_reference(scheme, w_bits, a_bits):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 33) * torch.linspace(0.1, 3, 33) + 0.3  # odd K: the last packed byte is half padding
+    layer = _frozen(nn.Linear(33, 7), x, w_bits, a_bits, scheme)
+    reference, out = _gpu_kernels_run(layer, x)
+    assert out.shape == (2, 5, 7)
+    assert _error(out, reference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (8, 8)])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_split_input_matches_the_fake_quant_reference(kernel_size, w_bits, a_bits):
+    """A UNet skip join: two input parts, each with its own per-token ranges, odd widths (packed rows padded)."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(2, 5, 7, 6) * 3, torch.randn(2, 9, 7, 6) + 1], 1)
+    layer = _frozen(nn.Conv2d(14, 6, kernel_size, padding=kernel_size // 2), x, w_bits, a_bits, "dynamic", split=5)
+    reference, out = _gpu_kernels_run(layer, x)
+    assert _error(out, reference) <= TOLERANCE
+
+
+def test_int8_storage_and_strided_inputs():
+    """Weights kept as int8 carriers (``int4_storage="int8"``), a channels-last input and a non-contiguous linear
+    input give the reference's outputs too."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8)
+    layer = _frozen(nn.Conv2d(16, 8, 3, padding=1), x, 4, 4, "dynamic")
+    layer._integer_storage = "int8"
+    reference, out = _gpu_kernels_run(layer, x.to(memory_format=torch.channels_last))
+    assert not layer._integer_storage == "packed"
+    assert _error(out, reference) <= TOLERANCE
+    xl = torch.randn(6, 40)[:, ::2]  # stride 2 along the features
+    linear = _frozen(nn.Linear(20, 4), xl, 4, 4, "dynamic")
+    reference, out = _gpu_kernels_run(linear, xl)
+    assert _error(out, reference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_give_the_float32_codes(dtype):
+    """A half-precision input is quantized in float32 (the codes a float32 input of the same values gets), summed
+    exactly, and returned in its own dtype: the only difference from float32 is rounding the output once."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 12, 9, 11) + 0.5).to(dtype)
+    layer = _frozen(nn.Conv2d(12, 8, 3, padding=1), x.float(), 4, 4, "dynamic")
+    with torch.no_grad():
+        exact = layer(x.float())  # the reference on the same values, in float32
+    _, out = _gpu_kernels_run(layer, x, dtype)
+    assert out.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    assert ((out.float() - exact).abs() <= eps * exact.abs() + 1e-6 * exact.abs().max()).all()
+
+
+def test_quantize_kernel_reproduces_the_reference_codes():
+    """Per-token codes from the Triton kernel equal ``intkernels.quantize_dynamic``'s (torch ops), exactly, on values
+    placed on rounding ties and on all-zero tokens."""
+    G = intexec._gpu_kernels()
+    torch.manual_seed(0)
+    x = torch.randn(7, 37)
+    x[2] = 0.0  # an all-zero token: the smallest scale, not a division by zero
+    x[3, :] = torch.arange(37) - 15.0  # a token whose values fall on halves of its step
+    for bits in (4, 8):
+        ref = intkernels.quantize_dynamic(x, bits)
+        got = G.quantize(x.t()[None], bits)
+        assert torch.equal(got.q, ref.q)
+        assert torch.equal(got.scale, ref.scale.view(-1))
+        if bits == 8:
+            assert torch.equal(got.zero, ref.zero.view(-1))
+
+
+def test_grouped_convolution_falls_back_on_the_gpu_path():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6, 6)
+    layer = _frozen(nn.Conv2d(8, 8, 3, padding=1, groups=2), x, 4, 4, "dynamic")
+    intexec.to_integer(layer)
+    assert intexec.gpu_support(layer) == "grouped convolution"
+    assert intexec.gpu_forward(layer, x) is None
+    assert intexec.gpu_forward(layer, x.double()) is None  # a dtype the kernels do not take
+
+
+def test_integer_kernels_available_by_device(monkeypatch):
+    """CUDA runs the integer kernels from compute capability 8.0 (int8 tensor cores) with Triton installed; other
+    devices run the reference."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert intexec.integer_kernels_available("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not intexec.integer_kernels_available("cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(intexec, "triton_available", lambda: False)
+    assert not intexec.integer_kernels_available("cuda")
+    assert not intexec.integer_kernels_available("meta")
+
+
+def test_auto_is_decided_for_the_device():
+    """``"auto"`` keeps narrow layers on the reference on the CPU (the kernels do not gain there) and runs every
+    layer on the integer kernels on a GPU."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6, 6)
+    narrow = _frozen(nn.Conv2d(8, 8, 3, padding=1), x, 4, 4, "dynamic")
+    assert not intexec.integer_pays_off(narrow, "cpu") and intexec.integer_pays_off(narrow, "cuda")
+    assert not narrow.set_execution("auto") and narrow.execution == "fake"
+    assert narrow._integer_storage == "packed" and narrow._integer_auto  # asked for: decided again when moved
+    wide = _frozen(nn.Conv2d(128, 8, 3, padding=1), torch.randn(1, 128, 4, 4), 4, 4, "dynamic")
+    assert wide.set_execution("auto") and wide.execution == "integer"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_the_cpu_path_and_the_reference(dtype):
+    """On the CPU a half-precision input runs the int8 kernels (quantized from float32) and returns its dtype; the
+    fake-quant reference in half precision quantizes in float32 too, so both match the float32 computation on the
+    same values within the dtype's rounding of the output."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 128, 6, 6) + 0.5).to(dtype)
+    layer = _frozen(nn.Conv2d(128, 16, 3, padding=1), x.float(), 4, 4, "dynamic")
+    with torch.no_grad():
+        exact = layer(x.float())
+        fake = layer(x)
+        assert layer.set_execution("integer")
+        integer = layer(x)
+    scale = exact.abs().max()
+    assert fake.dtype == integer.dtype == dtype
+    assert _error(integer, exact) <= torch.finfo(dtype).eps
+    # the reference rounds the dequantized inputs and weights to the dtype before a half-precision conv
+    assert _error(fake, exact) <= 8 * torch.finfo(dtype).eps
+    assert (fake.float() - exact).abs().max() <= 8 * torch.finfo(dtype).eps * scale
+
+
+def test_a_model_cast_to_half_precision_keeps_float32_quantizer_state():
+    """A frozen layer whose float tensors are half precision but whose quantizer state stays float32 (what a
+    torch_dtype load gives) runs the reference in the input's dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 5, 5)
+    layer = _frozen(nn.Conv2d(8, 4, 3, padding=1), x, 4, 4, "dynamic")
+    half = copy.deepcopy(layer)
+    half.bias.data = half.bias.data.to(torch.bfloat16)
+    assert isinstance(half, QuantConv2d) and half.weight_quantizer.scale.dtype == torch.float32
+    with torch.no_grad():
+        out = half(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert _error(out, layer(x)) <= 0.05
