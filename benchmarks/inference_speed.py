@@ -21,6 +21,10 @@ resident memory (Linux peak RSS, reset before the step); "rel. L2 vs FP32" is a 
 
     python benchmarks/inference_speed.py --models embedded sd --latents 16 32 64 --threads 2 --output docs/results/inference_speed.md
     python benchmarks/inference_speed.py --json          # SD-sized UNet at latent 32: one JSON object
+    python benchmarks/inference_speed.py --models sd --device cuda --latents 128 64 --batch 2 1 4   # a GPU's table
+
+On a GPU (``--device cuda``) the default variants are the bfloat16 ones users run (``GPU_VARIANTS``), every variant
+is built once and timed at every size, and ``graph_*`` variants capture one step per size as a CUDA graph.
 
 On a machine shared with other jobs, ``--threads 1 --clock cpu`` (process CPU time) gives stable ratios; wall-clock
 timing with several threads then waits for descheduled threads. glibc's malloc returns large buffers to the system
@@ -404,12 +408,16 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
 
 
 LEGEND = """Variants: `fake_*` dequantize the packed weight and run float ops on fake-quantized inputs (the reference);
-`int_*` run every layer with quantized inputs on int8 GEMMs (`execution="integer"`; on a GPU they fall back to the
-reference); `auto_w4a4` is the loading default (integer kernels only for layers wide enough to gain); `compiled_*` are
-`torch.compile` of FP32 and of `auto_w4a4`, compile time in "build s". Peers: `torchao_w8a8`
-(`Int8DynamicActivationInt8WeightConfig`, Linear layers only), `quanto_w8a8`/`quanto_w4a8` (optimum-quanto, Linear and
-Conv2d, activation ranges calibrated on the timed input), `bnb_nf4` (bitsandbytes NF4 weights, Linear only). Quantized
-weights are round-to-nearest: speed does not depend on how rounding was learned."""
+`int_*` run every layer with quantized inputs on the integer kernels (`execution="integer"`: int8 GEMMs through
+`torch._int_mm` on the CPU, the Triton kernels of `quant/gpukernels.py` on a CUDA GPU); `auto_w4a4` is the loading
+default (on the CPU integer kernels only for layers wide enough to gain; on a GPU every layer). Prefixes: `bf16_` is
+the model in bfloat16 as a `torch_dtype=torch.bfloat16` load gives it (quantizer state in float32, everything else
+bfloat16; a peer built on the bfloat16 model), `graph_` one step captured as a CUDA graph and replayed (no launch
+overhead), `compiled_` `torch.compile` (compile time in "build s"; `compiled_w4a4` is `compiled_auto_w4a4`). Peers:
+`torchao_w8a8` (`Int8DynamicActivationInt8WeightConfig`, Linear layers only), `quanto_w8a8`/`quanto_w4a8`
+(optimum-quanto, Linear and Conv2d, activation ranges calibrated on the timed input), `bnb_nf4` (bitsandbytes NF4
+weights, Linear only, computing in the model's dtype). Quantized weights are round-to-nearest: speed does not depend
+on how rounding was learned. "rel. L2 vs bf16" compares with the `bf16` variant when it is in the run."""
 
 
 def table(rows: list[dict]) -> str:

@@ -231,3 +231,16 @@ def test_freeze_packs_integer_codes_and_keeps_the_output(bits, make):
     k = q.codes_per_channel
     assert q.packed_weight.shape == (q.weight_shape[0], (k + 1) // 2 if bits <= 4 else k)
     assert torch.allclose(q(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_quantized_in_float32(dtype):
+    """A half-precision input gets the codes its values get in float32, returned in its dtype; an all-zero token
+    stays zero (in float16 the smallest scale, 1e-8, would underflow to 0 and give 0/0)."""
+    torch.manual_seed(0)
+    q = ActQuantizer(4, "dynamic", channel_dim=-1)
+    x = torch.randn(4, 16).to(dtype)
+    x[1] = 0
+    out = q(x)
+    assert out.dtype == dtype and torch.isfinite(out).all() and (out[1] == 0).all()
+    assert torch.equal(out, q(x.float()).to(dtype))
