@@ -204,3 +204,26 @@ def test_a_model_cast_to_half_precision_keeps_float32_quantizer_state():
         out = half(x.bfloat16())
     assert out.dtype == torch.bfloat16
     assert _error(out, layer(x)) <= 0.05
+
+
+@pytest.mark.parametrize("kind", ["conv 3x3 split, static", "linear, dynamic"])
+def test_the_gpu_path_is_a_custom_op_that_compiles_in_one_graph(kind):
+    """Under ``torch.compile`` a GPU layer is one ``diffusers_gac::integer_layer`` op: its schema and fake
+    implementation pass ``torch.library.opcheck``, a function calling it compiles with ``fullgraph=True``, and the
+    compiled result equals the eager one."""
+    from diffusers_gac.quant.gpuops import integer_layer
+
+    torch.manual_seed(0)
+    if kind.startswith("conv"):
+        x = torch.randn(2, 10, 6, 7)
+        layer = _frozen(nn.Conv2d(10, 4, 3, stride=(1, 2), padding=1), x, 4, 4, "static", split=3)
+    else:
+        x = torch.randn(2, 3, 20)
+        layer = _frozen(nn.Linear(20, 6), x, 8, 8, "dynamic")
+    intexec.to_integer(layer)
+    tensors, ints = intexec.gpu_layer_args(layer, x)
+    torch.library.opcheck(integer_layer, (x, *tensors, ints))
+    eager = intexec.gpu_forward(layer, x)
+    assert eager.shape == intexec.gpu_output_shape(x.shape, ints)
+    compiled = torch.compile(lambda t: integer_layer(t, *tensors, ints) * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), eager * 2)

@@ -17,10 +17,13 @@ A frozen layer (``layers.py``) runs in one of two modes:
       int_colsum   float (parts * taps, out): sums of the weight carriers per segment, for 8-bit inputs
 
   The per-channel weight scales, zero points and the bias stay where they are (``weight_quantizer``, ``bias``).
-  A layer moved to a device without the kernels (``model.to("cuda")``) goes back to the reference layout, and to
-  the integer one when moved back to the CPU (``layers.py``: ``_apply``). A call with its input on another device,
-  in another dtype, needing gradients, or while the input quantizer is off or observing runs the fake-quant
-  reference from these same buffers (dequantizing the weight), so the result never depends on which kernels exist.
+  The layout is the same on every device. On the CPU the kernels are ``intkernels`` (``torch._int_mm``); on a CUDA
+  GPU with int8 tensor cores, the Triton kernels of ``gpukernels`` (under ``torch.compile``, one custom op per layer:
+  ``gpuops``). A layer moved to a device without kernels goes back to the reference layout, and to the integer one
+  when moved back (``layers.py``: ``_apply``). A call with its input on another device, in a dtype the kernels do
+  not take, needing gradients, or while the input quantizer is off or observing runs the fake-quant reference from
+  these same buffers (dequantizing the weight), so the result never depends on which kernels exist. Half-precision
+  inputs are quantized in float32 and the output comes back in the input's dtype.
 """
 
 from __future__ import annotations
@@ -247,28 +250,9 @@ def _quantize(q: ActQuantizer, x: torch.Tensor, dim: int) -> K.Act:
     return K.quantize_static(x, scale.view(view).float(), zero_point.view(view).float(), q.bits)
 
 
-def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The layer's output through the integer kernels of the input's device, or None when this call must take the
-    fake-quant path."""
-    if x.device != layer.int_weight.device:
-        return None
-    if torch.is_grad_enabled() and x.requires_grad:  # int8 GEMMs have no gradient: the reference has one
-        return None
+def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q = layer.input_quantizer
     quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
-    if not all(_quantizer_ready(p) for p in quantizers):
-        return None
-    if x.device.type == "cpu":
-        if x.dtype == torch.float32:
-            return _forward_cpu(layer, x, quantizers)
-        if x.dtype in (torch.bfloat16, torch.float16):  # quantized from float32, as the reference does
-            return _forward_cpu(layer, x.float(), quantizers).to(x.dtype)
-        return None
-    return gpu_forward(layer, x)
-
-
-def _forward_cpu(layer: nn.Module, x: torch.Tensor, quantizers: list[ActQuantizer]) -> torch.Tensor:
-    q = layer.input_quantizer
     spec = layer._int_spec
     w_scale = layer.weight_quantizer.scale.reshape(-1).float()
     bias = None if layer.bias is None else layer.bias.detach().float()
@@ -295,11 +279,16 @@ def _forward_cpu(layer: nn.Module, x: torch.Tensor, quantizers: list[ActQuantize
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+GPU_MAX_CHANNELS = 32768  # the quantize kernel holds a token's channels in registers
+
+
 def gpu_support(layer: nn.Module) -> str | None:
     """Why the GPU kernels do not serve ``layer`` (it runs the reference there), or None if they do."""
     spec = layer._int_spec
     if spec.conv and spec.geometry.groups != 1:
         return "grouped convolution"
+    if max(c1 - c0 for c0, c1 in spec.parts) > GPU_MAX_CHANNELS:
+        return f"more than {GPU_MAX_CHANNELS} input channels"
     return None
 
 
@@ -314,42 +303,123 @@ def _static_range(q: ActQuantizer, batch: int, device: torch.device) -> tuple[to
     return scale.expand(batch).contiguous(), zero_point.expand(batch).contiguous()
 
 
-def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The layer's output through the Triton kernels (``gpukernels``), in ``x``'s dtype; None where they do not
-    serve the call (see ``gpu_support``). Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
+def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] | None:
+    """The tensors and the integer description that ``gpu_run`` (and the ``diffusers_gac::integer_layer`` op) take
+    for ``layer`` called on ``x``; None where the GPU kernels do not serve the call (see ``gpu_support``)."""
     if x.dtype not in GPU_DTYPES or gpu_support(layer) is not None:
         return None
-    G = _gpu_kernels()
     q = layer.input_quantizer
     quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
     spec = layer._int_spec
-    n = spec.shape[0]
-    rowsum = spec.eight_bit_weights
     w_scale = layer.weight_quantizer.scale.reshape(-1)
     if w_scale.dtype != torch.float32:
         w_scale = w_scale.float()
     w_zero = layer.int_zero.reshape(-1) if spec.packed else None
     bias = None if layer.bias is None else layer.bias.detach()
-    if not spec.conv:
-        k = spec.shape[1]
+    batch = x.shape[0] if x.dim() > 1 else 1
+    ranges = []
+    for p in quantizers:
+        static = _static_range(p, batch, x.device)
+        ranges += [None, None] if static is None else list(static)
+    ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), len(spec.parts)]
+    for p, (c0, c1) in zip(quantizers, spec.parts):
+        ints += [c0, c1, p.bits]
+    if spec.conv:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw), _ = spec.geometry
+        ints += [kh, kw, sh, sw, ph, pw, dh, dw]
+    return [layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw, ranges], ints
+
+
+def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tuple[int, ...]:
+    conv, n, _, _, num_parts = ints[:5]
+    if not conv:
+        return (*shape[:-1], n)
+    kh, kw, sh, sw, ph, pw, dh, dw = ints[5 + 3 * num_parts:]
+    return (shape[0], n, K._out_size(shape[2], kh, sh, ph, dh), K._out_size(shape[3], kw, sw, pw, dw))
+
+
+def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
+            ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
+    """One layer through the Triton kernels, from ``gpu_layer_args``: the output in ``x``'s dtype."""
+    G = _gpu_kernels()
+    conv, n, packed, rowsum, num_parts = ints[:5]
+    parts = [ints[5 + 3 * i:8 + 3 * i] for i in range(num_parts)]
+    packed, rowsum = bool(packed), bool(rowsum)
+
+    def static(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if ranges[2 * i] is None else (ranges[2 * i], ranges[2 * i + 1])
+
+    if not conv:
+        (_, k, bits), = parts
         batch = x.shape[0] if x.dim() > 1 else 1
         x3 = x.reshape(batch, -1, k).transpose(1, 2)  # (B, K, tokens): tokens in row order
-        tokens = G.quantize(x3, q.bits, _static_range(q, batch, x.device), rowsum)
+        tokens = G.quantize(x3, bits, static(0), rowsum)
         m = tokens.q.shape[0]
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         geo = G.Conv(1, 1, m, 1, 1, 1, 1, 0, 0, 1, 1, 1, m)
-        G.igemm([(tokens, k)], layer.int_weight, spec.packed, w_zero, n, geo, w_scale, bias, layer.int_colsum,
-                layer.int_zw, out, (0, 1, n))
+        G.igemm([(tokens, k)], weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (0, 1, n))
         return out.view(*x.shape[:-1], n)
     b, _, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw), _ = spec.geometry
-    ho, wo = K._out_size(h, kh, sh, ph, dh), K._out_size(w, kw, sw, pw, dw)
-    parts = []
-    for p, (c0, c1) in zip(quantizers, spec.parts):
-        xp = x[:, c0:c1] if len(spec.parts) > 1 else x
-        parts.append((G.quantize(xp.flatten(2), p.bits, _static_range(p, b, x.device), rowsum), c1 - c0))
+    kh, kw, sh, sw, ph, pw, dh, dw = ints[5 + 3 * num_parts:]
+    _, _, ho, wo = gpu_output_shape(x.shape, ints)
+    acts = []
+    for i, (c0, c1, bits) in enumerate(parts):
+        xp = x[:, c0:c1] if num_parts > 1 else x
+        acts.append((G.quantize(xp.flatten(2), bits, static(i), rowsum), c1 - c0))
     out = torch.empty(b, n, ho, wo, dtype=x.dtype, device=x.device)
     geo = G.Conv(b, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
-    G.igemm(parts, layer.int_weight, spec.packed, w_zero, n, geo, w_scale, bias, layer.int_colsum, layer.int_zw,
-            out, (n * ho * wo, ho * wo, 1))
+    G.igemm(acts, weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (n * ho * wo, ho * wo, 1))
     return out
+
+
+def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output through the Triton kernels (``gpukernels``), in ``x``'s dtype; None where they do not
+    serve the call (see ``gpu_support``). Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
+    args = gpu_layer_args(layer, x)
+    return None if args is None else gpu_run(x, *args[0], args[1])
+
+
+def _ready(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether this call may take the integer kernels at all (else the fake-quant reference runs)."""
+    if x.device != layer.int_weight.device:
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:  # int8 GEMMs have no gradient: the reference has one
+        return False
+    q = layer.input_quantizer
+    quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
+    return all(_quantizer_ready(p) for p in quantizers)
+
+
+def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output through the integer kernels of the input's device, or None when this call must take the
+    fake-quant path."""
+    if not _ready(layer, x):
+        return None
+    if x.device.type == "cpu":
+        if x.dtype == torch.float32:
+            return _forward_cpu(layer, x)
+        if x.dtype in (torch.bfloat16, torch.float16):  # quantized from float32, as the reference does
+            return _forward_cpu(layer, x.float()).to(x.dtype)
+        return None
+    return gpu_forward(layer, x)
+
+
+# Under torch.compile the CPU kernels run as they are, outside the graph (one graph break per integer layer: the
+# compiler fuses what lies between them, and tracing their per-tap GEMM loops would cost long compiles for nothing);
+# the GPU kernels are one custom op each (gpuops.py), inside the graph.
+_compiled_cpu_forward = torch.compiler.disable(forward)
+
+
+def compiled_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``forward`` while ``torch.compile`` traces the model."""
+    if x.device.type == "cpu":
+        return _compiled_cpu_forward(layer, x)
+    if not _ready(layer, x):
+        return None
+    args = gpu_layer_args(layer, x)
+    if args is None:
+        return None
+    from .gpuops import integer_layer
+
+    return integer_layer(x, *args[0], args[1])

@@ -182,10 +182,6 @@ def _compact_zero_points(layer: nn.Module, state_dict: dict, prefix: str, local_
                 state_dict[prefix + key] = t.to(torch.uint8)
 
 
-# Under torch.compile the integer kernels run as they are, outside the graph (one graph break per integer layer): the
-# compiler fuses what lies between them, and tracing their per-tap GEMM loops would cost long compiles for nothing.
-_compiled_integer_forward = torch.compiler.disable(intexec.forward)
-
 
 def _resync_execution(layer: nn.Module, incompatible_keys) -> None:
     if layer.frozen and layer._integer_storage is not None:
@@ -209,7 +205,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.execution == "integer":
-            y = _compiled_integer_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
+            y = intexec.compiled_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
             if y is not None:
                 return y
         return self._conv_forward(self.quantize_input(x), *self._weight_and_bias(x))
@@ -229,7 +225,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.execution == "integer":
-            y = _compiled_integer_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
+            y = intexec.compiled_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
             if y is not None:
                 return y
         return F.linear(self.quantize_input(x), *self._weight_and_bias(x))
