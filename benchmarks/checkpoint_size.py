@@ -76,7 +76,7 @@ def main() -> None:
         "saved as uint8 and dynamic activation quantizers save nothing (both exact). Freezing rounds the quantized",
         "layers' weight scales, static input scales and biases to float16 values, which the checkpoint stores as",
         "float16, so a loaded model computes exactly what the calibrated one did; norms and the other unconverted",
-        "tensors stay float32.", "",
+        "tensors stay float32. What the rounding costs in quality: [float16_rounding.md](float16_rounding.md).", "",
         "Command: `python benchmarks/checkpoint_size.py --output docs/results/checkpoint_size.md`", "",
         "| model | checkpoint | vs FP32 | in memory | vs FP32 | converted layers |", "|---|---|---|---|---|---|",
         *rows, "", "What the quantized checkpoints hold:", "", *details, "",
