@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as dlogging
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from diffusers_gac import GACConfig, quantize_model
 from diffusers_gac.zoo import (
@@ -48,18 +47,6 @@ def breakdown(folder: Path) -> dict[str, int]:
     return dict(kinds)
 
 
-def half_precision_size(folder: Path) -> int:
-    """What the checkpoint would take with the weight scales and the quantized layers' biases in float16: not done
-    (a loaded model would then differ from the calibrated one), only measured."""
-    state = load_file(str(next(folder.glob("*.safetensors"))))
-    layers = {k.rsplit(".", 1)[0] for k in state if k.endswith("packed_weight")}
-    half = {k: t.half() if k.endswith("weight_quantizer.scale") or (k.endswith(".bias") and k.rsplit(".", 1)[0] in layers)
-            else t for k, t in state.items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file(half, f"{tmp}/x.safetensors")
-        return Path(f"{tmp}/x.safetensors").stat().st_size
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=None, help="markdown file to write (default: print only)")
@@ -78,19 +65,18 @@ def main() -> None:
             unet.save_pretrained(tmp)
             size = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
             parts = breakdown(Path(tmp))
-            half = half_precision_size(Path(tmp))
         footprint = unet.get_memory_footprint()
         rows.append(f"| {name} | {size / 1e6:.2f} MB | {size / fp_bytes:.1%} | {footprint / 1e6:.2f} MB | "
                     f"{footprint / fp_footprint:.1%} | {len(unet.config.quantization_config.layout.layers)} |")
-        details.append(f"- {name}: " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in sorted(parts.items()))
-                       + f"; with float16 weight scales and biases it would be {half / 1e6:.3f} MB "
-                         f"({half / fp_bytes:.1%})")
+        details.append(f"- {name}: " + ", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in sorted(parts.items())))
     text = "\n".join([
         "# Checkpoint size and memory footprint (embedded digits model)", "",
         "`save_pretrained` output (safetensors files) and `get_memory_footprint()` of the loaded model. By default the",
         "first layer, the last layer and the timestep embedding stay at 8 bits (`special_bits=8`). Zero points are",
-        "saved as uint8 and dynamic activation quantizers save nothing (both exact); weight scales, biases and norms stay",
-        "float32 so that a loaded model computes exactly what the calibrated one did.", "",
+        "saved as uint8 and dynamic activation quantizers save nothing (both exact). Freezing rounds the quantized",
+        "layers' weight scales, static input scales and biases to float16 values, which the checkpoint stores as",
+        "float16, so a loaded model computes exactly what the calibrated one did; norms and the other unconverted",
+        "tensors stay float32. What the rounding costs in quality: [float16_rounding.md](float16_rounding.md).", "",
         "Command: `python benchmarks/checkpoint_size.py --output docs/results/checkpoint_size.md`", "",
         "| model | checkpoint | vs FP32 | in memory | vs FP32 | converted layers |", "|---|---|---|---|---|---|",
         *rows, "", "What the quantized checkpoints hold:", "", *details, "",

@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
+from diffusers_gac.quant.layers import FLOAT16, QuantConv2d, QuantLinear, round_to_float16_
 from diffusers_gac.quant.quantizers import (
     ActQuantizer,
     SplitActQuantizer,
@@ -225,7 +227,7 @@ def test_freeze_packs_integer_codes_and_keeps_the_output(bits, make):
     q.weight_quantizer.rounding = "hard"
     x = torch.randn(2, 6, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(3, 7)
     expected = q(x).detach()
-    q.freeze()
+    q.freeze(float16=False)  # the codes alone (float16 rounding of the bias and scales: the tests below)
     assert q.frozen and "weight" not in dict(q.named_parameters())
     assert q.packed_weight.dtype == torch.uint8
     k = q.codes_per_channel
@@ -244,3 +246,71 @@ def test_half_precision_inputs_are_quantized_in_float32(dtype):
     out = q(x)
     assert out.dtype == dtype and torch.isfinite(out).all() and (out[1] == 0).all()
     assert torch.equal(out, q(x.float()).to(dtype))
+
+def _split_conv_with_ranges() -> QuantConv2d:
+    torch.manual_seed(0)
+    q = QuantConv2d.from_module(nn.Conv2d(6, 4, 3), w_bits=4, a_bits=4, act_scheme="static", split=2)
+    q.input_quantizer.first.scale.fill_(0.1)
+    q.input_quantizer.second.scale.fill_(0.3)
+    return q
+
+
+def test_freeze_rounds_the_bias_and_scales_to_float16_values_with_the_codes_of_the_calibrated_scale():
+    q = _split_conv_with_ranges()
+    plain = copy.deepcopy(q)
+    plain.freeze(float16=False)
+    q.freeze()
+    assert torch.equal(q.packed_weight, plain.packed_weight)
+    tensors = q.float16_tensors()
+    assert set(tensors) == {"bias", "weight_quantizer.scale", "input_quantizer.first.scale",
+                            "input_quantizer.second.scale"}
+    for name, (t, _) in tensors.items():
+        before = plain.float16_tensors()[name][0]
+        assert t.dtype == torch.float32 and torch.equal(t, before.half().float()) and not torch.equal(t, before)
+
+
+def test_a_frozen_layer_saves_its_bias_and_scales_as_float16_and_loads_them_exactly():
+    q = _split_conv_with_ranges()
+    q.freeze()
+    state = q.state_dict()
+    assert {k for k, t in state.items() if t.dtype == torch.float16} == set(q.float16_tensors())
+    loaded = QuantConv2d.from_module(nn.Conv2d(6, 4, 3), w_bits=4, a_bits=4, act_scheme="static", split=2)
+    loaded.make_frozen_placeholder()
+    loaded.load_state_dict(state)
+    for name, t in [*q.named_buffers(), *q.named_parameters()]:
+        other = loaded.get_parameter(name) if name == "bias" else loaded.get_buffer(name)
+        assert other.dtype == t.dtype and torch.equal(other, t), name
+    x = torch.randn(2, 6, 5, 5)
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_freeze_keeps_float32_values_float16_cannot_hold():
+    """A scale below float16's normal range would lose relative precision and a bias above 65504 would overflow:
+    those tensors keep their values and are saved as float32; the others are rounded as usual."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 3)
+    with torch.no_grad():
+        layer.weight.mul_(1e-5)  # weight scales near 1e-7
+        layer.bias[0] = 1e5
+    q = QuantLinear.from_module(layer, w_bits=4, a_bits=8, act_scheme="static")
+    q.input_quantizer.scale.fill_(0.1)
+    assert float(q.weight_quantizer.scale.max()) < FLOAT16.tiny
+    plain = copy.deepcopy(q)
+    plain.freeze(float16=False)
+    q.freeze()
+    assert torch.equal(q.weight_quantizer.scale, plain.weight_quantizer.scale) and torch.equal(q.bias, plain.bias)
+    assert torch.equal(q.input_quantizer.scale, torch.tensor([0.1]).half().float())
+    state = q.state_dict()
+    assert state["bias"].dtype == state["weight_quantizer.scale"].dtype == torch.float32
+    assert state["input_quantizer.scale"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("values, smallest, rounded", [
+    ([0.1, -3.0], FLOAT16.tiny, True), ([0.0, 1e-6], 0.0, True), ([1e-6, 1.0], FLOAT16.tiny, False),
+    ([7e4], 0.0, False), ([float("nan")], 0.0, False), ([float("inf")], 0.0, False)])
+def test_round_to_float16_rounds_only_what_float16_holds(values, smallest, rounded):
+    t = torch.tensor(values)
+    before = t.clone()
+    assert round_to_float16_(t, smallest) is rounded
+    assert t.dtype == torch.float32
+    assert torch.equal(t, before.half().float() if rounded else before) or not rounded and t.isnan().all()

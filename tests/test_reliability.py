@@ -22,7 +22,7 @@ import diffusers_gac
 from diffusers_gac import CalibrationData, CalibrationInputs, GACConfig, quantize_model
 from diffusers_gac.cli import main
 from diffusers_gac.quant.checkpoint import CheckpointError, TensorSpec, check_checkpoint, check_tensor
-from diffusers_gac.quant.convert import requantize
+from diffusers_gac.quant.convert import quant_layers, requantize
 from diffusers_gac.quant.quantizers import ActQuantizer
 from diffusers_gac.saving import replace_folder_atomically
 from diffusers_gac.sampling import prompt_embeds_sampler
@@ -124,8 +124,9 @@ def test_the_intact_checkpoint_loads_identically(calibrated, checkpoint):
 
 
 def test_checkpoints_store_zero_points_as_uint8_and_no_empty_tensors(tmp_path):
-    """The compact form: frozen layers save zero points as uint8 (exact) and dynamic quantizers save nothing; a
-    checkpoint of the earlier form (float32 zero points, empty dynamic tensors) loads to the same outputs."""
+    """The compact form: frozen layers save zero points as uint8 and their biases and weight scales as float16 (both
+    exact) and dynamic quantizers save nothing; a checkpoint of the earlier form (float32 zero points, scales and
+    biases, empty dynamic tensors) loads to the same outputs."""
     model = tiny_unet2d()
     quantize_model(model, GACConfig(**{**FAST, "act_scheme": "dynamic", "attn_bits": None}),
                    scheduler=DDIMScheduler(num_train_timesteps=1000), show_progress=False)
@@ -133,6 +134,8 @@ def test_checkpoints_store_zero_points_as_uint8_and_no_empty_tensors(tmp_path):
     state = load_file(tmp_path / "new" / WEIGHTS)
     zero_points = {k: t for k, t in state.items() if k.endswith("zero_point")}
     assert zero_points and all(t.dtype == torch.uint8 for t in zero_points.values())
+    halves = {k: t for k, t in state.items() if t.dtype == torch.float16}
+    assert set(halves) == {f"{name}.{k}" for name, layer in quant_layers(model).items() for k in layer.float16_tensors()}
     assert all(t.numel() for t in state.values())
     assert not any(k.endswith("input_quantizer.scale") for k in state)  # all dynamic here
     expected = _out(model)
@@ -142,12 +145,13 @@ def test_checkpoints_store_zero_points_as_uint8_and_no_empty_tensors(tmp_path):
     assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path / "new", device_map="cpu")), expected)
 
     def earlier_form(s):
-        s.update({k: t.float() for k, t in zero_points.items()})
+        s.update({k: t.float() for k, t in {**zero_points, **halves}.items()})
         for name, module in model.named_modules():
             if isinstance(module, ActQuantizer):
                 s[f"{name}.scale"], s[f"{name}.zero_point"] = torch.ones(0), torch.zeros(0)
     older = damaged(tmp_path / "new", tmp_path, tensors=earlier_form)
     assert load_file(older / WEIGHTS)["conv_in.input_quantizer.scale"].numel() == 0
+    assert load_file(older / WEIGHTS)["conv_in.weight_quantizer.scale"].dtype == torch.float32
     assert torch.equal(_out(UNet2DModel.from_pretrained(older)), expected)
 
 

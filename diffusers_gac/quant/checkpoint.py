@@ -10,7 +10,8 @@ used (:func:`check_tensor`).
 What a tensor must be:
 
 * ``packed_weight``: uint8 of the layer's packed shape; codes below ``2**w_bits`` (see ``packing.py``);
-* ``*.scale``: floating point, finite and > 0 (a probabilities quantizer's scale is fixed at ``1 / (2**bits - 1)``);
+* ``*.scale``: floating point (frozen layers save float16 when it holds them exactly, earlier checkpoints float32),
+  finite and > 0 (a probabilities quantizer's scale is fixed at ``1 / (2**bits - 1)``);
 * ``*.zero_point``: uint8 (how frozen layers save them) or floating point, integer-valued, in ``[0, 2**bits - 1]``;
 * a dynamic quantizer's ``scale``/``zero_point``: empty, and optional (saved by none but the earliest checkpoints);
 * ``input_quantizer.split``: an integer scalar equal to the layout's ``split``.

@@ -197,13 +197,15 @@ class quantization_disabled:
 
 
 @torch.no_grad()
-def freeze_model(model: nn.Module, execution: str | None = None) -> None:
+def freeze_model(model: nn.Module, execution: str | None = None, float16: bool = True) -> None:
     """Harden every layer's rounding into its weight (the model then holds 2^bits-level weights) and store every
     activation step as it is used (``|scale|``, at least 1e-8: a learned step may have crossed zero), so that a
-    checkpoint's scales are all positive; the outputs do not change. With ``execution``, then choose how the frozen
-    layers run (see :func:`set_execution`)."""
+    checkpoint's scales are all positive. With ``float16`` (the default), the quantized layers' biases, weight scales
+    and static input scales are rounded to float16 values and saved as float16 (``QuantLayerMixin.freeze``); the
+    outputs change by that rounding only. With ``execution``, then choose how the frozen layers run (see
+    :func:`set_execution`)."""
     for layer in quant_layers(model).values():
-        layer.freeze()
+        layer.freeze(float16)
     for q in act_quantizers(model):
         q.scale.abs_().clamp_min_(1e-8)
     if execution is not None:

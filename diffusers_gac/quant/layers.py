@@ -9,12 +9,19 @@ so rounding and ranges can be learned and quantization can be switched off to re
 ``out`` output channels and ``k`` weights per channel (``k = in_channels/groups * kh * kw`` or ``in_features``):
 
     L.packed_weight                  uint8 (out, ceil(k/2)) for w_bits <= 4, (out, k) otherwise; see packing.py
-    L.bias                           unchanged (float)
-    L.weight_quantizer.scale         float (out, 1[, 1, 1])       weight = (code - zero_point) * scale
+    L.bias                           float, rounded to float16 values (saved as float16)
+    L.weight_quantizer.scale         float (out, 1[, 1, 1])       weight = (code - zero_point) * scale; float16 values
     L.weight_quantizer.zero_point    float (out, 1[, 1, 1])       an integer in [0, 2**w_bits - 1] (saved as uint8)
-    L.input_quantizer.scale          float (groups,)               absent when a_bits is None; groups = 0 if dynamic
+    L.input_quantizer.scale          float (groups,)               absent when a_bits is None; groups = 0 if dynamic;
+                                                                   float16 values
     L.input_quantizer.zero_point     float (groups,)               (saved as uint8; dynamic: empty, not saved)
     L.input_quantizer.split          int64 ()                      split inputs only, with .first/.second quantizers
+
+Freezing rounds the bias and the scales to the nearest float16 values; the buffers stay float (float32 after
+calibration) and the checkpoint stores them as float16, so a loaded model computes exactly what the calibrated one
+did. A scale needs float16's relative precision, which holds over its normal range [2**-14, 65504]; a bias's error
+is absolute, so it need only fit (at most 65504 in magnitude). A tensor with a value outside these keeps its values
+and is saved as it is. Checkpoints written before freezing rounded (float32 scales and biases) load unchanged.
 
 *Frozen, integer execution* (``set_execution("integer")``): ``packed_weight`` is replaced by the layout the int8
 kernels read (``intexec.py``); ``state_dict`` still writes ``packed_weight``, rebuilt exactly, so checkpoints do not
@@ -33,6 +40,22 @@ from ..config import check_choice
 from . import intexec
 from .packing import pack_codes, packed_width
 from .quantizers import ActQuantizer, ActScheme, SplitActQuantizer, WeightInit, WeightQuantizer
+
+FLOAT16 = torch.finfo(torch.float16)
+
+
+def round_to_float16_(t: torch.Tensor, smallest: float = 0.0) -> bool:
+    """Round ``t`` in place to the nearest float16 values, keeping its dtype, if every magnitude is 0 or lies in
+    ``[smallest, 65504]`` (and is finite); returns whether it did. A tensor float16 cannot hold is left as it is."""
+    if not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":
+        return False
+    nonzero = t.detach().abs()
+    nonzero = nonzero[nonzero != 0]  # NaN stays, and fails the range check
+    fits = not nonzero.numel() or smallest <= float(nonzero.min()) and float(nonzero.max()) <= FLOAT16.max
+    if fits:
+        with torch.no_grad():
+            t.copy_(t.half())
+    return fits
 
 
 class QuantLayerMixin:
@@ -60,7 +83,7 @@ class QuantLayerMixin:
             self.input_quantizer = ActQuantizer(a_bits, act_scheme, act_groups, channel_dim)
         self.quantize_weight = True
         self.frozen = False
-        self.register_state_dict_post_hook(_compact_zero_points)
+        self.register_state_dict_post_hook(_compact_frozen_state)
 
     @property
     def codes_per_channel(self) -> int:
@@ -92,14 +115,30 @@ class QuantLayerMixin:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Bake the (learned or nearest) rounding into packed integer codes and drop the float weight."""
+    def freeze(self, float16: bool = True) -> None:
+        """Bake the (learned or nearest) rounding into packed integer codes and drop the float weight; with
+        ``float16`` (the default), then round the bias and the scales to float16 values (see the module docstring).
+        The codes are chosen with the calibrated scale, so learned rounding stays what was learned."""
         if self.frozen:
             return
         codes = self.weight_quantizer.harden(self.weight.detach()).round().reshape(self.weight_shape[0], -1)
         del self.weight
         self.register_buffer("packed_weight", pack_codes(codes, self.w_bits))
         self.frozen = True
+        if float16:
+            for t, smallest in self.float16_tensors().values():
+                round_to_float16_(t, smallest)
+
+    def float16_tensors(self) -> dict[str, tuple[torch.Tensor, float]]:
+        """The tensors freezing rounds to float16 values, by state-dict name, each with the smallest nonzero magnitude
+        it may hold: the bias (any) and the weight and static input scales (float16's smallest normal number)."""
+        tensors = {} if self.bias is None else {"bias": (self.bias, 0.0)}
+        tensors["weight_quantizer.scale"] = (self.weight_quantizer.scale, FLOAT16.tiny)
+        if self.input_quantizer is not None:
+            for name, q in self.input_quantizer.named_modules(prefix="input_quantizer"):
+                if isinstance(q, ActQuantizer) and q.scale.numel():  # dynamic ones hold no scale
+                    tensors[f"{name}.scale"] = (q.scale, FLOAT16.tiny)
+        return tensors
 
     def make_frozen_placeholder(self) -> None:
         """Become a frozen layer with empty buffers of the checkpoint's shapes (for loading pre-quantized weights)."""
@@ -167,19 +206,26 @@ class QuantLayerMixin:
 
 ZERO_POINT_KEYS = ("weight_quantizer.zero_point", "input_quantizer.zero_point", "input_quantizer.first.zero_point",
                    "input_quantizer.second.zero_point")
+FLOAT16_KEYS = ("bias", "weight_quantizer.scale", "input_quantizer.scale", "input_quantizer.first.scale",
+                "input_quantizer.second.scale")
 
 
-def _compact_zero_points(layer: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """A frozen layer saves its zero points as uint8: integers in [0, 2**bits - 1] (at most 8 bits), so exact, and a
-    quarter of float32 (loading casts them back to the buffers' float dtype)."""
+def _compact_frozen_state(layer: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A frozen layer saves its zero points as uint8 (integers in [0, 2**bits - 1], at most 8 bits) and its bias and
+    scales as float16 when float16 holds them exactly (as freezing leaves them): exact either way, so loading casts
+    them back to the buffers' float dtype without a change; a tensor float16 does not hold exactly stays as it is."""
     if not layer.frozen:
         return
-    for key in ZERO_POINT_KEYS:
+    for key in ZERO_POINT_KEYS + FLOAT16_KEYS:
         t = state_dict.get(prefix + key)
-        if t is not None and t.is_floating_point() and t.numel() and t.device.type != "meta":
-            t = t.detach()
+        if t is None or not t.is_floating_point() or not t.numel() or t.device.type == "meta":
+            continue
+        t = t.detach()
+        if key in ZERO_POINT_KEYS:
             if bool((t == t.round()).all()) and 0 <= float(t.min()) and float(t.max()) <= 255:
                 state_dict[prefix + key] = t.to(torch.uint8)
+        elif t.dtype in (torch.float32, torch.float64) and torch.equal(t.half().to(t.dtype), t):
+            state_dict[prefix + key] = t.half()
 
 
 
