@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from diffusers_gac import GACConfig
-from diffusers_gac.quant import intexec
+from diffusers_gac.quant import gpukernels, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, set_execution
 from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
 from diffusers_gac.quant.quantizers import SplitActQuantizer
@@ -133,7 +133,7 @@ CONFIGS = [(128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (6
 def sweep(device: str) -> None:
     """Tile configurations of the implicit GEMM on SD's layers at latent 128, batch 2 (bfloat16 in and out); ms per
     call; the last line names the configuration with the least total time."""
-    G = intexec._gpu_kernels()
+    G = gpukernels
     layers = [("conv3x3 320 @128", nn.Conv2d(320, 320, 3, padding=1), (2, 320, 128, 128)),
               ("conv3x3 640 @64", nn.Conv2d(640, 640, 3, padding=1), (2, 640, 64, 64)),
               ("conv3x3 1280 @32", nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 32, 32)),

@@ -53,6 +53,7 @@ from diffusers.utils import logging as dlogging
 from torch import nn
 
 from diffusers_gac import GACConfig
+from diffusers_gac.quant import gpukernels
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers
 from diffusers_gac.quant.quantizers import ActQuantizer, WeightQuantizer
 from diffusers_gac.zoo import load_embedded_unet
@@ -466,8 +467,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     if args.igemm_config is not None:
-        from diffusers_gac.quant import gpukernels
-
         gpukernels.CONFIG_OVERRIDE = tuple(int(v) for v in args.igemm_config.split(","))
     if args.variants is None:
         args.variants = list(GPU_VARIANTS if args.device.startswith("cuda") else DEFAULT_VARIANTS)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusers_gac.quant import intexec, intkernels
+from diffusers_gac.quant import gpuexec, gpukernels, intexec, intkernels
 from diffusers_gac.quant.layers import QuantConv2d
 
 pytest.importorskip("triton")  # without a GPU, conftest.py has chosen Triton's interpreter
@@ -37,11 +37,11 @@ def one_thread():
 
 
 def _gpu_kernels_run(layer, x, dtype=torch.float32):
-    """The layer's output through the Triton kernels (integer layout, ``intexec.gpu_forward``), and the reference."""
+    """The layer's output through the Triton kernels (integer layout, ``gpuexec.gpu_forward``), and the reference."""
     with torch.no_grad():
         reference = layer(x.to(dtype))
         intexec.to_integer(layer, layer._integer_storage or "packed")
-        out = intexec.gpu_forward(layer, x.to(dtype))
+        out = gpuexec.gpu_forward(layer, x.to(dtype))
         intexec.to_fake(layer)
     assert out is not None, "the GPU kernels declined the call"
     return reference, out
@@ -119,7 +119,7 @@ def test_half_precision_inputs_give_the_float32_codes(dtype):
 def test_quantize_kernel_reproduces_the_reference_codes():
     """Per-token codes from the Triton kernel equal ``intkernels.quantize_dynamic``'s (torch ops), exactly, on values
     placed on rounding ties and on all-zero tokens."""
-    G = intexec._gpu_kernels()
+    G = gpukernels
     torch.manual_seed(0)
     x = torch.randn(7, 37)
     x[2] = 0.0  # an all-zero token: the smallest scale, not a division by zero
@@ -138,9 +138,9 @@ def test_grouped_convolution_falls_back_on_the_gpu_path():
     x = torch.randn(1, 8, 6, 6)
     layer = _frozen(nn.Conv2d(8, 8, 3, padding=1, groups=2), x, 4, 4, "dynamic")
     intexec.to_integer(layer)
-    assert intexec.gpu_support(layer) == "grouped convolution"
-    assert intexec.gpu_forward(layer, x) is None
-    assert intexec.gpu_forward(layer, x.double()) is None  # a dtype the kernels do not take
+    assert gpuexec.gpu_support(layer) == "grouped convolution"
+    assert gpuexec.gpu_forward(layer, x) is None
+    assert gpuexec.gpu_forward(layer, x.double()) is None  # a dtype the kernels do not take
 
 
 def test_integer_kernels_available_by_device(monkeypatch):
@@ -152,7 +152,7 @@ def test_integer_kernels_available_by_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert not intexec.integer_kernels_available("cuda:0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(intexec, "triton_available", lambda: False)
+    monkeypatch.setattr(gpuexec, "triton_available", lambda: False)
     assert not intexec.integer_kernels_available("cuda")
     assert not intexec.integer_kernels_available("meta")
 
@@ -211,8 +211,7 @@ def test_the_gpu_path_is_a_custom_op_that_compiles_in_one_graph(kind):
     """Under ``torch.compile`` a GPU layer is one ``diffusers_gac::integer_layer`` op: its schema and fake
     implementation pass ``torch.library.opcheck``, a function calling it compiles with ``fullgraph=True``, and the
     compiled result equals the eager one."""
-    from diffusers_gac.quant.gpuops import integer_layer
-
+    integer_layer = gpuexec.integer_layer
     torch.manual_seed(0)
     if kind.startswith("conv"):
         x = torch.randn(2, 10, 6, 7)
@@ -221,9 +220,9 @@ def test_the_gpu_path_is_a_custom_op_that_compiles_in_one_graph(kind):
         x = torch.randn(2, 3, 20)
         layer = _frozen(nn.Linear(20, 6), x, 8, 8, "dynamic")
     intexec.to_integer(layer)
-    tensors, ints = intexec.gpu_layer_args(layer, x)
+    tensors, ints = gpuexec.gpu_layer_args(layer, x)
     torch.library.opcheck(integer_layer, (x, *tensors, ints))
-    eager = intexec.gpu_forward(layer, x)
-    assert eager.shape == intexec.gpu_output_shape(x.shape, ints)
+    eager = gpuexec.gpu_forward(layer, x)
+    assert eager.shape == gpuexec.gpu_output_shape(x.shape, ints)
     compiled = torch.compile(lambda t: integer_layer(t, *tensors, ints) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), eager * 2)

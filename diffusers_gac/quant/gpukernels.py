@@ -24,9 +24,9 @@ Two kernels per layer call:
 Zero-point corrections (8-bit inputs or weights; see ``intkernels``) are applied per tap, in the kernel:
 ``acc - z * colsum[n] - zw[n] * (r - C * z)`` with ``z`` the token's zero offset, ``r`` its carriers' sum.
 
-``TRITON_INTERPRET=1`` (set before this module is imported) runs both kernels on CPU tensors, slowly: that is how
-the tests check them without a GPU. ``intexec`` imports this module on first use, so the package imports without
-Triton.
+``TRITON_INTERPRET=1`` (set before Triton is first imported) runs both kernels on CPU tensors, slowly: that is how
+the tests check them without a GPU. Without Triton this module still imports (``triton`` is None) and defines no
+kernels; ``gpuexec.triton_available`` says which.
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # ships with CUDA builds of torch; without it the package still imports, and layers run other paths
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001  (a missing or broken install alike)
+    triton = tl = None
 
 class Tokens(NamedTuple):
     """A quantized activation, token-major: ``value[t, c] = scale[t] * (q[t, c] - zero[t])``."""
@@ -65,149 +69,148 @@ class Conv(NamedTuple):
     out_w: int
 
 
-@triton.jit
-def _rint(v):  # round half to even (torch.round) for |v| < 2**22
-    r = tl.floor(v + 0.5)
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where((r - v == 0.5) & odd, r - 1.0, r)
+if triton is not None:
+    @triton.jit
+    def _rint(v):  # round half to even (torch.round) for |v| < 2**22
+        r = tl.floor(v + 0.5)
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where((r - v == 0.5) & odd, r - 1.0, r)
 
-@triton.jit(do_not_specialize=["P", "stride_b"])
-def quantize_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, ss_ptr, sz_ptr,
-                    C, P, stride_b, stride_c, stride_p,
-                    LEVELS: tl.constexpr, EIGHT: tl.constexpr, STATIC: tl.constexpr, ROWSUM: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    pmask = offs_p < P
-    mask = pmask[:, None] & (offs_c[None, :] < C)
-    src = x_ptr + b.to(tl.int64) * stride_b + offs_p[:, None].to(tl.int64) * stride_p + offs_c[None, :] * stride_c
-    x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    if STATIC:
-        scale = tl.load(ss_ptr + b + offs_p * 0)
-        zp = tl.load(sz_ptr + b + offs_p * 0)
-    else:  # masked entries are 0, inside [min(x, 0), max(x, 0)] already
-        lo = tl.minimum(tl.min(x, axis=1), 0.0)
-        hi = tl.maximum(tl.max(x, axis=1), 0.0)
-        scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(hi.shape, LEVELS, tl.float32)), 1e-8)  # the library's smallest scale
-        zp = _rint(tl.math.div_rn(-lo, scale))
-    t = _rint(tl.math.div_rn(x, scale[:, None]))
-    t = tl.minimum(tl.maximum(t, -zp[:, None]), LEVELS - zp[:, None])
-    if EIGHT:
-        t = t + (zp[:, None] - 128.0)
-    q = t.to(tl.int8)
-    row = b.to(tl.int64) * P + offs_p
-    tl.store(q_ptr + row[:, None] * C + offs_c[None, :], q, mask=mask)
-    tl.store(s_ptr + row, scale, mask=pmask)
-    if EIGHT:
-        tl.store(z_ptr + row, zp - 128.0, mask=pmask)
-    if ROWSUM:
-        tl.store(r_ptr + row, tl.sum(tl.where(mask, t, 0.0), axis=1), mask=pmask)
+    @triton.jit(do_not_specialize=["P", "stride_b"])
+    def quantize_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, ss_ptr, sz_ptr,
+                        C, P, stride_b, stride_c, stride_p,
+                        LEVELS: tl.constexpr, EIGHT: tl.constexpr, STATIC: tl.constexpr, ROWSUM: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid_p = tl.program_id(0)
+        b = tl.program_id(1)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = tl.arange(0, BLOCK_C)
+        pmask = offs_p < P
+        mask = pmask[:, None] & (offs_c[None, :] < C)
+        src = x_ptr + b.to(tl.int64) * stride_b + offs_p[:, None].to(tl.int64) * stride_p + offs_c[None, :] * stride_c
+        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.load(ss_ptr + b + offs_p * 0)
+            zp = tl.load(sz_ptr + b + offs_p * 0)
+        else:  # masked entries are 0, inside [min(x, 0), max(x, 0)] already
+            lo = tl.minimum(tl.min(x, axis=1), 0.0)
+            hi = tl.maximum(tl.max(x, axis=1), 0.0)
+            scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(hi.shape, LEVELS, tl.float32)), 1e-8)  # the library's smallest scale
+            zp = _rint(tl.math.div_rn(-lo, scale))
+        t = _rint(tl.math.div_rn(x, scale[:, None]))
+        t = tl.minimum(tl.maximum(t, -zp[:, None]), LEVELS - zp[:, None])
+        if EIGHT:
+            t = t + (zp[:, None] - 128.0)
+        q = t.to(tl.int8)
+        row = b.to(tl.int64) * P + offs_p
+        tl.store(q_ptr + row[:, None] * C + offs_c[None, :], q, mask=mask)
+        tl.store(s_ptr + row, scale, mask=pmask)
+        if EIGHT:
+            tl.store(z_ptr + row, zp - 128.0, mask=pmask)
+        if ROWSUM:
+            tl.store(r_ptr + row, tl.sum(tl.where(mask, t, 0.0), axis=1), mask=pmask)
 
-@triton.jit
-def _tap_sum(acc, q_ptr, rows, valid, w_ptr, wz, offs_n, nmask, C, WIDTH, BK: tl.constexpr,
-             PACKED: tl.constexpr):
-    """acc += int8 rows (BM, C) @ weight block (BN, C)^T, over the channels."""
-    offs_k = tl.arange(0, BK)
-    a_row = q_ptr + rows[:, None] * C
-    w_row = w_ptr + offs_n[:, None].to(tl.int64) * WIDTH
-    if PACKED:  # WIDTH = ceil(C/2) bytes: low nibble channel j, high nibble channel j + WIDTH
-        for k0 in range(0, WIDTH, BK):
-            kk = k0 + offs_k
-            kmask = kk < WIDTH
-            w = tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-            lo = (w & 15).to(tl.int8) - wz[:, None]
-            hi = (w >> 4).to(tl.int8) - wz[:, None]
-            a_lo = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0)
-            a_hi = tl.load(a_row + (kk + WIDTH)[None, :], mask=valid[:, None] & ((kk + WIDTH) < C)[None, :],
-                           other=0)
-            acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
-            acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
-    else:
-        for k0 in range(0, C, BK):
-            kk = k0 + offs_k
-            kmask = kk < C
-            w = tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-            a = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0)
-            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-    return acc
+    @triton.jit
+    def _tap_sum(acc, q_ptr, rows, valid, w_ptr, wz, offs_n, nmask, C, WIDTH, BK: tl.constexpr,
+                 PACKED: tl.constexpr):
+        """acc += int8 rows (BM, C) @ weight block (BN, C)^T, over the channels."""
+        offs_k = tl.arange(0, BK)
+        a_row = q_ptr + rows[:, None] * C
+        w_row = w_ptr + offs_n[:, None].to(tl.int64) * WIDTH
+        if PACKED:  # WIDTH = ceil(C/2) bytes: low nibble channel j, high nibble channel j + WIDTH
+            for k0 in range(0, WIDTH, BK):
+                kk = k0 + offs_k
+                kmask = kk < WIDTH
+                w = tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+                lo = (w & 15).to(tl.int8) - wz[:, None]
+                hi = (w >> 4).to(tl.int8) - wz[:, None]
+                a_lo = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0)
+                a_hi = tl.load(a_row + (kk + WIDTH)[None, :], mask=valid[:, None] & ((kk + WIDTH) < C)[None, :],
+                               other=0)
+                acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
+        else:
+            for k0 in range(0, C, BK):
+                kk = k0 + offs_k
+                kmask = kk < C
+                w = tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+                a = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0)
+                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        return acc
 
-@triton.jit
-def _part(facc, q_ptr, s_ptr, z_ptr, r_ptr, C, WIDTH, w_ptr, wz, cs_ptr, zw, tap0, offs_m, offs_n, nmask,
-          M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw,
-          KH: tl.constexpr, KW: tl.constexpr, PACKED: tl.constexpr, ZERO: tl.constexpr, ZW: tl.constexpr,
-          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """facc += sum over the taps of this input part of s * (int32 sums - corrections)."""
-    hw = Ho * Wo
-    bi = offs_m // hw
-    pos = offs_m % hw
-    oh = pos // Wo
-    ow = pos % Wo
-    mmask = offs_m < M
-    for t in range(KH * KW):
-        ih = oh * sh - ph + (t // KW) * dh
-        iw = ow * sw - pw + (t % KW) * dw
-        valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        rows = ((bi * H + ih) * W + iw).to(tl.int64)
-        acc = tl.zeros((BM, BN), dtype=tl.int32)
-        acc = _tap_sum(acc, q_ptr, rows, valid, w_ptr + t * N * WIDTH, wz, offs_n, nmask, C, WIDTH, BK, PACKED)
-        f = acc.to(tl.float32)
-        z = tl.zeros((BM,), dtype=tl.float32)
-        if ZERO:
-            z = tl.load(z_ptr + rows, mask=valid, other=0.0)
-            cs = tl.load(cs_ptr + (tap0 + t) * N + offs_n, mask=nmask, other=0.0)
-            f = f - z[:, None] * cs[None, :]
+    @triton.jit
+    def _part(facc, q_ptr, s_ptr, z_ptr, r_ptr, C, WIDTH, w_ptr, wz, cs_ptr, zw, tap0, offs_m, offs_n, nmask,
+              M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw,
+              KH: tl.constexpr, KW: tl.constexpr, PACKED: tl.constexpr, ZERO: tl.constexpr, ZW: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """facc += sum over the taps of this input part of s * (int32 sums - corrections)."""
+        hw = Ho * Wo
+        bi = offs_m // hw
+        pos = offs_m % hw
+        oh = pos // Wo
+        ow = pos % Wo
+        mmask = offs_m < M
+        for t in range(KH * KW):
+            ih = oh * sh - ph + (t // KW) * dh
+            iw = ow * sw - pw + (t % KW) * dw
+            valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            rows = ((bi * H + ih) * W + iw).to(tl.int64)
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+            acc = _tap_sum(acc, q_ptr, rows, valid, w_ptr + t * N * WIDTH, wz, offs_n, nmask, C, WIDTH, BK, PACKED)
+            f = acc.to(tl.float32)
+            z = tl.zeros((BM,), dtype=tl.float32)
+            if ZERO:
+                z = tl.load(z_ptr + rows, mask=valid, other=0.0)
+                cs = tl.load(cs_ptr + (tap0 + t) * N + offs_n, mask=nmask, other=0.0)
+                f = f - z[:, None] * cs[None, :]
+            if ZW:
+                r = tl.load(r_ptr + rows, mask=valid, other=0.0)
+                f = f - zw[None, :] * (r - C * z)[:, None]
+            s = tl.load(s_ptr + rows, mask=valid, other=0.0)
+            facc += f * s[:, None]
+        return facc
+
+    # sizes that vary with the input are not specialized on (each specialization is a compile of seconds)
+    @triton.jit(do_not_specialize=["M", "H", "W", "Ho", "Wo", "sh", "sw", "ph", "pw", "dh", "dw", "so_b", "so_p"])
+    def igemm_kernel(q0, s0, z0, r0, C0, WIDTH0, q1, s1, z1, r1, C1, WIDTH1,
+                     w_ptr, wz_ptr, ws_ptr, bias_ptr, cs_ptr, zw_ptr, out_ptr,
+                     M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw, so_b, so_n, so_p,
+                     KH: tl.constexpr, KW: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
+                     ZERO: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(M, BM)
+        grid_n = tl.cdiv(N, BN)
+        width = GROUP_M * grid_n  # grouped order: programs that run together share weight tiles in L2
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        wz = tl.zeros((BN,), dtype=tl.int8)
+        if PACKED:
+            wz = tl.load(wz_ptr + offs_n, mask=nmask, other=0)
+        zw = tl.zeros((BN,), dtype=tl.float32)
         if ZW:
-            r = tl.load(r_ptr + rows, mask=valid, other=0.0)
-            f = f - zw[None, :] * (r - C * z)[:, None]
-        s = tl.load(s_ptr + rows, mask=valid, other=0.0)
-        facc += f * s[:, None]
-    return facc
-
-# sizes that vary with the input are not specialized on (each specialization is a compile of seconds)
-@triton.jit(do_not_specialize=["M", "H", "W", "Ho", "Wo", "sh", "sw", "ph", "pw", "dh", "dw", "so_b", "so_p"])
-def igemm_kernel(q0, s0, z0, r0, C0, WIDTH0, q1, s1, z1, r1, C1, WIDTH1,
-                 w_ptr, wz_ptr, ws_ptr, bias_ptr, cs_ptr, zw_ptr, out_ptr,
-                 M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw, so_b, so_n, so_p,
-                 KH: tl.constexpr, KW: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
-                 ZERO: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    width = GROUP_M * grid_n  # grouped order: programs that run together share weight tiles in L2
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
-    wz = tl.zeros((BN,), dtype=tl.int8)
-    if PACKED:
-        wz = tl.load(wz_ptr + offs_n, mask=nmask, other=0)
-    zw = tl.zeros((BN,), dtype=tl.float32)
-    if ZW:
-        zw = tl.load(zw_ptr + offs_n, mask=nmask, other=0.0)
-    facc = tl.zeros((BM, BN), dtype=tl.float32)
-    facc = _part(facc, q0, s0, z0, r0, C0, WIDTH0, w_ptr, wz, cs_ptr, zw, 0, offs_m, offs_n, nmask,
-                 M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw, KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
-    if PARTS == 2:
-        facc = _part(facc, q1, s1, z1, r1, C1, WIDTH1, w_ptr + KH * KW * N * WIDTH0, wz, cs_ptr, zw, KH * KW,
-                     offs_m, offs_n, nmask, M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw,
-                     KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
-    ws = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
-    out = facc * ws[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    hw = Ho * Wo
-    dst = (out_ptr + (offs_m // hw).to(tl.int64)[:, None] * so_b + offs_n[None, :].to(tl.int64) * so_n
-           + (offs_m % hw).to(tl.int64)[:, None] * so_p)
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & nmask[None, :])
-
-
+            zw = tl.load(zw_ptr + offs_n, mask=nmask, other=0.0)
+        facc = tl.zeros((BM, BN), dtype=tl.float32)
+        facc = _part(facc, q0, s0, z0, r0, C0, WIDTH0, w_ptr, wz, cs_ptr, zw, 0, offs_m, offs_n, nmask,
+                     M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw, KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
+        if PARTS == 2:
+            facc = _part(facc, q1, s1, z1, r1, C1, WIDTH1, w_ptr + KH * KW * N * WIDTH0, wz, cs_ptr, zw, KH * KW,
+                         offs_m, offs_n, nmask, M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw,
+                         KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
+        ws = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
+        out = facc * ws[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        hw = Ho * Wo
+        dst = (out_ptr + (offs_m // hw).to(tl.int64)[:, None] * so_b + offs_n[None, :].to(tl.int64) * so_n
+               + (offs_m % hw).to(tl.int64)[:, None] * so_p)
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & nmask[None, :])
 
 
 def _next_pow2(n: int) -> int:

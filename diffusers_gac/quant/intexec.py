@@ -18,8 +18,8 @@ A frozen layer (``layers.py``) runs in one of two modes:
 
   The per-channel weight scales, zero points and the bias stay where they are (``weight_quantizer``, ``bias``).
   The layout is the same on every device. On the CPU the kernels are ``intkernels`` (``torch._int_mm``); on a CUDA
-  GPU with int8 tensor cores, the Triton kernels of ``gpukernels`` (under ``torch.compile``, one custom op per layer:
-  ``gpuops``). A layer moved to a device without kernels goes back to the reference layout, and to the integer one
+  GPU with int8 tensor cores, the Triton kernels of ``gpukernels`` (through ``gpuexec``; under ``torch.compile``, one
+  custom op per layer). A layer moved to a device without kernels goes back to the reference layout, and to the integer one
   when moved back (``layers.py``: ``_apply``). A call with its input on another device, in a dtype the kernels do
   not take, needing gradients, or while the input quantizer is off or observing runs the fake-quant reference from
   these same buffers (dequantizing the weight), so the result never depends on which kernels exist. Half-precision
@@ -30,12 +30,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import functools
-import importlib.util
-
 import torch
 from torch import nn
 
+from . import gpuexec
 from . import intkernels as K
 from .packing import pack_codes, unpack_codes
 from .quantizers import ActQuantizer, SplitActQuantizer
@@ -55,18 +53,6 @@ class IntSpec(NamedTuple):
     eight_bit_weights: bool
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Whether Triton is installed (it ships with CUDA builds of torch)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _gpu_kernels():
-    from . import gpukernels  # imports Triton: only when a layer runs on the GPU path
-
-    return gpukernels
-
-
 def integer_kernels_available(device: torch.device | str) -> bool:
     """Whether integer execution runs on ``device``: the CPU with int8 GEMMs through oneDNN (x86 with AVX2 or
     AVX-512; VNNI/AMX where present), or a CUDA GPU with int8 tensor cores (compute capability 8.0 or newer:
@@ -77,7 +63,7 @@ def integer_kernels_available(device: torch.device | str) -> bool:
         return (hasattr(torch, "_int_mm") and torch.backends.mkldnn.is_available()
                 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
     if device.type == "cuda":
-        return (torch.cuda.is_available() and triton_available()
+        return (torch.cuda.is_available() and gpuexec.triton_available()
                 and torch.cuda.get_device_capability(device) >= (8, 0))
     return False
 
@@ -276,110 +262,6 @@ def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return K.conv2d(acts, weight, spec.shape[0], spec.geometry, w_scale, bias, layer.int_zw, layer.int_colsum)
 
 
-GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-GPU_MAX_CHANNELS = 32768  # the quantize kernel holds a token's channels in registers
-
-
-def gpu_support(layer: nn.Module) -> str | None:
-    """Why the GPU kernels do not serve ``layer`` (it runs the reference there), or None if they do."""
-    spec = layer._int_spec
-    if spec.conv and spec.geometry.groups != 1:
-        return "grouped convolution"
-    if max(c1 - c0 for c0, c1 in spec.parts) > GPU_MAX_CHANNELS:
-        return f"more than {GPU_MAX_CHANNELS} input channels"
-    return None
-
-
-def _static_range(q: ActQuantizer, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-sample float32 (scale, zero point) of a static or timestep quantizer, (batch,) each; None if dynamic."""
-    if q.scheme == "dynamic":
-        return None
-    scale, zero_point = q.scale.abs().clamp_min(1e-8).float(), q.zero_point.float()
-    groups = q._sample_groups(batch, device)
-    if groups is not None:
-        return scale[groups].contiguous(), zero_point[groups].contiguous()
-    return scale.expand(batch).contiguous(), zero_point.expand(batch).contiguous()
-
-
-def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] | None:
-    """The tensors and the integer description that ``gpu_run`` (and the ``diffusers_gac::integer_layer`` op) take
-    for ``layer`` called on ``x``; None where the GPU kernels do not serve the call (see ``gpu_support``)."""
-    if x.dtype not in GPU_DTYPES or gpu_support(layer) is not None:
-        return None
-    q = layer.input_quantizer
-    quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
-    spec = layer._int_spec
-    w_scale = layer.weight_quantizer.scale.reshape(-1)
-    if w_scale.dtype != torch.float32:
-        w_scale = w_scale.float()
-    w_zero = layer.int_zero.reshape(-1) if spec.packed else None
-    bias = None if layer.bias is None else layer.bias.detach()
-    batch = x.shape[0] if x.dim() > 1 else 1
-    ranges = []
-    for p in quantizers:
-        static = _static_range(p, batch, x.device)
-        ranges += [None, None] if static is None else list(static)
-    ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), len(spec.parts)]
-    for p, (c0, c1) in zip(quantizers, spec.parts):
-        ints += [c0, c1, p.bits]
-    if spec.conv:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw), _ = spec.geometry
-        ints += [kh, kw, sh, sw, ph, pw, dh, dw]
-    return [layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw, ranges], ints
-
-
-def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tuple[int, ...]:
-    conv, n, _, _, num_parts = ints[:5]
-    if not conv:
-        return (*shape[:-1], n)
-    kh, kw, sh, sw, ph, pw, dh, dw = ints[5 + 3 * num_parts:]
-    return (shape[0], n, K._out_size(shape[2], kh, sh, ph, dh), K._out_size(shape[3], kw, sw, pw, dw))
-
-
-def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
-            bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
-            ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
-    """One layer through the Triton kernels, from ``gpu_layer_args``: the output in ``x``'s dtype."""
-    G = _gpu_kernels()
-    conv, n, packed, rowsum, num_parts = ints[:5]
-    parts = [ints[5 + 3 * i:8 + 3 * i] for i in range(num_parts)]
-    packed, rowsum = bool(packed), bool(rowsum)
-
-    def static(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if ranges[2 * i] is None else (ranges[2 * i], ranges[2 * i + 1])
-
-    if not conv:
-        (_, k, bits), = parts
-        batch = x.shape[0] if x.dim() > 1 else 1
-        x3 = x.reshape(batch, -1, k).transpose(1, 2)  # (B, K, tokens): tokens in row order
-        tokens = G.quantize(x3, bits, static(0), rowsum)
-        m = tokens.q.shape[0]
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        geo = G.Conv(1, 1, m, 1, 1, 1, 1, 0, 0, 1, 1, 1, m)
-        G.igemm([(tokens, k)], weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (0, 1, n))
-        return out.view(*x.shape[:-1], n)
-    b, _, h, w = x.shape
-    kh, kw, sh, sw, ph, pw, dh, dw = ints[5 + 3 * num_parts:]
-    _, _, ho, wo = gpu_output_shape(x.shape, ints)
-    acts = []
-    for i, (c0, c1, bits) in enumerate(parts):
-        xp = x[:, c0:c1] if num_parts > 1 else x
-        acts.append((G.quantize(xp.flatten(2), bits, static(i), rowsum), c1 - c0))
-    out = torch.empty(b, n, ho, wo, dtype=x.dtype, device=x.device)
-    geo = G.Conv(b, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
-    G.igemm(acts, weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (n * ho * wo, ho * wo, 1))
-    return out
-
-
-def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The layer's output through the Triton kernels (``gpukernels``), in ``x``'s dtype; None where they do not
-    serve the call (see ``gpu_support``). Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
-    args = gpu_layer_args(layer, x)
-    return None if args is None else gpu_run(x, *args[0], args[1])
-
-
 def _ready(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether this call may take the integer kernels at all (else the fake-quant reference runs)."""
     if x.device != layer.int_weight.device:
@@ -402,12 +284,12 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if x.dtype in (torch.bfloat16, torch.float16):  # quantized from float32, as the reference does
             return _forward_cpu(layer, x.float()).to(x.dtype)
         return None
-    return gpu_forward(layer, x)
+    return gpuexec.gpu_forward(layer, x)
 
 
 # Under torch.compile the CPU kernels run as they are, outside the graph (one graph break per integer layer: the
 # compiler fuses what lies between them, and tracing their per-tap GEMM loops would cost long compiles for nothing);
-# the GPU kernels are one custom op each (gpuops.py), inside the graph.
+# the GPU kernels are one custom op each (gpuexec.integer_layer), inside the graph.
 _compiled_cpu_forward = torch.compiler.disable(forward)
 
 
@@ -417,9 +299,5 @@ def compiled_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return _compiled_cpu_forward(layer, x)
     if not _ready(layer, x):
         return None
-    args = gpu_layer_args(layer, x)
-    if args is None:
-        return None
-    from .gpuops import integer_layer
-
-    return integer_layer(x, *args[0], args[1])
+    args = gpuexec.gpu_layer_args(layer, x)
+    return None if args is None else gpuexec.integer_layer(x, *args[0], args[1])

@@ -1,0 +1,147 @@
+"""Integer execution of a frozen quantized layer on a CUDA GPU: the glue between a layer (``intexec``'s integer
+layout) and the Triton kernels of ``gpukernels``, and the same call as a PyTorch custom op for ``torch.compile``.
+
+``gpu_layer_args`` turns a layer and its input into tensors and a flat list of integers; ``gpu_run`` runs the two
+kernels on them (quantize the input per token, then the implicit GEMM); ``gpu_forward`` is both in eager mode.
+Under ``torch.compile`` the layer calls ``integer_layer``, the custom op ``diffusers_gac::integer_layer`` around
+``gpu_run``, which keeps the layer inside the compiled graph (no graph break; with ``mode="reduce-overhead"`` the
+step can replay as one CUDA graph); its fake implementation gives the output's shape for tracing.
+
+The GPU kernels serve every layer the integer path serves (``intexec.integer_support``) except grouped convolutions
+and layers with more than ``GPU_MAX_CHANNELS`` input channels in a part (the quantize kernel holds a token's
+channels in registers): those run the fake-quant reference (``gpu_support``). No ``from __future__ import
+annotations`` here: the custom op's schema is read from its annotations.
+"""
+
+import importlib.util
+from functools import cache
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from . import gpukernels
+from .intkernels import _out_size
+from .quantizers import ActQuantizer, SplitActQuantizer
+
+
+@cache
+def triton_available() -> bool:
+    """Whether Triton is installed (it ships with CUDA builds of torch)."""
+    return importlib.util.find_spec("triton") is not None and gpukernels.triton is not None
+
+
+GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+GPU_MAX_CHANNELS = 32768  # the quantize kernel holds a token's channels in registers
+
+
+def gpu_support(layer: nn.Module) -> str | None:
+    """Why the GPU kernels do not serve ``layer`` (it runs the reference there), or None if they do."""
+    spec = layer._int_spec
+    if spec.conv and spec.geometry.groups != 1:
+        return "grouped convolution"
+    if max(c1 - c0 for c0, c1 in spec.parts) > GPU_MAX_CHANNELS:
+        return f"more than {GPU_MAX_CHANNELS} input channels"
+    return None
+
+
+def static_range(q: ActQuantizer, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-sample float32 (scale, zero point) of a static or timestep quantizer, (batch,) each; None if dynamic."""
+    if q.scheme == "dynamic":
+        return None
+    scale, zero_point = q.scale.abs().clamp_min(1e-8).float(), q.zero_point.float()
+    groups = q._sample_groups(batch, device)
+    if groups is not None:
+        return scale[groups].contiguous(), zero_point[groups].contiguous()
+    return scale.expand(batch).contiguous(), zero_point.expand(batch).contiguous()
+
+
+def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] | None:
+    """The tensors and the integer description that ``gpu_run`` (and the ``diffusers_gac::integer_layer`` op) take
+    for ``layer`` called on ``x``; None where the GPU kernels do not serve the call (see ``gpu_support``)."""
+    if x.dtype not in GPU_DTYPES or gpu_support(layer) is not None:
+        return None
+    q = layer.input_quantizer
+    quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
+    spec = layer._int_spec
+    w_scale = layer.weight_quantizer.scale.reshape(-1)
+    if w_scale.dtype != torch.float32:
+        w_scale = w_scale.float()
+    w_zero = layer.int_zero.reshape(-1) if spec.packed else None
+    bias = None if layer.bias is None else layer.bias.detach()
+    batch = x.shape[0] if x.dim() > 1 else 1
+    ranges = []
+    for p in quantizers:
+        static = static_range(p, batch, x.device)
+        ranges += [None, None] if static is None else list(static)
+    ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), len(spec.parts)]
+    for p, (c0, c1) in zip(quantizers, spec.parts):
+        ints += [c0, c1, p.bits]
+    if spec.conv:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw), _ = spec.geometry
+        ints += [kh, kw, sh, sw, ph, pw, dh, dw]
+    return [layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw, ranges], ints
+
+
+def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tuple[int, ...]:
+    conv, n, _, _, num_parts = ints[:5]
+    if not conv:
+        return (*shape[:-1], n)
+    kh, kw, sh, sw, ph, pw, dh, dw = ints[5 + 3 * num_parts:]
+    return (shape[0], n, _out_size(shape[2], kh, sh, ph, dh), _out_size(shape[3], kw, sw, pw, dw))
+
+
+def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
+            bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
+            ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
+    """One layer through the Triton kernels, from ``gpu_layer_args``: the output in ``x``'s dtype."""
+    conv, n, packed, rowsum, num_parts = ints[:5]
+    parts = [ints[5 + 3 * i:8 + 3 * i] for i in range(num_parts)]
+    packed, rowsum = bool(packed), bool(rowsum)
+
+    def static(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if ranges[2 * i] is None else (ranges[2 * i], ranges[2 * i + 1])
+
+    if not conv:
+        (_, k, bits), = parts
+        batch = x.shape[0] if x.dim() > 1 else 1
+        x3 = x.reshape(batch, -1, k).transpose(1, 2)  # (B, K, tokens): tokens in row order
+        tokens = gpukernels.quantize(x3, bits, static(0), rowsum)
+        m = tokens.q.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        geo = gpukernels.Conv(1, 1, m, 1, 1, 1, 1, 0, 0, 1, 1, 1, m)
+        gpukernels.igemm([(tokens, k)], weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (0, 1, n))
+        return out.view(*x.shape[:-1], n)
+    b, _, h, w = x.shape
+    kh, kw, sh, sw, ph, pw, dh, dw = ints[5 + 3 * num_parts:]
+    _, _, ho, wo = gpu_output_shape(x.shape, ints)
+    acts = []
+    for i, (c0, c1, bits) in enumerate(parts):
+        xp = x[:, c0:c1] if num_parts > 1 else x
+        acts.append((gpukernels.quantize(xp.flatten(2), bits, static(i), rowsum), c1 - c0))
+    out = torch.empty(b, n, ho, wo, dtype=x.dtype, device=x.device)
+    geo = gpukernels.Conv(b, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+    gpukernels.igemm(acts, weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (n * ho * wo, ho * wo, 1))
+    return out
+
+
+def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output through the Triton kernels (``gpukernels``), in ``x``'s dtype; None where they do not
+    serve the call (see ``gpu_support``). Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
+    args = gpu_layer_args(layer, x)
+    return None if args is None else gpu_run(x, *args[0], args[1])
+
+
+@torch.library.custom_op("diffusers_gac::integer_layer", mutates_args=())
+def integer_layer(x: torch.Tensor, weight: torch.Tensor, w_zero: Optional[torch.Tensor], w_scale: torch.Tensor,
+                  bias: Optional[torch.Tensor], colsum: Optional[torch.Tensor], zw: Optional[torch.Tensor],
+                  ranges: List[Optional[torch.Tensor]], spec: List[int]) -> torch.Tensor:
+    """``gpu_run`` as a custom op (what a compiled model calls)."""
+    return gpu_run(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec)
+
+
+@integer_layer.register_fake
+def _(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec):
+    return x.new_empty(gpu_output_shape(x.shape, spec))
