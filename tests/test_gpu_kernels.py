@@ -16,7 +16,8 @@ from diffusers_gac.quant.layers import QuantConv2d
 
 pytest.importorskip("triton")  # without a GPU, conftest.py has chosen Triton's interpreter
 
-from test_integer import _frozen  # noqa: E402  (tests/test_integer.py: a frozen layer with observed ranges)
+from test_integer import _frozen, one_thread  # noqa: E402, F401  (tests/test_integer.py: a frozen layer with observed
+# ranges; one torch thread per test, autouse)
 
 TOLERANCE = 1e-5
 BITS = [(8, 8), (4, 8), (4, 4), (3, 6)]
@@ -26,14 +27,6 @@ CONVS = {
     "1x1": dict(kernel_size=1),
     "2x3 stride (2, 1) dilated, no bias": dict(kernel_size=(2, 3), stride=(2, 1), dilation=(1, 2), bias=False),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gpu_kernels_run(layer, x, dtype=torch.float32):
