@@ -32,8 +32,6 @@ def triton_available() -> bool:
 
 
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 GPU_MAX_CHANNELS = 32768  # the quantize kernel holds a token's channels in registers
 
 
