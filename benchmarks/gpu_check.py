@@ -164,9 +164,8 @@ def sweep(device: str) -> None:
             G.CONFIG_OVERRIDE = None
             with torch.no_grad():
                 line.append(f"W{w_bits}A{a_bits} default {bench(lambda: layer(xb)):.3f}")
-                q = G.quantize(xb.flatten(2) if xb.dim() == 4 else xb.reshape(2, -1, shape[-1]).transpose(1, 2), 4)
-                line.append(f"quantize only {bench(lambda: G.quantize(xb.flatten(2) if xb.dim() == 4 else xb.reshape(2, -1, shape[-1]).transpose(1, 2), 4)):.3f}")
-                del q
+                tokens = xb.flatten(2) if xb.dim() == 4 else xb.reshape(2, -1, shape[-1]).transpose(1, 2)
+                line.append(f"quantize only {bench(lambda: G.quantize(tokens, 4)):.3f}")
         print(" | ".join(line), flush=True)
     for w_bits in (8, 4):
         best = min((cfg for (w, cfg) in totals if w == w_bits), key=lambda c: totals[(w_bits, c)])

@@ -80,7 +80,6 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits)
 }
 DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
-COMPILED_VARIANTS = ["compiled_fp32", "compiled_w4a4"]
 # Prefixes, outermost first: "compiled_" (torch.compile), "graph_" (one step captured as a CUDA graph and replayed),
 # "bf16_" (the model in bfloat16 as users load it: a quantized model's layers take and return bfloat16, their
 # quantizer state stays float32, as a torch_dtype=torch.bfloat16 load leaves it; a peer built on the bfloat16 model).
@@ -160,7 +159,7 @@ def to_half(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for module in model.modules():
         if isinstance(module, (WeightQuantizer, ActQuantizer)):
             continue
-        for name, p in module.named_parameters(recurse=False):
+        for p in module.parameters(recurse=False):
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
         for name, b in module.named_buffers(recurse=False):
@@ -345,19 +344,16 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
         start = time.perf_counter()
         try:
             prefixes, base = split_variant(name)
-            reusable = args.device.startswith("cuda") and not prefixes[:1] == ["compiled_"] and base not in (
+            reusable = args.device.startswith("cuda") and prefixes[:1] != ["compiled_"] and base not in (
                 "quanto_w8a8", "quanto_w4a8")  # GPU memory holds every variant; shapes matter to these only
-            if prefixes[:1] == ["graph_"] and reusable:  # a new capture per input shape, of the shared model
-                inner = name[len("graph_"):]
-                if (id(fp32), inner) not in BUILT:
-                    BUILT[id(fp32), inner] = build_variant(fp32, inner, call)
-                models[name] = CudaGraphed(BUILT[id(fp32), inner])
-            elif reusable:
-                if (id(fp32), name) not in BUILT:
-                    BUILT[id(fp32), name] = build_variant(fp32, name, call)
-                models[name] = BUILT[id(fp32), name]
-            else:
+            if not reusable:
                 models[name] = build_variant(fp32, name, call)
+            else:
+                graph = prefixes[:1] == ["graph_"]  # a new capture per input shape, of the shared model
+                key = (id(fp32), name[len("graph_"):] if graph else name)
+                if key not in BUILT:
+                    BUILT[key] = build_variant(fp32, key[1], call)
+                models[name] = CudaGraphed(BUILT[key]) if graph else BUILT[key]
             fn = forward_fn(models[name], call, variant_dtype(name))
             if name.startswith(("compiled_", "graph_")):
                 fn()  # compiling (capturing) happens on the first call

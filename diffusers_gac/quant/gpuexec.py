@@ -13,8 +13,6 @@ channels in registers): those run the fake-quant reference (``gpu_support``). No
 annotations`` here: the custom op's schema is read from its annotations.
 """
 
-import importlib.util
-from functools import cache
 from typing import List, Optional
 
 import torch
@@ -22,13 +20,12 @@ from torch import nn
 
 from . import gpukernels
 from .intkernels import _out_size
-from .quantizers import ActQuantizer, SplitActQuantizer
+from .quantizers import ActQuantizer, input_parts
 
 
-@cache
 def triton_available() -> bool:
     """Whether Triton is installed (it ships with CUDA builds of torch)."""
-    return importlib.util.find_spec("triton") is not None and gpukernels.triton is not None
+    return gpukernels.triton is not None
 
 
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,8 +58,7 @@ def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] 
     for ``layer`` called on ``x``; None where the GPU kernels do not serve the call (see ``gpu_support``)."""
     if x.dtype not in GPU_DTYPES or gpu_support(layer) is not None:
         return None
-    q = layer.input_quantizer
-    quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
+    quantizers = input_parts(layer.input_quantizer)
     spec = layer._int_spec
     w_scale = layer.weight_quantizer.scale.reshape(-1)
     if w_scale.dtype != torch.float32:

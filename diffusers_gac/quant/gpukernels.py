@@ -213,6 +213,10 @@ if triton is not None:
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & nmask[None, :])
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -232,16 +236,12 @@ def quantize(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tenso
     block_c = _next_pow2(c)
     block_p = max(1, min(64, 8192 // block_c))
     ss, sz = static if static is not None else (scale, scale)
-    quantize_kernel[(triton_cdiv(p, block_p), b)](
+    quantize_kernel[(_cdiv(p, block_p), b)](
         x, q, scale, zero if eight else scale, rsum if rowsum else scale, ss, sz,
         c, p, x.stride(0), x.stride(1), x.stride(2),
         LEVELS=2**bits - 1, EIGHT=eight, STATIC=static is not None, ROWSUM=rowsum,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4 if block_c * block_p <= 4096 else 8)
     return Tokens(q, scale, zero, rsum)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BM, BN, BK, warps, stages), for tuning runs
@@ -273,7 +273,7 @@ def igemm(parts: list[tuple[Tokens, int]], weight: torch.Tensor, packed: bool, w
     width0, width1 = ((c0 + 1) // 2, (c1 + 1) // 2) if packed else (c0, c1)
     bm, bn, bk, warps, stages = _config(m, n, max(c0, c1))
     dummy = w_scale
-    grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
+    grid = (_cdiv(m, bm) * _cdiv(n, bn),)
     eight_in = t0.zero is not None
     igemm_kernel[grid](
         t0.q, t0.scale, t0.zero if eight_in else dummy, t0.rowsum if zw is not None else dummy, c0, width0,

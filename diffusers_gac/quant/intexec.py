@@ -36,7 +36,8 @@ from torch import nn
 from . import gpuexec
 from . import intkernels as K
 from .packing import pack_codes, unpack_codes
-from .quantizers import ActQuantizer, SplitActQuantizer
+from ..denoisers import HALF_DTYPES
+from .quantizers import ActQuantizer, SplitActQuantizer, input_parts
 
 INT4_STORAGES = ("packed", "int8")
 
@@ -238,7 +239,7 @@ def _quantize(q: ActQuantizer, x: torch.Tensor, dim: int) -> K.Act:
 
 def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q = layer.input_quantizer
-    quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
+    quantizers = input_parts(q)
     spec = layer._int_spec
     w_scale = layer.weight_quantizer.scale.reshape(-1).float()
     bias = None if layer.bias is None else layer.bias.detach().float()
@@ -268,9 +269,7 @@ def _ready(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and x.requires_grad:  # int8 GEMMs have no gradient: the reference has one
         return False
-    q = layer.input_quantizer
-    quantizers = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
-    return all(_quantizer_ready(p) for p in quantizers)
+    return all(_quantizer_ready(p) for p in input_parts(layer.input_quantizer))
 
 
 def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -281,7 +280,7 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if x.device.type == "cpu":
         if x.dtype == torch.float32:
             return _forward_cpu(layer, x)
-        if x.dtype in (torch.bfloat16, torch.float16):  # quantized from float32, as the reference does
+        if x.dtype in HALF_DTYPES:  # quantized from float32, as the reference does
             return _forward_cpu(layer, x.float()).to(x.dtype)
         return None
     return gpuexec.gpu_forward(layer, x)

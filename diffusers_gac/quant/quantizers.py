@@ -20,12 +20,11 @@ from torch import nn
 
 from ..checks import check_bits, check_choice
 from ..config import ACT_SCHEMES, WEIGHT_INITS
+from ..denoisers import HALF_DTYPES
 
 WeightInit = Literal["minmax", "mse"]
 ActScheme = Literal["static", "timestep", "dynamic"]
 RoundingMode = Literal["nearest", "learned", "hard", "hard_ste"]
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
 ZETA, GAMMA = 1.1, -0.1
@@ -285,6 +284,11 @@ class SplitActQuantizer(nn.Module):
         k = int(self.split)
         a, b = x.split([k, x.shape[1] - k], dim=1)
         return torch.cat([self.first(a), self.second(b)], dim=1)
+
+
+def input_parts(q: "ActQuantizer | SplitActQuantizer") -> list[ActQuantizer]:
+    """The activation quantizers of one layer input, in channel order: both parts of a split input, else the one."""
+    return [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
 
 
 class TimestepContext:
