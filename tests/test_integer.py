@@ -482,8 +482,9 @@ def _benchmark_module():
 
 
 def test_peers_refuse_settings_they_do_not_run_and_count_their_bits():
-    """benchmarks/peers.py: a setting a peer does not run is refused by name; bitsandbytes (a test dependency) NF4
+    """benchmarks/peers.py: a setting a peer does not run is refused by name; bitsandbytes (the bnb extra) NF4
     quantizes the Linear layers only, so its mean bits per weight count the convolutions at 32."""
+    pytest.importorskip("bitsandbytes")
     peers = _benchmark_module().build_peer.__globals__
     with pytest.raises(ValueError, match="quanto runs W8A8, W4A8, W8A16, W4A16, not W4A4"):
         peers["check_peer"]("quanto", "W4A4")
