@@ -53,7 +53,7 @@ from diffusers.utils import logging as dlogging
 from torch import nn
 
 from diffusers_gac import GACConfig
-from diffusers_gac.quant import gpukernels
+from diffusers_gac.quant import gpukernels, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers
 from diffusers_gac.quant.quantizers import ActQuantizer, WeightQuantizer
 from diffusers_gac.zoo import load_embedded_unet
@@ -62,7 +62,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fp_baseline import cpu_name  # noqa: E402  (benchmarks/fp_baseline.py)
 from peers import PEERS, build_peer  # noqa: E402  (benchmarks/peers.py)
 
-VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits)
+# the activation-side levers (GACConfig options) of the *_levers/*_g64 variants: smoothing, a rank-32 branch and
+# clipped ranges run on the integer kernels; per-group ranges (act_group_size) run the fake-quant reference
+LEVERS = {"smoothing": True, "lowrank_rank": 32, "act_clipping": True}
+VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GACConfig options])
     "fp32": (None, None, None),
     "bf16": ("bf16", None, None),
     "fake_w4a4": ("fake", 4, 4),
@@ -71,6 +74,8 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits)
     "int_w4a8": ("integer", 4, 8),
     "int_w4a4": ("integer", 4, 4),
     "auto_w4a4": ("auto", 4, 4),
+    "int_w4a4_levers": ("integer", 4, 4, LEVERS),
+    "int_w4a4_g64": ("integer", 4, 4, {"act_group_size": 64}),
     "compiled_fp32": ("compile", None, None),
     "compiled_w4a4": ("compile", 4, 4),
     "torchao_w8a8": ("torchao", 8, 8),
@@ -217,7 +222,7 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
         if VARIANTS[base][0] in PEERS:
             return build_variant(to_half(copy.deepcopy(fp32), dtype), base, half_call)
         return to_half(build_variant(fp32, base, call), dtype)
-    kind, w_bits, a_bits = VARIANTS[base]
+    kind, w_bits, a_bits, *options = VARIANTS[base]
     if kind is None:
         return fp32
     if kind in PEERS:
@@ -228,11 +233,11 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
     model = copy.deepcopy(fp32)
     if kind == "bf16":
         return model.to(torch.bfloat16)
-    convert_model(model, GACConfig(w_bits=w_bits, a_bits=a_bits, weight_init="minmax"))
+    convert_model(model, GACConfig(w_bits=w_bits, a_bits=a_bits, weight_init="minmax", **(options or [{}])[0]))
     freeze_model(model, kind)
     layers = quant_layers(model).values()
     running = sum(m.execution == "integer" for m in layers)
-    wanted = {"fake": 0, "integer": sum(m.input_quantizer is not None for m in layers)}
+    wanted = {"fake": 0, "integer": sum(intexec.integer_support(m) is None for m in layers)}
     if running != wanted.get(kind, running):
         raise RuntimeError(f"{name}: {running} of {wanted[kind]} layers run the integer kernels")
     log(f"{name}: {running} of {len(layers)} quantized layers on the integer kernels")

@@ -1,8 +1,9 @@
 """Compare PTQ methods end to end on an embedded model (the tables in docs/results/).
 
 Every method is a set of GACConfig options on top of ``--set`` options; each (bits, method, seed) run calibrates a
-fresh copy of the full-precision model with that seed and samples with the same seed, so every method sees the same
-calibration trajectories and the same evaluation noise. Each run has a process of its own (peak RSS is its own) and
+fresh copy of the full-precision model with that seed and is evaluated on noise drawn from seed + ``--eval-seed-offset``
+(default 1000, so no evaluation trajectory is one the calibration ran on), so every method sees the same calibration
+trajectories and the same evaluation noise. Each run has a process of its own (peak RSS is its own) and
 one torch thread; calibration time is measured as process CPU seconds (steady when other work shares the machine)
 and as wall seconds. Runs are appended to a JSONL file (an interrupted sweep resumes where it stopped), then
 summarised as a markdown table with mean ± std over seeds.
@@ -107,6 +108,7 @@ def run_one(job: dict) -> dict:
 
     from diffusers_gac import GACConfig, quantize_model, zoo
     from diffusers_gac.evaluation import evaluate_denoiser, sample_images, score_samples, trajectory_error
+    from diffusers_gac.hub import _fp32_and_quantized_bytes
     from diffusers_gac.quant.convert import quant_layers
     from diffusers_gac.sampling import resolve_labels
     from safetensors.torch import load_file, save_file
@@ -117,16 +119,18 @@ def run_one(job: dict) -> dict:
     scheduler = zoo.load_embedded_scheduler(name)
     features, real = zoo.load_feature_network(name), zoo.load_real_images(name, "test")
     seed, steps, n = job["seed"], job["steps"], job["num_samples"]
-    cache = Path(job["cache"]) / f"{name}-seed{seed}-steps{steps}-n{n}.safetensors"
+    eval_seed = seed + job["eval_seed_offset"]  # evaluation noise apart from the calibration's
+    cache = Path(job["cache"]) / f"{name}-seed{eval_seed}-steps{steps}-n{n}.safetensors"
     if cache.is_file():  # the full-precision samples of this seed, shared by every method of the sweep
         reference = load_file(cache)["samples"]
     else:
-        reference, _ = sample_images(fp, scheduler, n, num_inference_steps=steps, seed=seed, show_progress=False)
+        reference, _ = sample_images(fp, scheduler, n, num_inference_steps=steps, seed=eval_seed, show_progress=False)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         save_file({"samples": reference.contiguous()}, tmp)
         os.replace(tmp, cache)
     row = {k: job[k] for k in ("model", "bits", "method", "seed", "steps", "num_samples")}
+    row["eval_seed"] = eval_seed
     if job["method"] in PEERS:
         def calibrate(m):  # the peer's own calibration: its model sampling 64 trajectories
             sample_images(m, scheduler, 64, num_inference_steps=steps, seed=seed + 10_000, show_progress=False)
@@ -146,6 +150,10 @@ def run_one(job: dict) -> dict:
         row["mean_weight_bits"] = mean_weight_bits(fp, {n: m.w_bits for n, m in quant_layers(model).items()})
         row["unit_error_before"] = sum(u.loss_before for u in report.units)
         row["unit_error_after"] = sum(u.loss_after for u in report.units)
+        row["checkpoint_bytes"] = _fp32_and_quantized_bytes(model)[1]
+        row["lever_params"] = sum(t.numel() for layer in quant_layers(model).values() for k, t in layer.named_buffers()
+                                  if k.split(".")[-1] in ("smooth", "lowrank_down", "lowrank_up", "clip"))
+        row["levers"] = [u.levers for u in report.units if u.levers]
         gac = [u.weighting for u in report.units if "effective_sample_fraction" in u.weighting]
         if gac:
             row["effective_sample_fraction"] = float(np.mean([d["effective_sample_fraction"] for d in gac]))
@@ -155,12 +163,12 @@ def run_one(job: dict) -> dict:
         scores = score_samples(reference, resolve_labels(fp, n, None), classifier=features, real_images=real)
         row.update(fd=scores["fd"], accuracy=scores["accuracy"])
     else:
-        result = evaluate_denoiser(model, scheduler, reference_images=reference, num_samples=n, seed=seed,
+        result = evaluate_denoiser(model, scheduler, reference_images=reference, num_samples=n, seed=eval_seed,
                                    num_inference_steps=steps, classifier=features, real_images=real,
                                    show_progress=False)
         row.update(fd=result.fd, accuracy=result.accuracy, psnr=result.psnr, mse=result.mse)
         row["trajectory_mse"] = trajectory_error(model, fp, scheduler, job["trajectory_samples"],
-                                                 num_inference_steps=steps, seed=seed)["mse"]
+                                                 num_inference_steps=steps, seed=eval_seed)["mse"]
     # each run has a process of its own (max_tasks_per_child=1), so this is the run's own peak
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return row
@@ -189,11 +197,14 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
         (f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} CPU cores), torch "
          f"{__import__('torch').__version__}, one torch thread and one process per run. Calibration time in CPU "
          "seconds (wall seconds vary with what else runs). Trajectory MSE: the noise-prediction error against full "
-         "precision along the full-precision trajectories (x1e-3). Command:"),
+         "precision along the full-precision trajectories (x1e-3). Evaluation noise is drawn from seeds "
+         f"{sorted({r['eval_seed'] for r in rows if 'eval_seed' in r}) or 'equal to the calibration seeds (older rows)'}"
+         f"; calibration seeds {sorted({r['seed'] for r in rows})}. Checkpoint: the bytes of the frozen model's "
+         "state as saved. Command:"),
         "", "```", command, "```", "",
         "| model | setting | method | seeds | FD ↓ | PSNR vs FP (dB) ↑ | sample MSE (x1e-3) ↓ | trajectory MSE (x1e-3) ↓ "
-        "| accuracy ↑ | weight bits | calibration (CPU s) | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| accuracy ↑ | weight bits | checkpoint (KiB) | calibration (CPU s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ordered = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] != "FP32",
                                                     kv[0][3], order.index(kv[0][4].split(":")[0]), kv[0][4]))
@@ -206,6 +217,7 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
             f"{_cell([r.get('psnr') for r in rs])} | {_cell([r.get('mse') for r in rs], 3, 1e3)} | "
             f"{_cell([r.get('trajectory_mse') for r in rs], 3, 1e3)} | {_cell([r['accuracy'] for r in rs], 3)} | "
             f"{_cell([r.get('mean_weight_bits') for r in rs][:1], 1)} | "
+            f"{_cell([r.get('checkpoint_bytes') for r in rs][:1], 0, 1 / 1024)} | "
             f"{_cell([r.get('calibration_cpu_seconds') for r in rs], 0)} | {_cell([r['peak_rss_mb'] for r in rs], 0)} |"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table", type=Path, help="write the markdown summary of the whole JSONL file here")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--eval-seed-offset", type=int, default=1000,
+                   help="evaluation noise comes from seed + this (0: the calibration seed, as before 2026-12)")
     a = p.parse_args(argv)
+    if a.eval_seed_offset and set(a.seeds) & {s + a.eval_seed_offset for s in a.seeds}:
+        p.error("--eval-seed-offset makes an evaluation seed equal to a calibration seed")
     for b in a.bits:
         parse_bits(b)
     for m in a.methods + ([a.equal_time] if a.equal_time else []):
@@ -279,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     def job(method: str, bits: str, seed: int) -> dict:
         return {"model": a.model, "bits": bits, "method": method, "seed": seed, "steps": a.steps,
                 "num_samples": a.num_samples, "base": base if method != "fp" else {}, "threads": a.threads,
-                "trajectory_samples": a.trajectory_samples, "cache": str(a.jsonl) + ".reference"}
+                "trajectory_samples": a.trajectory_samples, "cache": str(a.jsonl) + ".reference",
+                "eval_seed_offset": a.eval_seed_offset}
 
     def todo(methods: list[str], bits: list[str]) -> list[dict]:
         done = {(r["model"], r["bits"], r["method"], r["seed"], r["steps"], json.dumps(r.get("base", {}), sort_keys=True))

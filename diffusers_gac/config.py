@@ -44,8 +44,11 @@ EXECUTIONS = ("auto", "integer", "fake")
 
 # options that fix the quantized layout: needed to rebuild a checkpoint (top level of config.json)
 FORMAT_OPTIONS = ("w_bits", "a_bits", "act_scheme", "act_timestep_groups", "attn_bits", "special_bits",
-                  "split_skip_inputs", "modules_to_not_convert")
-FORMAT_VERSION = 1
+                  "split_skip_inputs", "modules_to_not_convert", "act_group_size", "act_clipping", "smoothing",
+                  "lowrank_rank")
+# the activation-side levers (off by default); a checkpoint using one is format 2, which earlier releases refuse
+LEVER_DEFAULTS = {"act_group_size": None, "act_clipping": False, "smoothing": False, "lowrank_rank": 0}
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -103,6 +106,16 @@ class GACConfig(QuantizationConfigMixin):
             ``None`` keeps them in full precision. Other layers use ``w_bits``/``a_bits``.
         split_skip_inputs: give the two halves of concatenated UNet skip inputs their own quantizers.
         modules_to_not_convert: module names (or name prefixes) kept in full precision.
+    Activation-side levers for 4-bit activations (off by default; docs/levers.md says which layers take which):
+        act_group_size: with ``act_scheme="dynamic"``, a range per token and per group of this many input channels
+            instead of per token (``None``); an input whose channels it does not divide keeps per-token ranges.
+        act_clipping: with ``act_scheme="dynamic"``, shrink every token's min-max range by a per-layer ratio searched
+            on the calibration data (4 bits spend fewer levels on outliers).
+        smoothing: divide each layer input channel by a scale moved into the weight (SmoothQuant), its strength
+            searched per layer on the calibration data; exact before quantization.
+        lowrank_rank: keep the top singular directions of each 4-bit layer's (smoothed) weight as a 16-bit branch
+            beside the quantized residual: a rank (``int``, 0: none) or a fraction in (0, 1) of the smaller weight
+            dimension. A layer gets at most half its smaller dimension.
     Calibration data:
         calib_num_inference_steps: sampler steps of the full-precision trajectories the data comes from.
         calib_timestep_selection: ``"uniform"`` (evenly spaced, Q-Diffusion), ``"normal"`` (PTQ4DM-style, centred on
@@ -171,6 +184,10 @@ class GACConfig(QuantizationConfigMixin):
     special_bits: int | None = 8
     split_skip_inputs: bool = True
     modules_to_not_convert: list[str] | None = None
+    act_group_size: int | None = None
+    act_clipping: bool = False
+    smoothing: bool = False
+    lowrank_rank: int | float = 0
     # -- calibration data -----------------------------------------------------------------------------------------
     calib_num_inference_steps: int = 25
     calib_timestep_selection: str = "uniform"
@@ -230,6 +247,7 @@ class GACConfig(QuantizationConfigMixin):
         check_bits("special_bits", self.special_bits, allow_none=True)
         check_bits("attn_bits", self.attn_bits, allow_none=True)
         check_bool("split_skip_inputs", self.split_skip_inputs)
+        self._check_levers()
         check_choice("act_scheme", self.act_scheme, ACT_SCHEMES)
         check_choice("execution", self.execution, EXECUTIONS)
         check_choice("weight_init", self.weight_init, WEIGHT_INITS)
@@ -279,6 +297,23 @@ class GACConfig(QuantizationConfigMixin):
             if problems:
                 raise ValueError("the quantization config contradicts its own layout (the list of converted "
                                  f"layers): {'; '.join(problems)}")
+
+    def _check_levers(self) -> None:
+        if self.act_group_size is not None:
+            check_positive("act_group_size", self.act_group_size)
+        check_bool("act_clipping", self.act_clipping)
+        check_bool("smoothing", self.smoothing)
+        for name in ("act_group_size", "act_clipping"):
+            if getattr(self, name) not in (None, False) and self.act_scheme != "dynamic":
+                raise ValueError(f"{name} shapes the ranges computed per token at run time, so it needs "
+                                 f"act_scheme='dynamic', got act_scheme={self.act_scheme!r}")
+        rank = self.lowrank_rank
+        if isinstance(rank, bool) or not (isinstance(rank, int) and rank >= 0 or isinstance(rank, float) and 0 < rank < 1):
+            raise ValueError(f"lowrank_rank must be an integer >= 0 (0: no low-rank branch) or a fraction in (0, 1) of "
+                             f"a layer's smaller weight dimension, got {rank!r}")
+
+    def uses_levers(self) -> bool:
+        return any(getattr(self, k) != v for k, v in LEVER_DEFAULTS.items())
 
     def _check_gac_options(self) -> None:
         for name in ("gac_meta_lr", "gac_virtual_lr", "gac_temperature"):
@@ -331,7 +366,8 @@ class GACConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """What config.json carries: the format options, the calibration options under ``"calibration"`` and, once
         calibrated, the ``"layout"``. Runtime inputs are never included."""
-        d: dict[str, Any] = {"quant_method": GACQuantizationMethod.GAC.value, "format_version": FORMAT_VERSION}
+        d: dict[str, Any] = {"quant_method": GACQuantizationMethod.GAC.value,
+                             "format_version": FORMAT_VERSION if self.uses_levers() else 1}
         d.update({n: copy.deepcopy(getattr(self, n)) for n in FORMAT_OPTIONS})
         d["calibration"] = self.calibration_options()
         if self.layout is not None:

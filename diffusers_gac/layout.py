@@ -9,8 +9,9 @@ from typing import Any
 
 from .checks import check_bits
 
-# the keys of one converted layer in QuantizedLayout.layers
+# the keys of one converted layer in QuantizedLayout.layers; "rank" (its low-rank branch) only where it has one
 LAYER_KEYS = ("w_bits", "a_bits", "split")
+OPTIONAL_LAYER_KEYS = ("rank",)
 
 
 @dataclass
@@ -18,8 +19,8 @@ class QuantizedLayout:
     """What calibration decided about the model's layout; what a saved checkpoint needs to rebuild its layers.
 
     ``layers`` maps every converted Conv2d/Linear to ``{"w_bits", "a_bits", "split"}`` (``split``: channels of the
-    first part of a concatenated skip input, or None); ``attention`` names the Attention modules whose matmuls
-    are quantized.
+    first part of a concatenated skip input, or None), plus ``"rank"`` for a layer with a low-rank 16-bit branch
+    (``GACConfig.lowrank_rank``); ``attention`` names the Attention modules whose matmuls are quantized.
     """
 
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -46,14 +47,19 @@ class QuantizedLayout:
             where = f"layout.layers[{name!r}]"
             if not isinstance(name, str) or not name:
                 raise ValueError(f"layout.layers must be keyed by module names, got {name!r}")
-            if not isinstance(spec, dict) or set(spec) != set(LAYER_KEYS):
+            if (not isinstance(spec, dict) or not set(LAYER_KEYS) <= set(spec)
+                    or not set(spec) <= set(LAYER_KEYS + OPTIONAL_LAYER_KEYS)):
                 keys = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
-                raise ValueError(f"{where} must be a dict with exactly the keys {list(LAYER_KEYS)}, got {keys}")
+                raise ValueError(f"{where} must be a dict with the keys {list(LAYER_KEYS)} (and optionally "
+                                 f"{list(OPTIONAL_LAYER_KEYS)}), got {keys}")
             check_bits(f"{where}['w_bits']", spec["w_bits"])
             check_bits(f"{where}['a_bits']", spec["a_bits"], allow_none=True)
             split = spec["split"]
             if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split <= 0):
                 raise ValueError(f"{where}['split'] must be None or a positive number of channels, got {split!r}")
+            rank = spec.get("rank", 0)
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+                raise ValueError(f"{where}['rank'] must be the positive rank of the layer's low-rank branch, got {rank!r}")
         if not all(isinstance(a, str) and a for a in self.attention):
             raise ValueError(f"layout.attention must be a list of Attention module names, got {self.attention!r}")
 
@@ -83,4 +89,7 @@ class QuantizedLayout:
                                                  or [])]
         if skipped:
             problems.append(f"modules_to_not_convert keeps {skipped[0]!r} in full precision but the layout lists it")
+        ranked = [n for n, s in self.layers.items() if s.get("rank")]
+        if ranked and not config.lowrank_rank:
+            problems.append(f"lowrank_rank is 0 but {len(ranked)} layers have a low-rank branch, e.g. {ranked[0]!r}")
         return problems

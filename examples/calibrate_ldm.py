@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-split", default="train")
     p.add_argument("--class-labels", type=int, nargs="*", default=None, help="class labels (default: all, in turn)")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--act-group-size", type=int, default=None, help="dynamic activation ranges per channel group")
+    p.add_argument("--act-clipping", action="store_true", help="searched per-layer clipping of dynamic ranges")
+    p.add_argument("--smoothing", action="store_true", help="searched smoothing (input scales moved into weights)")
+    p.add_argument("--lowrank-rank", type=lambda t: float(t) if "." in t else int(t), default=0,
+                   help="rank (or fraction in (0, 1)) of a 16-bit low-rank branch beside each 4-bit weight")
     p.add_argument("--resume", action="store_true", help="continue the calibration kept in OUTPUT.checkpoint")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the result to this Hub repository")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is available")
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     config = GACConfig(w_bits=args.w_bits, a_bits=args.a_bits, act_scheme=args.act_scheme, weighting=args.weighting,
                        iters=args.iters, calib_samples_per_timestep=args.num_trajectories,
                        calib_num_timesteps=min(args.num_timesteps, args.steps), calib_num_inference_steps=args.steps,
-                       seed=args.seed)
+                       seed=args.seed, act_group_size=args.act_group_size, act_clipping=args.act_clipping,
+                       smoothing=args.smoothing, lowrank_rank=args.lowrank_rank)
     prompts = diffusers_gac.load_prompts(file=args.prompts_file, dataset=args.prompts_dataset,
                                          column=args.prompts_column, split=args.prompts_split)
     result = diffusers_gac.calibrate_pretrained(

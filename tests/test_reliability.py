@@ -175,7 +175,7 @@ DAMAGE = {
         dict(config=lambda d: _layers(d).update({"no.such.conv": {"w_bits": 4, "a_bits": 4, "split": None}})),
         "'no.such.conv', which UNet2DModel does not have"),
     "a malformed layer entry": (
-        dict(config=lambda d: _layers(d).update(conv_in={"w_bits": 8})), "exactly the keys"),
+        dict(config=lambda d: _layers(d).update(conv_in={"w_bits": 8})), "must be a dict with the keys"),
     "an unknown option in config.json": (
         dict(config=lambda d: d["quantization_config"].update(w_bit=3)), "'w_bit' \\(did you mean 'w_bits'\\?\\)"),
     "a newer format_version": (

@@ -39,7 +39,7 @@ def contiguous_groups(timesteps: torch.Tensor, num_groups: int) -> torch.Tensor:
 @dataclass
 class UnitReport:
     """What the reconstruction of one unit did: its errors before and after (training samples; held-out ones apart),
-    time, and the weighting strategy's diagnostics."""
+    time, the weighting strategy's diagnostics and what the lever search chose per layer (``quant/levers.py``)."""
 
     name: str
     kind: str
@@ -50,6 +50,7 @@ class UnitReport:
     weighting: dict[str, Any] = field(default_factory=dict)
     val_loss_before: float | None = None  # on the strategy's held-out validation samples, if any
     val_loss_after: float | None = None
+    levers: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import GACConfig
 from ..quant.convert import act_quantizers, quantization_disabled, set_quant_state
+from ..quant.levers import search_levers
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..sampling import progress_bar
 from .data import CalibrationData
@@ -48,6 +49,8 @@ from .weighting import SampleWeighting, UniformWeighting
 logger = logging.get_logger(__name__)
 
 EVAL_SAMPLES = 256  # subset of the training samples on which a unit's error is reported before and after
+LEVER_SAMPLES = 64  # training samples (evenly strided) whose layer inputs the lever search scores candidates on
+LEVER_ELEMENTS = 2**25  # ... and at most this many input values per layer (128 MiB in float32)
 
 
 def rounding_beta(step: int, iters: int, warmup: float, start: float = 20.0, end: float = 2.0) -> float | None:
@@ -118,6 +121,35 @@ class UnitReconstruction:
             return torch.cat(losses).mean().item()
         total = torch.cat(losses).double().sum() if losses else torch.zeros((), dtype=torch.float64)
         return (self.shard.sum(total.reshape(1)) / len(idx)).item()
+
+    @torch.no_grad()
+    def fit_levers(self, idx: torch.Tensor) -> dict[str, dict]:
+        """Search the smoothing and clipping of the unit's layers (``quant/levers.py``) on the inputs each layer sees
+        for a strided subset of the global training samples ``idx``; returns what each layer chose."""
+        layers = {n: l for n, l in self.unit.layers.items() if l.smooth is not None or l.lowrank_up is not None
+                  or any(getattr(q, "clip", None) is not None for q in l.modules())}
+        if not layers:
+            return {}
+        inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+
+        def recorder(name):
+            def hook(module, args):
+                if sum(x.numel() for x in inputs[name]) + args[0].numel() <= LEVER_ELEMENTS or not inputs[name]:
+                    inputs[name].append(args[0].detach().clone())
+            return hook
+
+        handles = [layer.register_forward_pre_hook(recorder(n)) for n, layer in layers.items()]
+        try:
+            _, local = self.shard.local(idx)
+            local = local[torch.linspace(0, len(local) - 1, min(LEVER_SAMPLES, len(local))).round().long()]
+            bs = max(self.config.batch_size, 64)
+            for i in range(0, len(local), bs):
+                self.run(local[i : i + bs])
+        finally:
+            for h in handles:
+                h.remove()
+        reduce_max = (lambda t: self.shard.rows(t[None]).amax(0)) if self.shard.distributed else (lambda t: t)
+        return {n: search_levers(layer, inputs[n], self.shard.sum, reduce_max) for n, layer in layers.items()}
 
     @torch.no_grad()
     def init_activation_ranges(self, idx: torch.Tensor) -> None:
@@ -272,6 +304,7 @@ def reconstruct_model(
                                                 val_shard)
         held_out = weighting.validation_mask(job.global_timesteps, torch.Generator().manual_seed(seed + 1))
         train_idx, val_idx = torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
+        chosen = job.fit_levers(train_idx)
         job.init_activation_ranges(train_idx)
         set_quant_state(unit.module, weights=True, acts=True)
         eval_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 2))]
@@ -279,7 +312,7 @@ def reconstruct_model(
         before, val_before = job.mean_loss(eval_idx), job.mean_loss(val_idx)
         diagnostics = job.optimise(weighting, train_idx, val_idx) if config.reconstruction == "adaround" else {}
         report = UnitReport(unit.name, type(unit.module).__name__, len(unit.layers), before, job.mean_loss(eval_idx),
-                            round(time.time() - start, 2), diagnostics, val_before, job.mean_loss(val_idx))
+                            round(time.time() - start, 2), diagnostics, val_before, job.mean_loss(val_idx), chosen)
         reports.append(report)
         logger.info(f"{unit.name}: error {report.loss_before:.4g} -> {report.loss_after:.4g} ({report.seconds:.1f}s)")
         if checkpoint is not None:

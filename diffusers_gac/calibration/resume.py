@@ -38,9 +38,17 @@ def _write_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+LEVER_TENSORS = ("smooth", "lowrank_down", "lowrank_up")
+
+
 def unit_state(unit: Unit) -> dict[str, torch.Tensor]:
-    """The calibrated quantizer state of a unit: every tensor of its quantizers (rounding variables included)."""
-    return {k: v.detach().contiguous().cpu() for k, v in unit.module.state_dict().items() if "quantizer" in k}
+    """The calibrated quantizer state of a unit: every tensor of its quantizers (rounding variables included), and
+    of layers with smoothing or a low-rank branch, those and the weight they changed (``quant/levers.py``)."""
+    leaves = {(f"{n[len(unit.name) + 1:]}." if n != unit.name else "") for n, l in unit.layers.items()
+              if any(getattr(l, t, None) is not None for t in LEVER_TENSORS)}
+    changed = {p + t for p in leaves for t in ("weight", *LEVER_TENSORS)}
+    return {k: v.detach().contiguous().cpu() for k, v in unit.module.state_dict().items()
+            if "quantizer" in k or k in changed}
 
 
 class UnitCheckpoint:

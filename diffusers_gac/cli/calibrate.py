@@ -42,7 +42,23 @@ def add_calibrate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> 
     p.add_argument("--iters", type=positive_int, default=defaults.iters, help=f"optimisation steps per block (default: {defaults.iters})")
     p.add_argument("--seed", type=seed, default=defaults.seed, help=f"seed of calibration and evaluation (default: {defaults.seed})")
     p.add_argument("--eval-samples", type=int, default=500, help="samples for the evaluation in the report; 0 skips it (default: 500)")
+    levers = p.add_argument_group("activation-side levers (docs/levers.md; off by default)")
+    levers.add_argument("--act-group-size", type=positive_int, default=None, help="dynamic ranges per group of this many input channels")
+    levers.add_argument("--act-clipping", action="store_true", help="shrink dynamic ranges by a searched per-layer ratio")
+    levers.add_argument("--smoothing", action="store_true", help="move input-channel scales into the weights (searched)")
+    levers.add_argument("--lowrank-rank", type=rank, default=0, help="rank (or fraction in (0, 1)) of a 16-bit low-rank branch")
     p.set_defaults(func=run_calibrate)
+
+
+def rank(text: str) -> int | float:
+    """argparse type of --lowrank-rank: an integer >= 0, or a fraction in (0, 1)."""
+    try:
+        value = float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 or a fraction in (0, 1), got {text!r}") from None
+    if not (isinstance(value, int) and value >= 0 or isinstance(value, float) and 0 < value < 1):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 or a fraction in (0, 1), got {text!r}")
+    return value
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -55,7 +71,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         w_bits=args.w_bits, a_bits=args.a_bits, act_scheme=args.act_scheme, weighting=args.weighting,
         reconstruction=args.reconstruction, calib_timestep_selection=args.timesteps, iters=args.iters,
         seed=args.seed, calib_num_inference_steps=args.steps,
-        calib_num_timesteps=min(GACConfig.calib_num_timesteps, args.steps),
+        calib_num_timesteps=min(GACConfig.calib_num_timesteps, args.steps), act_group_size=args.act_group_size,
+        act_clipping=args.act_clipping, smoothing=args.smoothing, lowrank_rank=args.lowrank_rank,
     )
     device = args.device or default_device()
     fp_unet, scheduler = zoo.load_model(args.model, device=device)

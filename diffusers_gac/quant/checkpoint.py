@@ -14,7 +14,11 @@ What a tensor must be:
   finite and > 0 (a probabilities quantizer's scale is fixed at ``1 / (2**bits - 1)``);
 * ``*.zero_point``: uint8 (how frozen layers save them) or floating point, integer-valued, in ``[0, 2**bits - 1]``;
 * a dynamic quantizer's ``scale``/``zero_point``: empty, and optional (saved by none but the earliest checkpoints);
-* ``input_quantizer.split``: an integer scalar equal to the layout's ``split``.
+* ``input_quantizer.split``: an integer scalar equal to the layout's ``split``;
+* ``*.clip`` (clipped dynamic ranges): a floating-point scalar in ``(0, 1]``;
+* ``smooth`` (smoothing): floating point of shape ``(in_channels,)``, finite and > 0;
+* ``lowrank_down`` / ``lowrank_up`` (a branch of the layout's ``rank``): floating point, finite, of the shapes
+  ``(rank, in, kh, kw)`` / ``(out, rank)``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .quantizers import ActQuantizer, SplitActQuantizer, WeightQuantizer
 # Names that only a diffusers-gac checkpoint holds (a plain model has none of them).
 QUANTIZED_SUFFIXES = ("packed_weight", "quantizer.scale", "quantizer.zero_point", "quantizer.split",
                       "quantizer.first.scale", "quantizer.first.zero_point", "quantizer.second.scale",
-                      "quantizer.second.zero_point")
+                      "quantizer.second.zero_point", "quantizer.clip", ".smooth", ".lowrank_down", ".lowrank_up")
 MAX_LISTED = 8  # problems named in one error; the rest are counted
 
 
@@ -53,7 +57,7 @@ class CheckpointError(ValueError):
 class TensorSpec:
     """What one quantized tensor of a checkpoint must be."""
 
-    kind: str  # "codes", "scale", "zero_point" or "split"
+    kind: str  # "codes", "scale", "zero_point", "split", "clip" or "float" (finite floating point)
     shape: tuple[int, ...]
     bits: int | None = None
     num_codes: int | None = None  # codes per row ("codes")
@@ -72,8 +76,11 @@ def _quantizer_specs(prefix: str, q: nn.Module) -> dict[str, TensorSpec]:
         return {}
     fixed = 1.0 / (2**q.bits - 1) if getattr(q, "fixed_range", False) else None
     optional = q.scale.numel() == 0
-    return {f"{prefix}.scale": TensorSpec("scale", tuple(q.scale.shape), q.bits, fixed_scale=fixed, optional=optional),
-            f"{prefix}.zero_point": TensorSpec("zero_point", tuple(q.zero_point.shape), q.bits, optional=optional)}
+    specs = {f"{prefix}.scale": TensorSpec("scale", tuple(q.scale.shape), q.bits, fixed_scale=fixed, optional=optional),
+             f"{prefix}.zero_point": TensorSpec("zero_point", tuple(q.zero_point.shape), q.bits, optional=optional)}
+    if getattr(q, "clip", None) is not None:
+        specs[f"{prefix}.clip"] = TensorSpec("clip", ())
+    return specs
 
 
 def quantized_tensor_specs(model: nn.Module) -> dict[str, TensorSpec]:
@@ -86,6 +93,11 @@ def quantized_tensor_specs(model: nn.Module) -> dict[str, TensorSpec]:
             specs.update(_quantizer_specs(f"{name}.weight_quantizer", module.weight_quantizer))
             if module.input_quantizer is not None:
                 specs.update(_quantizer_specs(f"{name}.input_quantizer", module.input_quantizer))
+            if module.smooth is not None:
+                specs[f"{name}.smooth"] = TensorSpec("scale", tuple(module.smooth.shape))
+            for t in ("lowrank_down", "lowrank_up"):
+                if getattr(module, t) is not None:
+                    specs[f"{name}.{t}"] = TensorSpec("float", tuple(getattr(module, t).shape))
         elif isinstance(module, Attention):
             for q in ("q_quantizer", "k_quantizer", "v_quantizer", "probs_quantizer"):
                 if hasattr(module, q):
@@ -110,6 +122,10 @@ def check_layout(model: nn.Module, config: GACConfig) -> None:
             problems.append(f"layout names {name!r} as a Conv2d/Linear layer but it is a {type(module).__name__}")
         elif spec["split"] is not None and not (isinstance(module, nn.Conv2d) and spec["split"] < module.in_channels):
             problems.append(f"layout gives {name!r} a split input at channel {spec['split']}, which it cannot have")
+        elif spec.get("rank") and (getattr(module, "groups", 1) != 1 or spec["rank"] > min(
+                module.weight.shape[0], module.weight[0].numel()) // 2):
+            problems.append(f"layout gives {name!r} a low-rank branch of rank {spec['rank']}, more than half its "
+                            f"weight's smaller dimension (or a grouped convolution)")
     for name in config.layout.attention:
         if not isinstance(modules.get(name), Attention):
             problems.append(f"layout names {name!r} as an Attention module but it is "
@@ -120,7 +136,7 @@ def check_layout(model: nn.Module, config: GACConfig) -> None:
 
 def owner(key: str) -> str:
     """The layer or attention module a quantized tensor belongs to."""
-    return re.split(r"\.(?:packed_weight|\w+_quantizer)(?:\.|$)", key)[0]
+    return re.split(r"\.(?:packed_weight|smooth|lowrank_down|lowrank_up|\w+_quantizer)(?:\.|$)", key)[0]
 
 
 def check_presence(specs: Mapping[str, TensorSpec], keys: Iterable[str]) -> list[str]:
@@ -153,7 +169,8 @@ def check_tensor(name: str, tensor: torch.Tensor, spec: TensorSpec) -> list[str]
         pass  # frozen layers save their zero points as uint8 (exact: integers in [0, 2**bits - 1])
     elif not tensor.dtype.is_floating_point:
         allowed = "uint8 or floating point" if spec.kind == "zero_point" else "floating point"
-        return [f"{name} is stored as {tensor.dtype}; a quantizer {spec.kind.replace('_', ' ')} is {allowed} "
+        what = {"scale": "a quantizer scale", "zero_point": "a quantizer zero point"}.get(spec.kind, "it")
+        return [f"{name} is stored as {tensor.dtype}; {what} is {allowed} "
                 "(an integer copy would have lost its fractional part)"]
     if tuple(tensor.shape) != spec.shape:
         return [f"{name} has shape {tuple(tensor.shape)} but the config implies {spec.shape}"]
@@ -169,6 +186,11 @@ def check_tensor(name: str, tensor: torch.Tensor, spec: TensorSpec) -> list[str]
     values = values.double()
     if not torch.isfinite(values).all():
         return [f"{name} holds {int((~torch.isfinite(values)).sum())} non-finite values (NaN or inf)"]
+    if spec.kind == "float":
+        return []
+    if spec.kind == "clip":
+        ok = 0 < float(values) <= 1
+        return [] if ok else [f"{name} is {float(values):.6g}; a clipping ratio lies in (0, 1]"]
     if spec.kind == "scale":
         if (values <= 0).any():
             return [f"{name} holds {int((values <= 0).sum())} scales <= 0; a scale is positive"]

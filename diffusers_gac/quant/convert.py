@@ -19,6 +19,7 @@ from ..config import EXECUTIONS, GACConfig, QuantizedLayout, check_choice
 from . import intexec
 from .attention import quantize_attention
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear
+from .levers import float_weight, layer_rank
 from .quantizers import ActQuantizer, TimestepContext
 
 # Names of the first/last layers and of the embedding MLPs across diffusers' UNets and transformer denoisers.
@@ -96,6 +97,10 @@ def plan_conversion(model: nn.Module, config: GACConfig) -> QuantizedLayout:
             a_bits = None if a_bits is None else max(a_bits, config.special_bits)
         split = splits.get(name) if isinstance(module, nn.Conv2d) else None
         report.layers[name] = {"w_bits": w_bits, "a_bits": a_bits, "split": split}
+        if config.lowrank_rank and not is_special_layer(name) and getattr(module, "groups", 1) == 1:
+            rank = layer_rank(tuple(module.weight.shape), config.lowrank_rank)
+            if rank:
+                report.layers[name]["rank"] = rank
     if config.attn_bits is not None:
         report.attention = [
             n for n, m in model.named_modules() if isinstance(m, Attention) and not _matches(n, config.modules_to_not_convert)
@@ -110,9 +115,12 @@ def apply_conversion(model: nn.Module, config: GACConfig, plan: QuantizedLayout)
         module = model.get_submodule(name)
         if type(module) not in QUANT_LAYERS:
             raise ValueError(f"cannot convert {name!r}: expected Conv2d or Linear, found {type(module).__name__}")
+        plain = getattr(module, "groups", 1) == 1  # smoothing and the branch need dense weights
         layer = QUANT_LAYERS[type(module)].from_module(
             module, w_bits=spec["w_bits"], a_bits=spec["a_bits"], weight_init=config.weight_init,
             act_scheme=config.act_scheme, act_groups=config.act_timestep_groups, split=spec["split"],
+            group_size=config.act_group_size, clipping=config.act_clipping, smoothing=config.smoothing and plain,
+            rank=spec.get("rank", 0),
         )
         _set_module(model, name, layer)
     if plan.attention:
@@ -254,7 +262,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized layer by a plain Conv2d/Linear holding its dequantized weight; activations and
     attention matmuls go back to full precision, and the quantization config leaves the model's config."""
     for name, layer in list(quant_layers(model).items()):
-        weight = layer.quantized_weight().detach()
+        weight = float_weight(layer, layer.quantized_weight().detach())
         if isinstance(layer, nn.Conv2d):
             plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                               padding=layer.padding, dilation=layer.dilation, groups=layer.groups,

@@ -39,6 +39,10 @@ def gpu_support(layer: nn.Module) -> str | None:
         return "grouped convolution"
     if max(c1 - c0 for c0, c1 in spec.parts) > GPU_MAX_CHANNELS:
         return f"more than {GPU_MAX_CHANNELS} input channels"
+    if any(q.clip is not None for q in input_parts(layer.input_quantizer)):
+        return "clipped activation ranges (act_clipping)"
+    if len(spec.parts) != len(input_parts(layer.input_quantizer)):
+        return "activation ranges per channel group (act_group_size)"
     return None
 
 

@@ -105,16 +105,28 @@ def integer_support(layer: nn.Module) -> str | None:
             return "split input with groups"
     if isinstance(q, SplitActQuantizer) and q.first.scheme != q.second.scheme:
         return "split input with two schemes"
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1 and len(_parts(layer)) > 1:
+        return "activation ranges per channel group with groups"
     return None
 
 
-def _parts(layer: nn.Module) -> tuple[tuple[int, int], ...]:
+def part_quantizers(layer: nn.Module) -> list[tuple[ActQuantizer, int, int]]:
+    """The input's parts, each quantized with one range per token: ``(quantizer, first channel, end)`` in channel
+    order. The two halves of a split input, each cut into groups of ``act_group_size`` channels where that applies
+    (``ActQuantizer.channel_groups``): per-group ranges are per-token ranges of each group."""
     cin = layer.weight_shape[1]
     q = layer.input_quantizer
-    if isinstance(q, SplitActQuantizer):
-        k = int(q.split)
-        return ((0, k), (k, cin))
-    return ((0, cin),)
+    base = [(q.first, 0, int(q.split)), (q.second, int(q.split), cin)] if isinstance(q, SplitActQuantizer) else [
+        (q, 0, cin)]
+    parts = []
+    for quantizer, c0, c1 in base:
+        g = quantizer.channel_groups(c1 - c0) if quantizer.scheme == "dynamic" else c1 - c0
+        parts += [(quantizer, a, a + g) for a in range(c0, c1, g)]
+    return parts
+
+
+def _parts(layer: nn.Module) -> tuple[tuple[int, int], ...]:
+    return tuple((c0, c1) for _, c0, c1 in part_quantizers(layer))
 
 
 def _codes4d(layer: nn.Module, codes: torch.Tensor) -> torch.Tensor:
@@ -228,7 +240,7 @@ def _quantizer_ready(q: ActQuantizer) -> bool:
 def _quantize(q: ActQuantizer, x: torch.Tensor, dim: int) -> K.Act:
     """``x``: (batch, ...) with channels along ``dim``."""
     if q.scheme == "dynamic":
-        return K.quantize_dynamic(x, q.bits, dim)
+        return K.quantize_dynamic(x, q.bits, dim, q.clip)
     scale, zero_point = q.scale.abs().clamp_min(1e-8), q.zero_point
     groups = q._sample_groups(x.shape[0], x.device)
     view = (-1,) + (1,) * (x.dim() - 1)
@@ -239,20 +251,24 @@ def _quantize(q: ActQuantizer, x: torch.Tensor, dim: int) -> K.Act:
 
 def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q = layer.input_quantizer
-    quantizers = input_parts(q)
     spec = layer._int_spec
     w_scale = layer.weight_quantizer.scale.reshape(-1).float()
     bias = None if layer.bias is None else layer.bias.detach().float()
     if not spec.conv:
-        x, weight = x.contiguous(), _block(layer, 0, spec.shape[1])
+        x = x.contiguous()
+        if len(spec.parts) > 1:  # per-group ranges: one GEMM per group of features
+            acts = [_quantize(p, x[..., c0:c1], -1) for p, c0, c1 in part_quantizers(layer)]
+            weights = [_block(layer, i, c1 - c0) for i, (c0, c1) in enumerate(spec.parts)]
+            return K.linear_parts(acts, weights, w_scale, bias, layer.int_zw, layer.int_colsum)
+        weight = _block(layer, 0, spec.shape[1])
         if q.scheme == "dynamic":
-            return K.linear_dynamic(x, q.bits, weight, w_scale, bias, layer.int_zw, layer.int_colsum)
+            return K.linear_dynamic(x, q.bits, weight, w_scale, bias, layer.int_zw, layer.int_colsum, q.clip)
         return K.linear(_quantize(q, x, -1), weight, w_scale, bias, layer.int_zw, layer.int_colsum)
     x = x.contiguous()  # channels first: the kernels read each sample as (C, H*W) without transposing
-    if len(quantizers) == 1:
+    if len(spec.parts) == 1:
         acts = [_quantize(q, x, 1)]
-    else:  # split input (groups == 1): each part with its own quantizer
-        acts = [_quantize(p, x[:, c0:c1], 1) for p, (c0, c1) in zip(quantizers, spec.parts)]
+    else:  # split input or per-group ranges (groups == 1): each part with its own ranges
+        acts = [_quantize(p, x[:, c0:c1], 1) for p, c0, c1 in part_quantizers(layer)]
     taps = _taps(spec)
     per_group = len(spec.parts) * taps
 

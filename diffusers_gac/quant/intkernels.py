@@ -51,17 +51,22 @@ class Act(NamedTuple):
     zero: torch.Tensor | None  # float32 (..., 1) or None
 
 
-def quantize_dynamic(x: torch.Tensor, bits: int, dim: int = -1) -> Act:
+def quantize_dynamic(x: torch.Tensor, bits: int, dim: int = -1, clip: torch.Tensor | None = None) -> Act:
     """Affine quantization with the range ``[min(x, 0), max(x, 0)]`` of each token (slice along ``dim``, the
-    channels): the ``dynamic`` scheme of ``ActQuantizer``. Scale and zero keep ``dim`` with size 1."""
+    channels), shrunk by ``clip`` if given: the ``dynamic`` scheme of ``ActQuantizer``. Scale and zero keep ``dim``
+    with size 1."""
     levels = 2**bits - 1
     # amin + amax: torch.aminmax over the innermost dim is ~30x slower on CPU
     lo, hi = x.amin(dim, keepdim=True).clamp_max_(0), x.amax(dim, keepdim=True).clamp_min_(0)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
     scale = ((hi - lo) / levels).clamp_min_(EPS)
     zp = torch.round(-lo / scale)
-    # c - z = clamp(round(x/s), -z, levels - z); the lower bound holds by construction (x >= lo, division is
-    # monotonic, round(lo/s) = -z), so only the upper one is applied
+    # c - z = clamp(round(x/s), -z, levels - z); without clipping the lower bound holds by construction (x >= lo,
+    # division is monotonic, round(lo/s) = -z), so only the upper one is applied
     t = torch.div(x, scale).round_().clamp_max_(levels - zp)
+    if clip is not None:
+        t = torch.maximum(t, -zp)
     if bits <= 7:
         return Act(t.to(torch.int8), scale, None)
     return Act(t.add_(zp - 128).to(torch.int8), scale, zp - 128)
@@ -156,7 +161,7 @@ def linear(a: Act, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tens
 
 def linear_dynamic(x: torch.Tensor, bits: int, weight: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None, zw: torch.Tensor | None = None,
-                   colsum: torch.Tensor | None = None) -> torch.Tensor:
+                   colsum: torch.Tensor | None = None, clip: torch.Tensor | None = None) -> torch.Tensor:
     """``linear`` of ``x`` (..., K) quantized per token (``quantize_dynamic``), in blocks of rows that keep the
     int32 and float intermediates near the cache (``BLOCK_OUTPUTS`` outputs, at least ``BLOCK_MIN_ROWS`` rows): exact,
     since every token is quantized alone. At 8192 tokens x 2560 outputs this is ~1.6x faster than one block."""
@@ -164,10 +169,10 @@ def linear_dynamic(x: torch.Tensor, bits: int, weight: torch.Tensor, w_scale: to
     x2 = x.reshape(-1, x.shape[-1])
     rows = max(BLOCK_MIN_ROWS, BLOCK_OUTPUTS // n)
     if x2.shape[0] <= rows:
-        return linear(quantize_dynamic(x, bits), weight, w_scale, bias, zw, colsum)
+        return linear(quantize_dynamic(x, bits, clip=clip), weight, w_scale, bias, zw, colsum)
     out = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x.device)
     for r0 in range(0, x2.shape[0], rows):
-        linear(quantize_dynamic(x2[r0:r0 + rows], bits), weight, w_scale, bias, zw, colsum, out=out[r0:r0 + rows])
+        linear(quantize_dynamic(x2[r0:r0 + rows], bits, clip=clip), weight, w_scale, bias, zw, colsum, out=out[r0:r0 + rows])
     return out.view(*x.shape[:-1], n)
 
 
@@ -177,6 +182,24 @@ class ConvGeometry(NamedTuple):
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
+
+
+def linear_parts(parts: list[Act], weights: list[torch.Tensor], w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 zw: torch.Tensor | None = None, colsum: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear`` of an input split along its features into ``parts`` (rows (..., K_p), each with its own ranges:
+    per-group activations) and the weight blocks (N, K_p) of those features: one int8 GEMM per part, rescaled and
+    summed in float. ``colsum`` (parts, N) for 8-bit inputs, ``zw`` for 8-bit weights, as in ``linear``."""
+    dst, terms = None, []
+    for a, weight in zip(parts, weights):
+        q = a.q.reshape(-1, a.q.shape[-1])
+        s = _rows(a.scale, a.q)
+        acc = int_mm(q, weight.t()).float().mul_(s)
+        dst = acc if dst is None else dst.add_(acc)
+        r = q.sum(1, keepdim=True, dtype=torch.int32).float() if zw is not None else None
+        terms.append((s, _rows(a.zero, a.q), r, q.shape[1]))
+    if colsum is not None or zw is not None:
+        _corrections(dst, terms, zw, colsum)
+    return _epilogue(dst, w_scale, bias).view(*parts[0].q.shape[:-1], weights[0].shape[0])
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:

@@ -16,6 +16,14 @@ so rounding and ranges can be learned and quantization can be switched off to re
                                                                    float16 values
     L.input_quantizer.zero_point     float (groups,)               (saved as uint8; dynamic: empty, not saved)
     L.input_quantizer.split          int64 ()                      split inputs only, with .first/.second quantizers
+    L.input_quantizer[.part].clip    float ()                      act_clipping: the ratio dynamic ranges shrink by
+    L.smooth                         float (in_channels,)          smoothing: the input is divided by it (float16
+                                                                   values); the weight was multiplied by it
+    L.lowrank_down / L.lowrank_up    float (r, in, kh, kw) / (out, r)  a rank-r float branch on the smoothed input
+                                                                   beside the quantized residual (float16 values)
+
+The levers (``levers.py``) keep the float function: ``W x = (W s)(x / s)`` and ``W s = up @ down + residual``, where
+``weight`` (then ``packed_weight``) holds the residual.
 
 Freezing rounds the bias and the scales to the nearest float16 values; the buffers stay float (float32 after
 calibration) and the checkpoint stores them as float16, so a loaded model computes exactly what the calibrated one
@@ -37,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import check_choice
-from . import intexec
+from . import intexec, levers
 from .packing import pack_codes, packed_width
 from .quantizers import ActQuantizer, ActScheme, SplitActQuantizer, WeightInit, WeightQuantizer
 
@@ -70,17 +78,21 @@ class QuantLayerMixin:
     _integer_auto: bool = False  # ... by "auto": decided per device (intexec.integer_pays_off)
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
-                    act_groups: int, channel_dim: int, split: int | None) -> None:
+                    act_groups: int, channel_dim: int, split: int | None, group_size: int | None = None,
+                    clipping: bool = False, smoothing: bool = False, rank: int = 0) -> None:
         self.w_bits, self.a_bits = w_bits, a_bits
+        self.channel_dim = channel_dim
         self.weight_quantizer = WeightQuantizer(self.weight_shape, w_bits, weight_init)
         if self.weight.device.type != "meta":
             self.weight_quantizer.init_range(self.weight)
         if a_bits is None:
             self.input_quantizer = None
         elif split is not None:
-            self.input_quantizer = SplitActQuantizer(split, a_bits, act_scheme, act_groups, channel_dim)
+            self.input_quantizer = SplitActQuantizer(split, a_bits, act_scheme, act_groups, channel_dim, group_size,
+                                                     clipping)
         else:
-            self.input_quantizer = ActQuantizer(a_bits, act_scheme, act_groups, channel_dim)
+            self.input_quantizer = ActQuantizer(a_bits, act_scheme, act_groups, channel_dim, group_size, clipping)
+        levers.add_buffers(self, smoothing and a_bits is not None, rank)
         self.quantize_weight = True
         self.frozen = False
         self.register_state_dict_post_hook(_compact_frozen_state)
@@ -114,6 +126,15 @@ class QuantLayerMixin:
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = levers.smooth_input(self, x)
+        y = None
+        if self.execution == "integer":
+            y = intexec.compiled_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
+        if y is None:
+            y = self._float_op(self.quantize_input(x), *self._weight_and_bias(x))
+        return levers.add_branch(self, x, y)
+
     @torch.no_grad()
     def freeze(self, float16: bool = True) -> None:
         """Bake the (learned or nearest) rounding into packed integer codes and drop the float weight; with
@@ -134,6 +155,10 @@ class QuantLayerMixin:
         it may hold: the bias (any) and the weight and static input scales (float16's smallest normal number)."""
         tensors = {} if self.bias is None else {"bias": (self.bias, 0.0)}
         tensors["weight_quantizer.scale"] = (self.weight_quantizer.scale, FLOAT16.tiny)
+        if self.smooth is not None:
+            tensors["smooth"] = (self.smooth, FLOAT16.tiny)
+        if self.lowrank_up is not None:  # summed in a GEMM: an absolute error, like the bias's
+            tensors["lowrank_down"], tensors["lowrank_up"] = (self.lowrank_down, 0.0), (self.lowrank_up, 0.0)
         if self.input_quantizer is not None:
             for name, q in self.input_quantizer.named_modules(prefix="input_quantizer"):
                 if isinstance(q, ActQuantizer) and q.scale.numel():  # dynamic ones hold no scale
@@ -207,7 +232,7 @@ class QuantLayerMixin:
 ZERO_POINT_KEYS = ("weight_quantizer.zero_point", "input_quantizer.zero_point", "input_quantizer.first.zero_point",
                    "input_quantizer.second.zero_point")
 FLOAT16_KEYS = ("bias", "weight_quantizer.scale", "input_quantizer.scale", "input_quantizer.first.scale",
-                "input_quantizer.second.scale")
+                "input_quantizer.second.scale", "smooth", "lowrank_down", "lowrank_up")
 
 
 def _compact_frozen_state(layer: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -238,7 +263,9 @@ def _resync_execution(layer: nn.Module, incompatible_keys) -> None:
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     @classmethod
     def from_module(cls, module: nn.Conv2d, *, w_bits: int, a_bits: int | None, weight_init: WeightInit = "mse",
-                    act_scheme: ActScheme = "static", act_groups: int = 1, split: int | None = None) -> "QuantConv2d":
+                    act_scheme: ActScheme = "static", act_groups: int = 1, split: int | None = None,
+                    **lever_options) -> "QuantConv2d":
+        """``lever_options``: ``group_size``, ``clipping``, ``smoothing`` and ``rank`` (``levers.py``)."""
         layer = cls(
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
             dilation=module.dilation, groups=module.groups, bias=module.bias is not None, padding_mode=module.padding_mode,
@@ -246,35 +273,30 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         )
         layer.weight, layer.bias = module.weight, module.bias
         layer.weight_shape = tuple(module.weight.shape)
-        layer._init_quant(w_bits, a_bits, weight_init, act_scheme, act_groups, channel_dim=1, split=split)
+        layer._init_quant(w_bits, a_bits, weight_init, act_scheme, act_groups, channel_dim=1, split=split,
+                          **lever_options)
         return layer.to(module.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.execution == "integer":
-            y = intexec.compiled_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
-            if y is not None:
-                return y
-        return self._conv_forward(self.quantize_input(x), *self._weight_and_bias(x))
+    def _float_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
     @classmethod
     def from_module(cls, module: nn.Linear, *, w_bits: int, a_bits: int | None, weight_init: WeightInit = "mse",
-                    act_scheme: ActScheme = "static", act_groups: int = 1, split: int | None = None) -> "QuantLinear":
+                    act_scheme: ActScheme = "static", act_groups: int = 1, split: int | None = None,
+                    **lever_options) -> "QuantLinear":
         if split is not None:
             raise ValueError("split input quantizers are only defined for convolutions")
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         layer.weight, layer.bias = module.weight, module.bias
         layer.weight_shape = tuple(module.weight.shape)
-        layer._init_quant(w_bits, a_bits, weight_init, act_scheme, act_groups, channel_dim=-1, split=None)
+        layer._init_quant(w_bits, a_bits, weight_init, act_scheme, act_groups, channel_dim=-1, split=None,
+                          **lever_options)
         return layer.to(module.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.execution == "integer":
-            y = intexec.compiled_forward(self, x) if torch.compiler.is_compiling() else intexec.forward(self, x)
-            if y is not None:
-                return y
-        return F.linear(self.quantize_input(x), *self._weight_and_bias(x))
+    def _float_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
 QUANT_LAYERS = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

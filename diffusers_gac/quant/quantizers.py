@@ -8,6 +8,9 @@ quantized model can be rebuilt from its config before its weights load:
 * ``ActQuantizer``: ``scale`` and ``zero_point`` of shape ``(groups,)`` (``groups`` is 1 for the ``static``
   scheme, the number of timestep groups for ``timestep``, and 0 for ``dynamic``, which computes ranges per token).
 * ``SplitActQuantizer``: two ``ActQuantizer`` for the two parts of a concatenated input and a ``split`` buffer.
+
+A dynamic ``ActQuantizer`` may compute its ranges per token and per group of ``group_size`` input channels, and
+shrink them by a searched ratio ``clip`` (a scalar buffer, present only with clipping; ``levers.py``).
 """
 
 from __future__ import annotations
@@ -163,11 +166,17 @@ class ActQuantizer(nn.Module):
       linear layers); nothing to calibrate.
     """
 
-    def __init__(self, bits: int, scheme: ActScheme = "static", groups: int = 1, channel_dim: int = -1):
+    def __init__(self, bits: int, scheme: ActScheme = "static", groups: int = 1, channel_dim: int = -1,
+                 group_size: int | None = None, clipping: bool = False):
         super().__init__()
         check_bits("a_bits", bits)
         check_choice("act_scheme", scheme, ACT_SCHEMES)
+        if (group_size or clipping) and scheme != "dynamic":
+            raise ValueError("act_group_size and act_clipping need act_scheme='dynamic'")
         self.bits, self.scheme, self.channel_dim = bits, scheme, channel_dim
+        self.group_size = group_size
+        # the ratio every dynamic range is shrunk by (searched per layer, levers.py); None: no clipping
+        self.register_buffer("clip", torch.ones(()) if clipping else None)
         n = {"static": 1, "timestep": groups, "dynamic": 0}[scheme]
         # buffers, not parameters: the reconstruction loop turns on requires_grad for the step sizes it learns; a
         # dynamic quantizer's are empty and not saved (nothing to store)
@@ -256,15 +265,28 @@ class ActQuantizer(nn.Module):
             scale, zero_point = scale[groups].view(view), zero_point[groups].view(view)
         return fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), self.bits)
 
+    def channel_groups(self, channels: int) -> int:
+        """Channels per range of an input with ``channels`` channels: ``group_size`` where it divides them into
+        two groups or more, else all of them (one range per token)."""
+        g = self.group_size
+        return g if g and channels % g == 0 and channels > g else channels
+
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
         dim = self.channel_dim % x.dim()
-        lo = x.detach().amin(dim=dim, keepdim=True)
-        hi = x.detach().amax(dim=dim, keepdim=True)
+        channels = x.shape[dim]
+        g = self.channel_groups(channels)
+        grouped = x.reshape(*x.shape[:dim], channels // g, g, *x.shape[dim + 1:])
+        lo = grouped.detach().amin(dim=dim + 1, keepdim=True)
+        hi = grouped.detach().amax(dim=dim + 1, keepdim=True)
+        if self.clip is not None:
+            lo, hi = lo * self.clip, hi * self.clip
         scale, zero_point = affine_params(lo, hi, self.bits)
-        return fake_quantize(x, scale, zero_point, self.bits)
+        return fake_quantize(grouped, scale, zero_point, self.bits).reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, scheme={self.scheme}, groups={self.groups}"
+        levers = (f", group_size={self.group_size}" if self.group_size else "") + (
+            ", clipped" if self.clip is not None else "")
+        return f"bits={self.bits}, scheme={self.scheme}, groups={self.groups}{levers}"
 
 
 class SplitActQuantizer(nn.Module):
@@ -273,12 +295,13 @@ class SplitActQuantizer(nn.Module):
     ``split`` is the number of channels of the first part (the up-path features); the rest is the skip.
     """
 
-    def __init__(self, split: int, bits: int, scheme: ActScheme = "static", groups: int = 1, channel_dim: int = 1):
+    def __init__(self, split: int, bits: int, scheme: ActScheme = "static", groups: int = 1, channel_dim: int = 1,
+                 group_size: int | None = None, clipping: bool = False):
         super().__init__()
         self.register_buffer("split", torch.tensor(int(split)))
         self.channels = int(split)  # the same number, readable on the meta device (checkpoint checks)
-        self.first = ActQuantizer(bits, scheme, groups, channel_dim)
-        self.second = ActQuantizer(bits, scheme, groups, channel_dim)
+        self.first = ActQuantizer(bits, scheme, groups, channel_dim, group_size, clipping)
+        self.second = ActQuantizer(bits, scheme, groups, channel_dim, group_size, clipping)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = int(self.split)
