@@ -18,6 +18,7 @@ import diffusers_gac
 from diffusers_gac import GACConfig, quantize_model
 from diffusers_gac.calibration.resume import unit_state
 from diffusers_gac.calibration.units import Unit
+from diffusers_gac.cli import main
 from diffusers_gac.quant import intexec, levers
 from diffusers_gac.quant.convert import (
     convert_model,
@@ -258,3 +259,17 @@ def test_resume_state_carries_the_changed_weight_and_the_levers():
     assert {"conv2.weight", "conv2.smooth", "conv2.lowrank_down", "conv2.lowrank_up", "conv2.input_quantizer.clip",
             "conv1.weight"} <= set(state)
     assert "conv_in.weight" not in state
+
+
+def test_the_command_line_takes_the_levers(tmp_path, capsys):
+    out = tmp_path / "levers"
+    assert main(["calibrate", "--output", str(out), "--reconstruction", "none", "--eval-samples", "0", "--steps", "3",
+                 "--quiet", "--act-group-size", "16", "--act-clipping", "--smoothing", "--lowrank-rank", "2"]) == 0
+    config = json.loads((out / "report.json").read_text())["calibration"]["config"]
+    assert (config["act_group_size"], config["act_clipping"], config["smoothing"], config["lowrank_rank"]) == (
+        16, True, True, 2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", "--output", str(tmp_path / "x"), "--lowrank-rank", "1.5"])
+    assert exit_.value.code == 2
+    assert "--lowrank-rank: must be an integer >= 0 or a fraction in (0, 1), got '1.5'" in capsys.readouterr().err
