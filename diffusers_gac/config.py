@@ -133,7 +133,8 @@ class GACConfig(QuantizationConfigMixin):
             ``reconstruction="none"``, which has no loss to weight) or ``"fisher"`` (a fixed per-timestep weighting by
             the unit's output sensitivity, the non-learned baseline; ``calibration/fisher.py``).
         iters: optimisation steps per unit; batch_size: samples per step.
-        lr_round / lr_act: Adam learning rates of the rounding variables and the activation step sizes.
+        lr_round / lr_act / lr_lowrank: Adam learning rates of the rounding variables, the activation step sizes and
+            the low-rank branch's factors (0: the factors stay the SVD's).
         round_reg_weight: weight of AdaRound's rounding regulariser; round_warmup: fraction of ``iters`` without it.
         seed: seeds every random choice of the calibration.
     Gradient-aligned weighting (``weighting="gradient_aligned"``, see ``calibration/gac.py``; ``GACConfig.paper()``
@@ -202,6 +203,7 @@ class GACConfig(QuantizationConfigMixin):
     batch_size: int = 32
     lr_round: float = 1e-2
     lr_act: float = 4e-4
+    lr_lowrank: float = 0.0
     round_reg_weight: float = 0.01
     round_warmup: float = 0.2
     seed: int = 0
@@ -261,13 +263,12 @@ class GACConfig(QuantizationConfigMixin):
             check_positive(name, getattr(self, name))
         for name in ("lr_round", "lr_act"):
             check_positive(name, getattr(self, name), float)
+        check_number("lr_lowrank", self.lr_lowrank, 0)
         check_number("round_reg_weight", self.round_reg_weight, 0)
         check_number("round_warmup", self.round_warmup, 0, 1, what="a fraction in [0, 1)")
         if self.calib_num_timesteps > self.calib_num_inference_steps and self.calib_timestep_selection == "uniform":
-            raise ValueError(
-                f"calib_num_timesteps ({self.calib_num_timesteps}) cannot exceed calib_num_inference_steps "
-                f"({self.calib_num_inference_steps}) with calib_timestep_selection='uniform'"
-            )
+            raise ValueError(f"calib_num_timesteps ({self.calib_num_timesteps}) cannot exceed calib_num_inference_steps "
+                             f"({self.calib_num_inference_steps}) with calib_timestep_selection='uniform'")
         g = self.calib_guidance_scale
         check_number("calib_guidance_scale", g, 1, what="a finite number >= 1 (1: no guidance)")
         inputs = self.calibration_inputs
@@ -282,10 +283,9 @@ class GACConfig(QuantizationConfigMixin):
         ):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
         if self.reconstruction == "none" and self.weighting != "uniform":
-            raise ValueError(
-                f"weighting={self.weighting!r} weights the samples of the reconstruction loss, and "
-                "reconstruction='none' has no loss (round-to-nearest): use weighting='uniform' with "
-                "reconstruction='none', or reconstruction='adaround'")
+            raise ValueError(f"weighting={self.weighting!r} weights the samples of the reconstruction loss, and "
+                             "reconstruction='none' has no loss (round-to-nearest): use weighting='uniform' with "
+                             "reconstruction='none', or reconstruction='adaround'")
         self._check_gac_options()
         check_seed("seed", self.seed)
         if self.layout is not None:
@@ -353,8 +353,9 @@ class GACConfig(QuantizationConfigMixin):
         return tuple(f.name for f in fields(cls) if f.name not in runtime)
 
     def calibration_options(self) -> dict[str, Any]:
-        """The calibration options that shaped this calibration: the ``gac_*`` ones only for learned weights."""
-        names = [n for n in self.option_names() if n not in FORMAT_OPTIONS]
+        """The calibration options that shaped this calibration: the ``gac_*`` ones only for learned weights,
+        ``lr_lowrank`` only with a low-rank branch."""
+        names = [n for n in self.option_names() if n not in FORMAT_OPTIONS and (n != "lr_lowrank" or self.lowrank_rank)]
         if self.weighting != "gradient_aligned" or self.reconstruction == "none":
             names = [n for n in names if not n.startswith("gac_")]
         return {n: copy.deepcopy(getattr(self, n)) for n in names}

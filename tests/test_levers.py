@@ -137,8 +137,10 @@ def test_gradients_reach_the_rounding_and_static_steps_with_levers():
             layer.input_quantizer.finish_observing()
             layer.input_quantizer.scale.requires_grad_(True)
         layer.weight_quantizer.init_rounding(layer.weight)
+        factors = [layer.lowrank_down.requires_grad_(True), layer.lowrank_up.requires_grad_(True)]
         (layer(x) - module(x).detach()).pow(2).mean().backward()
         assert layer.weight_quantizer.alpha.grad.abs().sum() > 0
+        assert all(f.grad.abs().sum() > 0 for f in factors)
         if scheme == "static":
             assert layer.input_quantizer.scale.grad.abs().sum() > 0
 
@@ -164,6 +166,30 @@ def test_integer_execution_serves_every_lever(case, a_bits):
         assert layer.set_execution("integer")
         assert len(layer._int_spec.parts) == layer.weight_shape[1] // 4
         assert torch.allclose(layer(x), fake, atol=1e-4, rtol=1e-4)
+
+
+def test_reconstruction_refines_the_branch_factors():
+    """With ``lr_lowrank`` the factors learn from the reconstruction loss (lowering it where the rounding alone
+    stops); with 0 they stay the SVD's."""
+    results = {}
+    for lr in (0.0, 1e-3):
+        model = tiny_unet2d()
+        options = {**FAST, **LEVERS, "reconstruction": "adaround", "weighting": "uniform", "iters": 40, "lr_lowrank": lr}
+        report = quantize_model(model, GACConfig(**options), scheduler=DDIMScheduler(num_train_timesteps=1000),
+                                show_progress=False)
+        factors = {n: (l.lowrank_down.clone(), l.lowrank_up.clone()) for n, l in quant_layers(model).items()
+                   if l.lowrank_up is not None}
+        results[lr] = factors, report.units
+    (fixed, fixed_units), (refined, refined_units) = results[0.0], results[1e-3]
+    assert fixed and fixed.keys() == refined.keys()
+    assert all(not torch.equal(fixed[n][0], refined[n][0]) and not torch.equal(fixed[n][1], refined[n][1])
+               for n in fixed)
+    assert not any(f.requires_grad for pair in refined.values() for f in pair)
+    # the first unit with a branch has the same inputs in both runs
+    first = next(i for i, u in enumerate(fixed_units) if any(n.startswith(u.name + ".") for n in fixed))
+    assert refined_units[first].loss_after < fixed_units[first].loss_after
+    with pytest.raises(ValueError, match="lr_lowrank must be a finite number >= 0"):
+        GACConfig(lr_lowrank=-1e-3)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -180,6 +180,31 @@ class UnitReconstruction:
                 steps[f"{name}.scale"] = q.scale
         return rounding, steps
 
+    def refine_factors(self, problem: UnitProblem, weighting: SampleWeighting, train_idx: torch.Tensor) -> None:
+        """Once the rounding is final, fit the unit's low-rank factors to what it leaves: ``iters // 4`` Adam steps
+        (``lr_lowrank``; 0: the factors stay the SVD's) on the same weighted loss, the quantized residual fixed."""
+        cfg = self.config
+        layers = [l for l in self.unit.layers.values() if l.lowrank_up is not None]
+        if not cfg.lr_lowrank or not layers:
+            return
+        factors = [t.requires_grad_(True) for l in layers for t in (l.lowrank_down, l.lowrank_up)]
+        opt = torch.optim.Adam(factors, lr=cfg.lr_lowrank)
+        batch = min(cfg.batch_size, len(train_idx))
+        for _ in range(max(1, cfg.iters // 4)):
+            idx = train_idx[torch.randint(0, len(train_idx), (batch,), generator=self.generator)]
+            loss = problem.loss_sum(idx, weighting.batch_weights(idx, cfg.iters).to(self.device))
+            opt.zero_grad(set_to_none=True)
+            if loss is not None:
+                loss.backward()
+            if self.shard.distributed:
+                for f, g in zip(factors, self.shard.sum_all([f.grad if f.grad is not None else torch.zeros_like(f)
+                                                            for f in factors])):
+                    f.grad = g
+            opt.step()
+        for f in factors:
+            f.requires_grad_(False)
+            f.grad = None
+
     def rounding(self, mode: str):
         """Context manager: the unit's weights rounded by ``mode`` (``"soft"`` learned rounding, ``"hard"`` the final
         choice with straight-through gradients) for the duration."""
@@ -225,6 +250,7 @@ class UnitReconstruction:
             layer.weight_quantizer.rounding = "hard"
         for p in steps.values():
             p.requires_grad_(False)
+        self.refine_factors(problem, weighting, train_idx)
         return {**weighting.end_unit(), "conflict_before": conflict_before, "conflict_after": conflict_after}
 
 
