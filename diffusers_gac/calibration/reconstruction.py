@@ -196,14 +196,18 @@ class UnitReconstruction:
             opt.zero_grad(set_to_none=True)
             if loss is not None:
                 loss.backward()
-            if self.shard.distributed:
-                for f, g in zip(factors, self.shard.sum_all([f.grad if f.grad is not None else torch.zeros_like(f)
-                                                            for f in factors])):
-                    f.grad = g
+            self.sum_grads(factors)
             opt.step()
         for f in factors:
             f.requires_grad_(False)
             f.grad = None
+
+    def sum_grads(self, params: list[torch.Tensor]) -> None:
+        """In a distributed calibration, give every process the gradient of the whole mini-batch."""
+        if self.shard.distributed:
+            grads = self.shard.sum_all([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            for p, g in zip(params, grads):
+                p.grad = g
 
     def rounding(self, mode: str):
         """Context manager: the unit's weights rounded by ``mode`` (``"soft"`` learned rounding, ``"hard"`` the final
@@ -240,10 +244,7 @@ class UnitReconstruction:
             opt.zero_grad(set_to_none=True)
             if loss is not None:
                 loss.backward()
-            if self.shard.distributed:  # every process steps with the gradient of the whole mini-batch
-                for p, g in zip(params, self.shard.sum_all([p.grad if p.grad is not None else torch.zeros_like(p)
-                                                           for p in params])):
-                    p.grad = g
+            self.sum_grads(params)
             opt.step()
         conflict_after = gradient_conflict(problem, cfg.gac_groups, seed=self.seed)
         for layer in self.unit.layers.values():
