@@ -14,8 +14,9 @@ _logging.getLogger(__name__).parent = _logging.getLogger("diffusers")
 from .api import quantize_model, quantize_pipeline, record_calibration_data
 from .calibration.data import CalibrationData, CalibrationRecorder
 from .calibration.flow import CalibrationReport
-from .config import CalibrationInputs, GACConfig, GACQuantizationMethod, QuantizedLayout
+from .config import GACConfig, GACQuantizationMethod, QuantizedLayout
 from .hub import push_to_hub
+from .inputs import CalibrationInputs
 from .pretrained import calibrate_pretrained, load_prompts
 from .quant.convert import set_execution
 from .quantizer import GACQuantizer, install_load_guard, merge_quantization_configs

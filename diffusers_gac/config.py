@@ -16,16 +16,15 @@ A config holds three kinds of things, kept apart:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from diffusers.utils import logging
 
 from .checks import check_bits, check_bool, check_choice, check_number, check_positive, check_seed, suggest
+from .inputs import CalibrationInputs
 from .layout import QuantizedLayout
 
 logger = logging.get_logger(__name__)
@@ -45,49 +44,12 @@ EXECUTIONS = ("auto", "integer", "fake")
 # options that fix the quantized layout: needed to rebuild a checkpoint (top level of config.json)
 FORMAT_OPTIONS = ("w_bits", "a_bits", "act_scheme", "act_timestep_groups", "attn_bits", "special_bits",
                   "split_skip_inputs", "modules_to_not_convert", "act_group_size", "act_clipping", "smoothing",
-                  "lowrank_rank")
+                  "lowrank_rank", "lowrank_bits")
 # the activation-side levers (off by default); a checkpoint using one is format 2, which earlier releases refuse
-LEVER_DEFAULTS = {"act_group_size": None, "act_clipping": False, "smoothing": False, "lowrank_rank": 0}
+LEVER_DEFAULTS = {"act_group_size": None, "act_clipping": False, "smoothing": False, "lowrank_rank": 0,
+                  "lowrank_bits": 16}
+LOWRANK_BITS = (8, 16)
 FORMAT_VERSION = 2
-
-
-@dataclass
-class CalibrationInputs:
-    """Inputs a calibration runs on when ``from_pretrained`` cannot find them by itself. Used while calibrating,
-    never written to ``config.json``.
-
-    Args:
-        prompt_embeds: for a text-conditional denoiser, the prompt embeddings ``(num_prompts, seq_len, dim)`` its
-            calibration trajectories are conditioned on (cycled over the trajectories).
-        negative_prompt_embeds: the unconditional (empty-prompt) embeddings ``(1 or num_prompts, seq_len, dim)``,
-            needed for classifier-free guidance (``GACConfig.calib_guidance_scale > 1``).
-        sampler: a callable ``fn(denoiser, num_trajectories, seed)`` that runs ``num_trajectories`` whole sampling
-            trajectories through the denoiser in place (its calls are recorded); the most general way to give a
-            text- or otherwise-conditioned denoiser its inputs.
-    """
-
-    prompt_embeds: torch.Tensor | None = None
-    negative_prompt_embeds: torch.Tensor | None = None
-    sampler: Callable[[Any, int, int], Any] | None = None
-
-    def __post_init__(self) -> None:
-        embeds, negative = self.prompt_embeds, self.negative_prompt_embeds
-        for name, value in (("prompt_embeds", embeds), ("negative_prompt_embeds", negative)):
-            if value is not None and (not torch.is_tensor(value) or value.dim() != 3):
-                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise ValueError(f"CalibrationInputs.{name} must be a tensor of shape (num_prompts, seq_len, dim), "
-                                 f"got {shape}")
-        if negative is not None:
-            if embeds is None:
-                raise ValueError("CalibrationInputs.negative_prompt_embeds was given without prompt_embeds")
-            if negative.shape[1:] != embeds.shape[1:] or negative.shape[0] not in (1, embeds.shape[0]):
-                raise ValueError(
-                    f"CalibrationInputs.negative_prompt_embeds must have shape (1 or {embeds.shape[0]}, "
-                    f"{embeds.shape[1]}, {embeds.shape[2]}) to match prompt_embeds, got {tuple(negative.shape)}"
-                )
-        if self.sampler is not None and not callable(self.sampler):
-            raise ValueError("CalibrationInputs.sampler must be a callable fn(denoiser, num_trajectories, seed), got "
-                             f"{type(self.sampler).__name__}")
 
 
 @dataclass(kw_only=True)
@@ -116,6 +78,8 @@ class GACConfig(QuantizationConfigMixin):
         lowrank_rank: keep the top singular directions of each 4-bit layer's (smoothed) weight as a 16-bit branch
             beside the quantized residual: a rank (``int``, 0: none) or a fraction in (0, 1) of the smaller weight
             dimension. A layer gets at most half its smaller dimension.
+        lowrank_bits: storage of the branch's factors: 16 (float16 values) or 8 (int8 codes with a float16 scale per
+            row: half the branch's bytes; the residual absorbs the codes' rounding, so the split stays exact).
     Calibration data:
         calib_num_inference_steps: sampler steps of the full-precision trajectories the data comes from.
         calib_timestep_selection: ``"uniform"`` (evenly spaced, Q-Diffusion), ``"normal"`` (PTQ4DM-style, centred on
@@ -189,6 +153,7 @@ class GACConfig(QuantizationConfigMixin):
     act_clipping: bool = False
     smoothing: bool = False
     lowrank_rank: int | float = 0
+    lowrank_bits: int = 16
     # -- calibration data -----------------------------------------------------------------------------------------
     calib_num_inference_steps: int = 25
     calib_timestep_selection: str = "uniform"
@@ -264,6 +229,9 @@ class GACConfig(QuantizationConfigMixin):
         for name in ("lr_round", "lr_act"):
             check_positive(name, getattr(self, name), float)
         check_number("lr_lowrank", self.lr_lowrank, 0)
+        if self.lowrank_bits == 8 and self.lr_lowrank:
+            raise ValueError(f"lr_lowrank={self.lr_lowrank!r} refines float factors, and lowrank_bits=8 stores them as "
+                             "integer codes: use lr_lowrank=0 with lowrank_bits=8, or lowrank_bits=16")
         check_number("round_reg_weight", self.round_reg_weight, 0)
         check_number("round_warmup", self.round_warmup, 0, 1, what="a fraction in [0, 1)")
         if self.calib_num_timesteps > self.calib_num_inference_steps and self.calib_timestep_selection == "uniform":
@@ -311,6 +279,8 @@ class GACConfig(QuantizationConfigMixin):
         if isinstance(rank, bool) or not (isinstance(rank, int) and rank >= 0 or isinstance(rank, float) and 0 < rank < 1):
             raise ValueError(f"lowrank_rank must be an integer >= 0 (0: no low-rank branch) or a fraction in (0, 1) of "
                              f"a layer's smaller weight dimension, got {rank!r}")
+        if isinstance(self.lowrank_bits, bool) or self.lowrank_bits not in LOWRANK_BITS:
+            raise ValueError(f"lowrank_bits must be 16 (float16 factors) or 8 (int8 codes), got {self.lowrank_bits!r}")
 
     def uses_levers(self) -> bool:
         return any(getattr(self, k) != v for k, v in LEVER_DEFAULTS.items())
@@ -367,9 +337,10 @@ class GACConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         """What config.json carries: the format options, the calibration options under ``"calibration"`` and, once
         calibrated, the ``"layout"``. Runtime inputs are never included."""
+        levers = self.uses_levers()  # a checkpoint without levers is written as releases before them wrote it
         d: dict[str, Any] = {"quant_method": GACQuantizationMethod.GAC.value,
-                             "format_version": FORMAT_VERSION if self.uses_levers() else 1}
-        d.update({n: copy.deepcopy(getattr(self, n)) for n in FORMAT_OPTIONS})
+                             "format_version": FORMAT_VERSION if levers else 1}
+        d.update({n: copy.deepcopy(getattr(self, n)) for n in FORMAT_OPTIONS if levers or n not in LEVER_DEFAULTS})
         d["calibration"] = self.calibration_options()
         if self.layout is not None:
             d["layout"] = self.layout.to_dict()

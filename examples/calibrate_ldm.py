@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--act-clipping", action="store_true", help="searched per-layer clipping of dynamic ranges")
     p.add_argument("--smoothing", action="store_true", help="searched smoothing (input scales moved into weights)")
     p.add_argument("--lowrank-rank", type=lambda t: float(t) if "." in t else int(t), default=0,
-                   help="rank (or fraction in (0, 1)) of a 16-bit low-rank branch beside each 4-bit weight")
+                   help="rank (or fraction in (0, 1)) of a low-rank float branch beside each 4-bit weight")
+    p.add_argument("--lowrank-bits", type=int, choices=(8, 16), default=defaults.lowrank_bits,
+                   help="storage of the branch's factors: 16 (float16) or 8 (int8 codes)")
     p.add_argument("--resume", action="store_true", help="continue the calibration kept in OUTPUT.checkpoint")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the result to this Hub repository")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is available")
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                        iters=args.iters, calib_samples_per_timestep=args.num_trajectories,
                        calib_num_timesteps=min(args.num_timesteps, args.steps), calib_num_inference_steps=args.steps,
                        seed=args.seed, act_group_size=args.act_group_size, act_clipping=args.act_clipping,
-                       smoothing=args.smoothing, lowrank_rank=args.lowrank_rank)
+                       smoothing=args.smoothing, lowrank_rank=args.lowrank_rank,
+                       lowrank_bits=args.lowrank_bits)
     prompts = diffusers_gac.load_prompts(file=args.prompts_file, dataset=args.prompts_dataset,
                                          column=args.prompts_column, split=args.prompts_split)
     result = diffusers_gac.calibrate_pretrained(

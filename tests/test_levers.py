@@ -201,6 +201,8 @@ def test_reconstruction_refines_the_branch_factors():
     (dict(lowrank_rank=1.5), "lowrank_rank must be an integer >= 0"),
     (dict(lowrank_rank=-1), "lowrank_rank must be"),
     (dict(lowrank_rank=True), "lowrank_rank must be"),
+    (dict(lowrank_rank=4, lowrank_bits=4), "lowrank_bits must be 16 .* or 8 .*, got 4"),
+    (dict(lowrank_rank=4, lowrank_bits=8, lr_lowrank=1e-3), "use lr_lowrank=0 with lowrank_bits=8"),
 ])
 def test_lever_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "diffusers_gac"
 
 # A module may import from its own layer or below, never above. Within a layer, the import graph must be acyclic.
 LAYERS = [
-    ["config", "_quiet", "checks", "layout"],
+    ["config", "_quiet", "checks", "inputs", "layout"],
     ["quant", "sampling", "zoo", "denoisers"],
     ["calibration", "evaluation"],
     ["integration", "quantizer"],

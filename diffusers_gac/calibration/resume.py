@@ -38,7 +38,7 @@ def _write_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-LEVER_TENSORS = ("smooth", "lowrank_down", "lowrank_up")
+LEVER_TENSORS = ("smooth", "lowrank_down", "lowrank_up", "lowrank_down_scale", "lowrank_up_scale")
 
 
 def unit_state(unit: Unit) -> dict[str, torch.Tensor]:

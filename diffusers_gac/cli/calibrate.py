@@ -14,7 +14,7 @@ from torch import nn
 from .. import zoo
 from ..api import quantize_model
 from ..calibration.plots import plot_calibration
-from ..config import ACT_SCHEMES, RECONSTRUCTIONS, TIMESTEP_SELECTIONS, WEIGHTINGS, GACConfig
+from ..config import ACT_SCHEMES, LOWRANK_BITS, RECONSTRUCTIONS, TIMESTEP_SELECTIONS, WEIGHTINGS, GACConfig
 from ..evaluation import EvalResult, evaluate_denoiser, image_grid, sample_images, summarize
 from ..evaluation.evaluate import score_samples
 from ..saving import replace_folder_atomically, write_checkpoint
@@ -47,7 +47,9 @@ def add_calibrate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> 
     levers.add_argument("--act-group-size", type=positive_int, default=None, help="dynamic ranges per group of this many input channels")
     levers.add_argument("--act-clipping", action="store_true", help="shrink dynamic ranges by a searched per-layer ratio")
     levers.add_argument("--smoothing", action="store_true", help="move input-channel scales into the weights (searched)")
-    levers.add_argument("--lowrank-rank", type=rank, default=0, help="rank (or fraction in (0, 1)) of a 16-bit low-rank branch")
+    levers.add_argument("--lowrank-rank", type=rank, default=0, help="rank (or fraction in (0, 1)) of a low-rank float branch")
+    levers.add_argument("--lowrank-bits", type=int, choices=LOWRANK_BITS, default=defaults.lowrank_bits,
+                        help=f"storage of the branch's factors: 16 (float16) or 8 (int8 codes) (default: {defaults.lowrank_bits})")
     p.set_defaults(func=run_calibrate)
 
 
@@ -74,6 +76,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         seed=args.seed, calib_num_inference_steps=args.steps,
         calib_num_timesteps=min(GACConfig.calib_num_timesteps, args.steps), act_group_size=args.act_group_size,
         act_clipping=args.act_clipping, smoothing=args.smoothing, lowrank_rank=args.lowrank_rank,
+        lowrank_bits=args.lowrank_bits,
     )
     device = args.device or default_device()
     fp_unet, scheduler = zoo.load_model(args.model, device=device)

@@ -18,7 +18,8 @@ What a tensor must be:
 * ``*.clip`` (clipped dynamic ranges): a floating-point scalar in ``(0, 1]``;
 * ``smooth`` (smoothing): floating point of shape ``(in_channels,)``, finite and > 0;
 * ``lowrank_down`` / ``lowrank_up`` (a branch of the layout's ``rank``): floating point, finite, of the shapes
-  ``(rank, in, kh, kw)`` / ``(out, rank)``.
+  ``(rank, in, kh, kw)`` / ``(out, rank)``; with ``lowrank_bits=8``, int8 (or integer-valued floating point) codes in
+  ``[-127, 127]``, and ``lowrank_down_scale`` / ``lowrank_up_scale`` of shapes ``(rank,)`` / ``(out,)`` as scales.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from .quantizers import ActQuantizer, SplitActQuantizer, WeightQuantizer
 # Names that only a diffusers-gac checkpoint holds (a plain model has none of them).
 QUANTIZED_SUFFIXES = ("packed_weight", "quantizer.scale", "quantizer.zero_point", "quantizer.split",
                       "quantizer.first.scale", "quantizer.first.zero_point", "quantizer.second.scale",
-                      "quantizer.second.zero_point", "quantizer.clip", ".smooth", ".lowrank_down", ".lowrank_up")
+                      "quantizer.second.zero_point", "quantizer.clip", ".smooth", ".lowrank_down", ".lowrank_up",
+                      ".lowrank_down_scale", ".lowrank_up_scale")
 MAX_LISTED = 8  # problems named in one error; the rest are counted
 
 
@@ -57,7 +59,7 @@ class CheckpointError(ValueError):
 class TensorSpec:
     """What one quantized tensor of a checkpoint must be."""
 
-    kind: str  # "codes", "scale", "zero_point", "split", "clip" or "float" (finite floating point)
+    kind: str  # "codes", "scale", "zero_point", "split", "clip", "factor_codes" or "float" (finite floating point)
     shape: tuple[int, ...]
     bits: int | None = None
     num_codes: int | None = None  # codes per row ("codes")
@@ -95,9 +97,13 @@ def quantized_tensor_specs(model: nn.Module) -> dict[str, TensorSpec]:
                 specs.update(_quantizer_specs(f"{name}.input_quantizer", module.input_quantizer))
             if module.smooth is not None:
                 specs[f"{name}.smooth"] = TensorSpec("scale", tuple(module.smooth.shape))
+            coded = module.lowrank_up_scale is not None
             for t in ("lowrank_down", "lowrank_up"):
                 if getattr(module, t) is not None:
-                    specs[f"{name}.{t}"] = TensorSpec("float", tuple(getattr(module, t).shape))
+                    kind = "factor_codes" if coded else "float"
+                    specs[f"{name}.{t}"] = TensorSpec(kind, tuple(getattr(module, t).shape))
+                if coded:
+                    specs[f"{name}.{t}_scale"] = TensorSpec("scale", tuple(getattr(module, f"{t}_scale").shape))
         elif isinstance(module, Attention):
             for q in ("q_quantizer", "k_quantizer", "v_quantizer", "probs_quantizer"):
                 if hasattr(module, q):
@@ -136,7 +142,7 @@ def check_layout(model: nn.Module, config: GACConfig) -> None:
 
 def owner(key: str) -> str:
     """The layer or attention module a quantized tensor belongs to."""
-    return re.split(r"\.(?:packed_weight|smooth|lowrank_down|lowrank_up|\w+_quantizer)(?:\.|$)", key)[0]
+    return re.split(r"\.(?:packed_weight|smooth|lowrank_\w+|\w+_quantizer)(?:\.|$)", key)[0]
 
 
 def check_presence(specs: Mapping[str, TensorSpec], keys: Iterable[str]) -> list[str]:
@@ -167,9 +173,13 @@ def check_tensor(name: str, tensor: torch.Tensor, spec: TensorSpec) -> list[str]
             return [f"{name} is stored as {tensor.dtype}; a split is an integer"]
     elif spec.kind == "zero_point" and tensor.dtype == torch.uint8:
         pass  # frozen layers save their zero points as uint8 (exact: integers in [0, 2**bits - 1])
+    elif spec.kind == "factor_codes" and tensor.dtype == torch.int8:
+        pass  # 8-bit low-rank factors are saved as int8 codes
     elif not tensor.dtype.is_floating_point:
-        allowed = "uint8 or floating point" if spec.kind == "zero_point" else "floating point"
-        what = {"scale": "a quantizer scale", "zero_point": "a quantizer zero point"}.get(spec.kind, "it")
+        allowed = {"zero_point": "uint8 or floating point", "factor_codes": "int8 or floating point"}.get(
+            spec.kind, "floating point")
+        what = {"scale": "a quantizer scale", "zero_point": "a quantizer zero point",
+                "factor_codes": "a low-rank factor"}.get(spec.kind, "it")
         return [f"{name} is stored as {tensor.dtype}; {what} is {allowed} "
                 "(an integer copy would have lost its fractional part)"]
     if tuple(tensor.shape) != spec.shape:
@@ -187,6 +197,10 @@ def check_tensor(name: str, tensor: torch.Tensor, spec: TensorSpec) -> list[str]
     if not torch.isfinite(values).all():
         return [f"{name} holds {int((~torch.isfinite(values)).sum())} non-finite values (NaN or inf)"]
     if spec.kind == "float":
+        return []
+    if spec.kind == "factor_codes":
+        if (values != values.round()).any() or (values.abs() > 127).any():
+            return [f"{name} holds values outside the 8-bit factor codes, the integers -127..127"]
         return []
     if spec.kind == "clip":
         ok = 0 < float(values) <= 1

@@ -120,7 +120,7 @@ def apply_conversion(model: nn.Module, config: GACConfig, plan: QuantizedLayout)
             module, w_bits=spec["w_bits"], a_bits=spec["a_bits"], weight_init=config.weight_init,
             act_scheme=config.act_scheme, act_groups=config.act_timestep_groups, split=spec["split"],
             group_size=config.act_group_size, clipping=config.act_clipping, smoothing=config.smoothing and plain,
-            rank=spec.get("rank", 0),
+            rank=spec.get("rank", 0), rank_bits=config.lowrank_bits,
         )
         _set_module(model, name, layer)
     if plan.attention:

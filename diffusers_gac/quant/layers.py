@@ -21,6 +21,9 @@ so rounding and ranges can be learned and quantization can be switched off to re
                                                                    values); the weight was multiplied by it
     L.lowrank_down / L.lowrank_up    float (r, in, kh, kw) / (out, r)  a rank-r float branch on the smoothed input
                                                                    beside the quantized residual (float16 values)
+    L.lowrank_down_scale / _up_scale float (r,) / (out,)           lowrank_bits=8: the factors hold codes in
+                                                                   [-127, 127] (saved as int8), times these row
+                                                                   scales (float16 values)
 
 The levers (``levers.py``) keep the float function: ``W x = (W s)(x / s)`` and ``W s = up @ down + residual``, where
 ``weight`` (then ``packed_weight``) holds the residual.
@@ -79,7 +82,7 @@ class QuantLayerMixin:
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
                     act_groups: int, channel_dim: int, split: int | None, group_size: int | None = None,
-                    clipping: bool = False, smoothing: bool = False, rank: int = 0) -> None:
+                    clipping: bool = False, smoothing: bool = False, rank: int = 0, rank_bits: int = 16) -> None:
         self.w_bits, self.a_bits = w_bits, a_bits
         self.channel_dim = channel_dim
         self.weight_quantizer = WeightQuantizer(self.weight_shape, w_bits, weight_init)
@@ -92,7 +95,7 @@ class QuantLayerMixin:
                                                      clipping)
         else:
             self.input_quantizer = ActQuantizer(a_bits, act_scheme, act_groups, channel_dim, group_size, clipping)
-        levers.add_buffers(self, smoothing and a_bits is not None, rank)
+        levers.add_buffers(self, smoothing and a_bits is not None, rank, rank_bits)
         self.quantize_weight = True
         self.frozen = False
         self.register_state_dict_post_hook(_compact_frozen_state)
@@ -157,7 +160,10 @@ class QuantLayerMixin:
         tensors["weight_quantizer.scale"] = (self.weight_quantizer.scale, FLOAT16.tiny)
         if self.smooth is not None:
             tensors["smooth"] = (self.smooth, FLOAT16.tiny)
-        if self.lowrank_up is not None:  # summed in a GEMM: an absolute error, like the bias's
+        if self.lowrank_up_scale is not None:  # 8-bit factors: integer codes, and scales rounded when they were set
+            tensors["lowrank_down_scale"] = (self.lowrank_down_scale, FLOAT16.tiny)
+            tensors["lowrank_up_scale"] = (self.lowrank_up_scale, FLOAT16.tiny)
+        elif self.lowrank_up is not None:  # summed in a GEMM: an absolute error, like the bias's
             tensors["lowrank_down"], tensors["lowrank_up"] = (self.lowrank_down, 0.0), (self.lowrank_up, 0.0)
         if self.input_quantizer is not None:
             for name, q in self.input_quantizer.named_modules(prefix="input_quantizer"):
@@ -232,13 +238,15 @@ class QuantLayerMixin:
 ZERO_POINT_KEYS = ("weight_quantizer.zero_point", "input_quantizer.zero_point", "input_quantizer.first.zero_point",
                    "input_quantizer.second.zero_point")
 FLOAT16_KEYS = ("bias", "weight_quantizer.scale", "input_quantizer.scale", "input_quantizer.first.scale",
-                "input_quantizer.second.scale", "smooth", "lowrank_down", "lowrank_up")
+                "input_quantizer.second.scale", "smooth", "lowrank_down", "lowrank_up", "lowrank_down_scale",
+                "lowrank_up_scale")
 
 
 def _compact_frozen_state(layer: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """A frozen layer saves its zero points as uint8 (integers in [0, 2**bits - 1], at most 8 bits) and its bias and
-    scales as float16 when float16 holds them exactly (as freezing leaves them): exact either way, so loading casts
-    them back to the buffers' float dtype without a change; a tensor float16 does not hold exactly stays as it is."""
+    scales as float16 when float16 holds them exactly (as freezing leaves them), and 8-bit low-rank factor codes as
+    int8: exact either way, so loading casts them back to the buffers' float dtype without a change; a tensor that
+    does not fit its compact dtype exactly stays as it is."""
     if not layer.frozen:
         return
     for key in ZERO_POINT_KEYS + FLOAT16_KEYS:
@@ -246,7 +254,10 @@ def _compact_frozen_state(layer: nn.Module, state_dict: dict, prefix: str, local
         if t is None or not t.is_floating_point() or not t.numel() or t.device.type == "meta":
             continue
         t = t.detach()
-        if key in ZERO_POINT_KEYS:
+        if key in ("lowrank_down", "lowrank_up") and layer.lowrank_up_scale is not None:
+            if bool((t == t.round()).all()) and float(t.abs().max()) <= levers.FACTOR_CODE_MAX:
+                state_dict[prefix + key] = t.to(torch.int8)
+        elif key in ZERO_POINT_KEYS:
             if bool((t == t.round()).all()) and 0 <= float(t.min()) and float(t.max()) <= 255:
                 state_dict[prefix + key] = t.to(torch.uint8)
         elif t.dtype in (torch.float32, torch.float64) and torch.equal(t.half().to(t.dtype), t):
@@ -265,7 +276,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     def from_module(cls, module: nn.Conv2d, *, w_bits: int, a_bits: int | None, weight_init: WeightInit = "mse",
                     act_scheme: ActScheme = "static", act_groups: int = 1, split: int | None = None,
                     **lever_options) -> "QuantConv2d":
-        """``lever_options``: ``group_size``, ``clipping``, ``smoothing`` and ``rank`` (``levers.py``)."""
+        """``lever_options``: ``group_size``, ``clipping``, ``smoothing``, ``rank`` and ``rank_bits`` (``levers.py``)."""
         layer = cls(
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
             dilation=module.dilation, groups=module.groups, bias=module.bias is not None, padding_mode=module.padding_mode,

@@ -12,7 +12,9 @@ with reconstruction (AdaRound learns the rounding of whatever weight the layer q
 * ``lowrank_rank``: ``W s = up @ down + R``, the top singular directions of the smoothed weight kept as a float
   branch ``up(down(x / s))`` (``down`` has the layer's geometry: a kxk convolution, or a linear map; ``up`` is 1x1),
   and only the residual ``R`` quantized (SVDQuant). The factors share the singular values evenly
-  (``sqrt(S)`` on each side), so both fit float16.
+  (``sqrt(S)`` on each side), so both fit float16. With ``lowrank_bits=8`` they are int8 codes instead, symmetric
+  per row with one scale per row of each (``lowrank_down_scale`` ``(r,)``, ``lowrank_up_scale`` ``(out,)``), rounded
+  before the residual is taken, so the residual absorbs their rounding and the split stays exact.
 
 The search (:func:`search_levers`) runs once per layer, on the inputs the layer sees during calibration, before its
 activation ranges are set and its rounding learned: each candidate (a smoothing strength, then a clipping ratio) is
@@ -35,6 +37,8 @@ from .quantizers import ActQuantizer, input_parts
 SMOOTHING_STRENGTHS = (None, 0.2, 0.35, 0.5, 0.65, 0.8)  # None: no smoothing (s = 1)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 EPS = 1e-5
+FACTOR_CODE_MAX = 127  # 8-bit factors: symmetric codes in [-127, 127]
+FLOAT16_TINY, FLOAT16_MAX = torch.finfo(torch.float16).tiny, torch.finfo(torch.float16).max
 
 
 def layer_rank(weight_shape: tuple[int, ...], rank: int | float) -> int:
@@ -45,13 +49,17 @@ def layer_rank(weight_shape: tuple[int, ...], rank: int | float) -> int:
     return max(0, min(wanted, smaller // 2))
 
 
-def add_buffers(layer: nn.Module, smoothing: bool, rank: int) -> None:
-    """Give ``layer`` its lever buffers (identity values: the function is unchanged until the search sets them)."""
+def add_buffers(layer: nn.Module, smoothing: bool, rank: int, rank_bits: int = 16) -> None:
+    """Give ``layer`` its lever buffers (identity values: the function is unchanged until the search sets them);
+    ``rank_bits`` 8 adds the factors' row scales (the factors then hold integer codes)."""
     device = layer.weight.device
     shape = layer.weight_shape
+    coded = rank and rank_bits == 8
     layer.register_buffer("smooth", torch.ones(shape[1], device=device) if smoothing else None)
     layer.register_buffer("lowrank_down", torch.zeros(rank, *shape[1:], device=device) if rank else None)
     layer.register_buffer("lowrank_up", torch.zeros(shape[0], rank, device=device) if rank else None)
+    layer.register_buffer("lowrank_down_scale", torch.ones(rank, device=device) if coded else None)
+    layer.register_buffer("lowrank_up_scale", torch.ones(shape[0], device=device) if coded else None)
 
 
 def _channel_view(layer: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,9 +72,17 @@ def smooth_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if layer.smooth is None else x / _channel_view(layer, x, layer.smooth)
 
 
+def factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The branch's ``down`` and ``up`` factors as float values (8-bit codes times their row scales)."""
+    down, up = layer.lowrank_down, layer.lowrank_up
+    if layer.lowrank_up_scale is None:
+        return down, up
+    return down * layer.lowrank_down_scale.view(-1, *([1] * (down.dim() - 1))), up * layer.lowrank_up_scale[:, None]
+
+
 def branch(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The low-rank branch on the (smoothed) input ``x``."""
-    down, up = layer.lowrank_down.to(x.dtype), layer.lowrank_up.to(x.dtype)
+    down, up = (f.to(x.dtype) for f in factors(layer))
     if isinstance(layer, nn.Conv2d):
         h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
         return F.conv2d(h, up[:, :, None, None])
@@ -81,7 +97,8 @@ def lowrank_weight(layer: nn.Module) -> torch.Tensor:
     """``up @ down`` in the weight's shape (zero without a branch)."""
     if layer.lowrank_up is None:
         return torch.zeros(layer.weight_shape, device=layer.weight_quantizer.scale.device)
-    return (layer.lowrank_up.float() @ layer.lowrank_down.float().flatten(1)).view(layer.weight_shape)
+    down, up = factors(layer)
+    return (up.float() @ down.float().flatten(1)).view(layer.weight_shape)
 
 
 def float_weight(layer: nn.Module, residual: torch.Tensor) -> torch.Tensor:
@@ -105,11 +122,23 @@ def set_levers(layer: nn.Module, weight: torch.Tensor, smooth: torch.Tensor | No
         rank = layer.lowrank_up.shape[1]
         u, sv, vh = torch.linalg.svd(w.flatten(1), full_matrices=False)
         root = sv[:rank].sqrt()
-        layer.lowrank_up.copy_(u[:, :rank] * root)
-        layer.lowrank_down.copy_((root[:, None] * vh[:rank]).view(layer.lowrank_down.shape))
+        up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
+        if layer.lowrank_up_scale is not None:
+            (down, down_scale), (up, up_scale) = _codes(down), _codes(up)
+            layer.lowrank_down_scale.copy_(down_scale)
+            layer.lowrank_up_scale.copy_(up_scale)
+        layer.lowrank_up.copy_(up)
+        layer.lowrank_down.copy_(down.view(layer.lowrank_down.shape))
         w = w - lowrank_weight(layer)
     layer.weight.data.copy_(w.to(layer.weight.dtype))
     layer.weight_quantizer.init_range(layer.weight)
+
+
+def _codes(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit codes of each row of ``factor`` and the row scales (float16 values, so a frozen checkpoint
+    holds them exactly; at least float16's smallest normal number)."""
+    scale = (factor.abs().amax(1) / FACTOR_CODE_MAX).clamp(FLOAT16_TINY, FLOAT16_MAX).half().float()
+    return (factor / scale[:, None]).round().clamp(-FACTOR_CODE_MAX, FACTOR_CODE_MAX), scale
 
 
 def _quantize_tokens(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
