@@ -16,7 +16,8 @@ embeddings at 8 bits) and round-to-nearest weights: speed does not depend on how
 nothing is calibrated. ``fake`` runs the fake-quant reference (dequantize, float ops); ``int`` the integer kernels
 for every layer with quantized inputs (``execution="integer"``); ``auto`` the integer kernels for the layers wide
 enough to gain from them, fake quantization for the others (``execution="auto"``, the default when loading).
-"weights resident" sums the model's parameters and buffers; "step peak" is how far one step raises the process's
+"weights resident" sums the model's parameters and buffers, "state dict as saved" the tensors its checkpoint would
+hold (compact dtypes: packed codes, float16 scales, int8 factor codes); "step peak" is how far one step raises the process's
 resident memory (Linux peak RSS, reset before the step); "rel. L2 vs FP32" is a sanity check of each output.
 
     python benchmarks/inference_speed.py --models embedded sd --latents 16 32 64 --threads 2 --output docs/results/inference_speed.md
@@ -62,8 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fp_baseline import cpu_name  # noqa: E402  (benchmarks/fp_baseline.py)
 from peers import PEERS, build_peer  # noqa: E402  (benchmarks/peers.py)
 
-# the activation-side levers (GACConfig options) of the *_levers/*_g64 variants: smoothing, a rank-32 branch and
-# clipped ranges run on the integer kernels; per-group ranges (act_group_size) run the fake-quant reference
+# the activation-side levers (GACConfig options) of the *_levers*/*_g64 variants: smoothing, a rank-32 branch (float16
+# or int8 factors) and clipped ranges beside the integer kernels; per-group ranges (act_group_size) as one int8 GEMM
+# per channel group (and kernel tap)
 LEVERS = {"smoothing": True, "lowrank_rank": 32, "act_clipping": True}
 VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GACConfig options])
     "fp32": (None, None, None),
@@ -75,6 +77,7 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "int_w4a4": ("integer", 4, 4),
     "auto_w4a4": ("auto", 4, 4),
     "int_w4a4_levers": ("integer", 4, 4, LEVERS),
+    "int_w4a4_levers8": ("integer", 4, 4, {**LEVERS, "lowrank_bits": 8}),
     "int_w4a4_g64": ("integer", 4, 4, {"act_group_size": 64}),
     "compiled_fp32": ("compile", None, None),
     "compiled_w4a4": ("compile", 4, 4),
@@ -312,6 +315,15 @@ def resident_mib(model: nn.Module) -> float:
     return sum(tensor_bytes(t) for t in tensors) / 2**20
 
 
+def saved_mib(model: nn.Module) -> float | None:
+    """What the model's state dict holds as saved (a quantized model's compact dtypes: packed codes, float16 scales,
+    int8 factor codes); None where a peer's state dict cannot be measured this way."""
+    try:
+        return sum(tensor_bytes(t) for t in model.state_dict().values()) / 2**20
+    except Exception:  # a peer's tensor subclass without plain storage
+        return None
+
+
 def forward_fn(model: nn.Module, call: dict, dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in call.items()}
     cuda = next(iter(call.values())).device.type == "cuda"
@@ -402,7 +414,8 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
         rows.append({"model": label, "latent": latent, "batch": batch, "variant": name,
                      "median_ms": 1e3 * median, "min_ms": 1e3 * min(samples[name]),
                      "max_ms": 1e3 * max(samples[name]), "vs_fp32": base / median,
-                     "resident_mib": resident_mib(models[name]), "step_peak_mib": peaks[name],
+                     "resident_mib": resident_mib(models[name]), "saved_mib": saved_mib(models[name]),
+                     "step_peak_mib": peaks[name],
                      "rel_l2_vs_fp32": errors[name],
                      "rel_l2_vs_bf16": errors_bf16[name], "build_s": built[name],
                      "load": f"{load_before} / {load_after}"})
@@ -424,14 +437,16 @@ on how rounding was learned. "rel. L2 vs bf16" compares with the `bf16` variant 
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | latent | batch | variant | ms / step (median) | min | max | FP32 / variant | weights resident "
-             "MiB | step peak MiB | rel. L2 vs FP32 | rel. L2 vs bf16 | build s | load avg before / after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MiB | state dict as saved MiB | step peak MiB | rel. L2 vs FP32 | rel. L2 vs bf16 | build s | "
+             "load avg before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['vs_fp32']:.2f}x"
         peak = "n/a" if r["step_peak_mib"] is None else f"{r['step_peak_mib']:.1f}"
         vs_bf16 = "n/a" if r["rel_l2_vs_bf16"] is None else f"{r['rel_l2_vs_bf16']:.2e}"
+        saved = "n/a" if r.get("saved_mib") is None else f"{r['saved_mib']:.1f}"
         lines.append(f"| {r['model']} | {r['latent']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | "
-                     f"{r['min_ms']:.1f} | {r['max_ms']:.1f} | {ratio} | {r['resident_mib']:.1f} | {peak} | "
+                     f"{r['min_ms']:.1f} | {r['max_ms']:.1f} | {ratio} | {r['resident_mib']:.1f} | {saved} | {peak} | "
                      f"{r['rel_l2_vs_fp32']:.2e} | {vs_bf16} | {r['build_s']:.1f} | {r['load']} |")
     return "\n".join(lines)
 
