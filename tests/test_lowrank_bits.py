@@ -30,8 +30,8 @@ def test_8bit_factors_are_codes_and_the_split_stays_exact(case):
     coded, plain = (_quantized(module, smoothing=True, rank=3, rank_bits=bits, **extra) for bits in (8, 16))
     for layer in (coded, plain):
         levers.set_levers(layer, module.weight.detach(), smooth)
-    for codes in (coded.lowrank_down, coded.lowrank_up):
-        assert torch.equal(codes, codes.round()) and int(codes.abs().max()) == levers.FACTOR_CODE_MAX
+    for codes in (coded.lowrank_down, coded.lowrank_up):  # int8 in memory: a quarter of float32 factors' bytes
+        assert codes.dtype == torch.int8 and int(codes.abs().max()) == levers.FACTOR_CODE_MAX
     for scale in (coded.lowrank_down_scale, coded.lowrank_up_scale):
         assert (scale > 0).all() and torch.equal(scale.half().float(), scale)
     # the residual absorbs the codes' rounding: branch + residual is still the smoothed weight
@@ -73,6 +73,15 @@ def test_an_8bit_branch_checkpoint_stores_int8_codes_and_reloads_identically(che
     for execution in ("fake", "integer"):
         set_execution(model, execution), set_execution(loaded, execution)
         assert torch.equal(_out(loaded), _out(model))
+    # loaded in bfloat16 the codes stay int8 (a dtype cast moves floating-point tensors only)
+    half = UNet2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert all(l.lowrank_up.dtype == torch.int8 for n, l in quant_layers(half).items() if n in ranked)
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(2, 1, 8, 8, generator=g), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        reference, result = model(x, t, class_labels=c).sample, half(x.bfloat16(), t, class_labels=c).sample.float()
+    # bfloat16 inputs flip some 4-bit activation codes of this tiny model: close, not equal
+    assert ((result - reference).norm() / reference.norm()).item() < 0.25
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -21,8 +21,8 @@ so rounding and ranges can be learned and quantization can be switched off to re
                                                                    values); the weight was multiplied by it
     L.lowrank_down / L.lowrank_up    float (r, in, kh, kw) / (out, r)  a rank-r float branch on the smoothed input
                                                                    beside the quantized residual (float16 values)
-    L.lowrank_down_scale / _up_scale float (r,) / (out,)           lowrank_bits=8: the factors hold codes in
-                                                                   [-127, 127] (saved as int8), times these row
+    L.lowrank_down_scale / _up_scale float (r,) / (out,)           lowrank_bits=8: the factors are int8 codes in
+                                                                   [-127, 127] (in memory too), times these row
                                                                    scales (float16 values)
 
 The levers (``levers.py``) keep the float function: ``W x = (W s)(x / s)`` and ``W s = up @ down + residual``, where
@@ -244,9 +244,9 @@ FLOAT16_KEYS = ("bias", "weight_quantizer.scale", "input_quantizer.scale", "inpu
 
 def _compact_frozen_state(layer: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     """A frozen layer saves its zero points as uint8 (integers in [0, 2**bits - 1], at most 8 bits) and its bias and
-    scales as float16 when float16 holds them exactly (as freezing leaves them), and 8-bit low-rank factor codes as
-    int8: exact either way, so loading casts them back to the buffers' float dtype without a change; a tensor that
-    does not fit its compact dtype exactly stays as it is."""
+    scales as float16 when float16 holds them exactly (as freezing leaves them): exact either way, so loading casts
+    them back to the buffers' float dtype without a change; a tensor float16 does not hold exactly stays as it is.
+    (8-bit low-rank factors are int8 buffers already.)"""
     if not layer.frozen:
         return
     for key in ZERO_POINT_KEYS + FLOAT16_KEYS:
@@ -254,10 +254,7 @@ def _compact_frozen_state(layer: nn.Module, state_dict: dict, prefix: str, local
         if t is None or not t.is_floating_point() or not t.numel() or t.device.type == "meta":
             continue
         t = t.detach()
-        if key in ("lowrank_down", "lowrank_up") and layer.lowrank_up_scale is not None:
-            if bool((t == t.round()).all()) and float(t.abs().max()) <= levers.FACTOR_CODE_MAX:
-                state_dict[prefix + key] = t.to(torch.int8)
-        elif key in ZERO_POINT_KEYS:
+        if key in ZERO_POINT_KEYS:
             if bool((t == t.round()).all()) and 0 <= float(t.min()) and float(t.max()) <= 255:
                 state_dict[prefix + key] = t.to(torch.uint8)
         elif t.dtype in (torch.float32, torch.float64) and torch.equal(t.half().to(t.dtype), t):

@@ -51,13 +51,14 @@ def layer_rank(weight_shape: tuple[int, ...], rank: int | float) -> int:
 
 def add_buffers(layer: nn.Module, smoothing: bool, rank: int, rank_bits: int = 16) -> None:
     """Give ``layer`` its lever buffers (identity values: the function is unchanged until the search sets them);
-    ``rank_bits`` 8 adds the factors' row scales (the factors then hold integer codes)."""
+    ``rank_bits`` 8 adds the factors' row scales (the factors then hold int8 codes)."""
     device = layer.weight.device
     shape = layer.weight_shape
     coded = rank and rank_bits == 8
+    dtype = torch.int8 if coded else None  # int8 codes stay int8 in memory (and through model.to(dtype))
     layer.register_buffer("smooth", torch.ones(shape[1], device=device) if smoothing else None)
-    layer.register_buffer("lowrank_down", torch.zeros(rank, *shape[1:], device=device) if rank else None)
-    layer.register_buffer("lowrank_up", torch.zeros(shape[0], rank, device=device) if rank else None)
+    layer.register_buffer("lowrank_down", torch.zeros(rank, *shape[1:], device=device, dtype=dtype) if rank else None)
+    layer.register_buffer("lowrank_up", torch.zeros(shape[0], rank, device=device, dtype=dtype) if rank else None)
     layer.register_buffer("lowrank_down_scale", torch.ones(rank, device=device) if coded else None)
     layer.register_buffer("lowrank_up_scale", torch.ones(shape[0], device=device) if coded else None)
 
