@@ -75,7 +75,7 @@ class GACConfig(QuantizationConfigMixin):
             on the calibration data (4 bits spend fewer levels on outliers).
         smoothing: divide each layer input channel by a scale moved into the weight (SmoothQuant), its strength
             searched per layer on the calibration data; exact before quantization.
-        lowrank_rank: keep the top singular directions of each 4-bit layer's (smoothed) weight as a 16-bit branch
+        lowrank_rank: keep the top singular directions of each 4-bit layer's (smoothed) weight as a float branch
             beside the quantized residual: a rank (``int``, 0: none) or a fraction in (0, 1) of the smaller weight
             dimension. A layer gets at most half its smaller dimension.
         lowrank_bits: storage of the branch's factors: 16 (float16 values) or 8 (int8 codes with a float16 scale per
