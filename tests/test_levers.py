@@ -251,8 +251,11 @@ def test_a_lever_checkpoint_reloads_identically(lever_checkpoint):
     (lambda s, n: s.__setitem__(f"{n}.lowrank_up", s[f"{n}.lowrank_up"].to(torch.int32)), "it is floating point"),
 ])
 def test_a_damaged_lever_tensor_is_refused(lever_checkpoint, tmp_path, edit, message):
-    _, folder = lever_checkpoint
-    name = "down_blocks.0.resnets.0.conv2"
+    assert_damage_refused(lever_checkpoint[1], tmp_path, edit, message)
+
+
+def assert_damage_refused(folder, tmp_path, edit, message, name="down_blocks.0.resnets.0.conv2"):
+    """A copy of the checkpoint in ``folder`` with layer ``name``'s tensors changed by ``edit`` refuses to load."""
     state = load_file(folder / WEIGHTS)
     assert f"{name}.lowrank_up" in state
     edit(state, name)

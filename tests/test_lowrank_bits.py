@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
-from safetensors.torch import load_file, save_file
-from test_levers import FAST, LEVERS, WEIGHTS, _layers, _out, _quantized
+from safetensors.torch import load_file
+from test_levers import FAST, LEVERS, WEIGHTS, _layers, _out, _quantized, assert_damage_refused
 from tiny_models import tiny_unet2d
 
 import diffusers_gac
@@ -94,16 +94,7 @@ def test_an_8bit_branch_checkpoint_stores_int8_codes_and_reloads_identically(che
     (lambda s, n: s.pop(f"{n}.lowrank_up_scale"), "missing from the weights"),
 ])
 def test_a_damaged_8bit_factor_is_refused(checkpoints, tmp_path, edit, message):
-    _, folder = checkpoints[8]
-    name = "down_blocks.0.resnets.0.conv2"
-    state = load_file(folder / WEIGHTS)
-    edit(state, name)
-    damaged = tmp_path / "damaged"
-    damaged.mkdir()
-    (damaged / "config.json").write_text((folder / "config.json").read_text())
-    save_file(state, damaged / WEIGHTS, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=message):
-        UNet2DModel.from_pretrained(damaged)
+    assert_damage_refused(checkpoints[8][1], tmp_path, edit, message)
 
 
 def test_the_8bit_scales_are_part_of_a_resumed_unit():
