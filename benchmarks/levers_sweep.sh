@@ -21,4 +21,4 @@ fi
 if [ "${2:-}" = 100 ]; then
     $run --steps 100 --methods fp qdiffusion "qdiffusion:$all8"
 fi
-$run --steps 25 --methods fp --table "$prefix.md"  # nothing left to run: writes the table
+$run --steps 25 --methods fp --table "$prefix.md" --table-command "bash benchmarks/levers_sweep.sh $*"  # writes the table

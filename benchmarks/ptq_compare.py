@@ -44,7 +44,9 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from peers import PEERS, build_peer, check_peer, mean_weight_bits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import PEERS, build_peer, check_peer, mean_weight_bits  # noqa: E402  (benchmarks/peers.py)
 
 METHODS: dict[str, dict] = {
     "rtn": {"reconstruction": "none"},
@@ -268,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="afterwards, run qdiffusion with the iterations that fit in METHOD's CPU time")
     p.add_argument("--jsonl", type=Path, required=True, help="append one JSON line per run (resumes)")
     p.add_argument("--table", type=Path, help="write the markdown summary of the whole JSONL file here")
+    p.add_argument("--table-command", default=None, metavar="COMMAND",
+                   help="the command the table names as its source (default: this one), e.g. the sweep script")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--eval-seed-offset", type=int, default=1000,
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
             iters = equal_time_iters(read_rows(a.jsonl), a.equal_time, base, bits, a.model, a.steps)
             run_jobs(todo([f"qdiffusion:iters={iters}"], [bits]), a.workers, a.jsonl)
     if a.table:
-        write_table(read_rows(a.jsonl), a.table, "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
+        command = a.table_command or "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+        write_table(read_rows(a.jsonl), a.table, command)
 
 
 if __name__ == "__main__":
