@@ -202,11 +202,11 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
          "precision along the full-precision trajectories (x1e-3). Evaluation noise is drawn from seeds "
          f"{sorted({r['eval_seed'] for r in rows if 'eval_seed' in r}) or 'equal to the calibration seeds (older rows)'}"
          f"; calibration seeds {sorted({r['seed'] for r in rows})}. Checkpoint: the bytes of the frozen model's "
-         "state as saved. Command:"),
+         "state as saved; lever params: the values the activation-side levers add (docs/levers.md). Command:"),
         "", "```", command, "```", "",
         "| model | setting | method | seeds | FD ↓ | PSNR vs FP (dB) ↑ | sample MSE (x1e-3) ↓ | trajectory MSE (x1e-3) ↓ "
-        "| accuracy ↑ | weight bits | checkpoint (KiB) | calibration (CPU s) | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| accuracy ↑ | weight bits | checkpoint (KiB) | lever params | calibration (CPU s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ordered = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] != "FP32",
                                                     kv[0][3], order.index(kv[0][4].split(":")[0]), kv[0][4]))
@@ -220,6 +220,7 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
             f"{_cell([r.get('trajectory_mse') for r in rs], 3, 1e3)} | {_cell([r['accuracy'] for r in rs], 3)} | "
             f"{_cell([r.get('mean_weight_bits') for r in rs][:1], 1)} | "
             f"{_cell([r.get('checkpoint_bytes') for r in rs][:1], 0, 1 / 1024)} | "
+            f"{_cell([r.get('lever_params') for r in rs][:1], 0)} | "
             f"{_cell([r.get('calibration_cpu_seconds') for r in rs], 0)} | {_cell([r['peak_rss_mb'] for r in rs], 0)} |"
         )
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ def _row(method, seed, fd, **extra):
 def test_the_table_summarises_every_run_in_the_jsonl_and_names_the_given_command(tmp_path):
     jsonl, table = tmp_path / "runs.jsonl", tmp_path / "runs.md"
     rows = [_row("fp", s, fd) for s, fd in enumerate([6.0, 7.0, 8.0])]
-    rows += [_row("qdiffusion:lowrank_rank=4", s, fd, psnr=30.0, trajectory_mse=2e-3, checkpoint_bytes=2048)
+    rows += [_row("qdiffusion:lowrank_rank=4", s, fd, psnr=30.0, trajectory_mse=2e-3, checkpoint_bytes=2048,
+                 lever_params=130688)
              for s, fd in enumerate([10.0, 12.0, 14.0])]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _ptq_compare().main(["--jsonl", str(jsonl), "--methods", "fp", "qdiffusion:lowrank_rank=4", "--table", str(table),
@@ -36,7 +37,7 @@ def test_the_table_summarises_every_run_in_the_jsonl_and_names_the_given_command
     lines = [line for line in text.splitlines() if line.startswith("| digits")]
     assert len(lines) == 2 and "full precision" in lines[0] and "| 7.00 ± 1.00 |" in lines[0]
     assert "(lowrank_rank=4)" in lines[1] and "| 12.00 ± 2.00 |" in lines[1] and "| 2.000 ± 0.000 |" in lines[1]
-    assert lines[1].split(" | ")[10] == "2"  # checkpoint KiB
+    assert lines[1].split(" | ")[10:12] == ["2", "130688"] and lines[0].split(" | ")[10:12] == ["-", "-"]
     assert len(jsonl.read_text().splitlines()) == 6  # every run was there: none was added
 
 
