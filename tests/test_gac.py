@@ -1,6 +1,7 @@
 """Gradient-aligned weighting and the reconstruction loop it runs in: the meta-gradient is exact, the weights can
 move and reach every logit, the validation pass sees the final rounding, and held-out samples never train."""
 
+import dataclasses
 import itertools
 from dataclasses import asdict
 
@@ -228,9 +229,10 @@ NORMALIZED = {"gac_virtual_step": "normalized", "gac_virtual_lr": 0.05}
     {"gac_validation_target": "output", "gac_gm_weight": 1.0, **NORMALIZED},
     {"a_bits": 8, "act_scheme": "static", "gac_gm_weight": 1.0},  # learned activation step sizes in theta
     {"a_bits": 8, "act_scheme": "static", "gac_gm_weight": 0.0, "gac_validation_target": "output", **NORMALIZED},
+    {"a_bits": 8, "act_scheme": "timestep", "act_timestep_groups": 3, "gac_gm_weight": 1.0},  # one range per group
 ])
 def test_meta_gradient_on_a_model_unit_matches_finite_differences(options, monkeypatch):
-    if options.get("act_scheme") == "static":
+    if options.get("act_scheme") in ("static", "timestep"):
         # Activation rounding is a step function whose straight-through gradient is a surrogate, so finite
         # differences cannot check it; without the rounding (clamping kept) the surrogate is the true derivative, and
         # what is checked is that the step sizes enter the virtual update and the meta-gradient exactly.
@@ -238,7 +240,7 @@ def test_meta_gradient_on_a_model_unit_matches_finite_differences(options, monke
 
         monkeypatch.setattr(quantizers, "round_ste", lambda v: v)
     model, data, s, problem, _ = _unit_in_model(**options)
-    if options.get("act_scheme") == "static":
+    if options.get("act_scheme") in ("static", "timestep"):
         steps = list(problem.step_params.values())
         grads = torch.autograd.grad(problem.per_sample_loss(problem.train_idx).mean(), steps)
         assert steps and any(g.abs().max() > 0 for g in grads)  # the virtual step moves activation step sizes too
@@ -246,6 +248,36 @@ def test_meta_gradient_on_a_model_unit_matches_finite_differences(options, monke
     train, val = problem.train_idx[:8], problem.val_idx
     logits = (0.3 * torch.randn(3, dtype=torch.float64)).requires_grad_(True)
     _finite_difference_check(s, logits, train, val, range(3))
+
+
+@pytest.mark.parametrize("scheme", ["static", "timestep"])
+def test_gradient_matching_sees_the_learned_activation_step_sizes(scheme):
+    """With static ranges every timestep shares the step sizes (per-timestep-group ranges: the timesteps of a range
+    group): their gradients are part of each timestep group's gradient G_t, beside the rounding variables'."""
+    # three sampler steps in two range groups: two of the steps share their ranges
+    options = {"a_bits": 8, "act_scheme": scheme, "act_timestep_groups": 2, "gac_virtual_lr": 1e-12}
+    _, _, with_gm, problem, _ = _unit_in_model(**options, gac_gm_weight=1.0)
+    without = GradientAlignedWeighting(dataclasses.replace(with_gm.config, gac_gm_weight=0.0))
+    with_gm.begin_unit(problem)
+    without.begin_model(with_gm.model, None)
+    without.begin_unit(problem)
+    val, train = problem.val_idx, problem.train_idx[:8]
+    logits = torch.zeros(3, dtype=torch.float64)
+    term = with_gm.meta_gradient(logits, train, val)[0] - without.meta_gradient(logits, train, val)[0]
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in problem.params.items()}
+    assert any(n.endswith(".scale") for n in params) and any(n.endswith(".alpha") for n in params)
+    grads = []
+    with problem.rounding("soft"):
+        for t in problem.timesteps[val].unique():
+            idx = val[problem.timesteps[val] == t]
+            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(
+                problem.per_sample_loss(idx, params=params).mean(), list(params.values()), allow_unused=False)]))
+    sims = [float(a @ b) for a, b in itertools.combinations(grads, 2)]
+    assert term == pytest.approx(-sum(sims) / len(sims), rel=1e-6)
+    # the step sizes' part is not negligible: without it the term would differ
+    alpha_only = [g[: sum(p.numel() for n, p in params.items() if n.endswith(".alpha"))] for g in grads]
+    sims_alpha = [float(a @ b) for a, b in itertools.combinations(alpha_only, 2)]
+    assert abs(sum(sims_alpha) / len(sims_alpha) - sum(sims) / len(sims)) > 1e-3 * abs(sum(sims) / len(sims))
 
 
 def test_output_level_validation_is_the_denoisers_output_error():

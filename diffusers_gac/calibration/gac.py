@@ -12,7 +12,9 @@ unit, nor sets its activation ranges. A meta-step moves the logits:
    (``gac_virtual_step="normalized"``; ``"sgd"`` uses it raw);
 2. the validation objective at theta', ``L_val = mean_v l_v(theta') + gac_gm_weight * L_gm(theta')`` with
    ``L_gm = - mean over pairs of timestep groups (t, k) of sim(G_t, G_k)``, ``G_t`` the gradient of group t's
-   validation error with respect to the AdaRound variables at theta' (``sim``: cosine, or the paper's dot product).
+   validation error with respect to theta' (the AdaRound variables, and the activation step sizes where the scheme
+   learns them: ``static`` and ``timestep`` ranges that every timestep shares; ``sim``: cosine, or the paper's dot
+   product).
    With ``gac_val_rounding="hard"`` the validation pass rounds the weights as reconstruction will in the end
    (``h(alpha) >= 0.5``, straight-through gradients), so the objective holds the rounding error that reconstruction
    fights; ``"soft"`` uses AdaRound's soft rounding, as the paper's meta phase does;
@@ -202,10 +204,9 @@ class GradientAlignedWeighting(SampleWeighting):
     def _gradient_matching(self, losses: torch.Tensor | None, val_idx: torch.Tensor, mask: torch.Tensor,
                            virtual: dict[str, torch.Tensor], problem: UnitProblem, shard) -> tuple[float, list]:
         """``L_gm = - mean_{t<k} sim(G_t, G_k)`` over the timestep groups of the validation batch, ``G_t`` the gradient
-        of group t's mean validation error with respect to the rounding variables at theta', and its gradient with
-        respect to theta' (Hessian-vector products of each process's part of ``G_t``)."""
+        of group t's mean validation error with respect to theta' (rounding variables and learned step sizes), and its
+        gradient with respect to theta' (Hessian-vector products of each process's part of ``G_t``)."""
         leaves = list(virtual.values())
-        rounding = [virtual[n] for n in problem.rounding_params]
         groups = self.val_groups[val_idx]
         local_groups = groups[mask]
         parts, graphs = [], []
@@ -214,11 +215,11 @@ class GradientAlignedWeighting(SampleWeighting):
             sel = local_groups == g
             part = None
             if losses is not None and sel.any():
-                part = torch.autograd.grad(losses[sel].sum() / count, rounding, create_graph=True, allow_unused=True)
-                part = [torch.zeros_like(r) if x is None else x for r, x in zip(rounding, part)]
+                part = torch.autograd.grad(losses[sel].sum() / count, leaves, create_graph=True, allow_unused=True)
+                part = [torch.zeros_like(r) if x is None else x for r, x in zip(leaves, part)]
             graphs.append(part)
             parts.append(_flat([x.detach() for x in part]) if part is not None else
-                         torch.zeros(sum(r.numel() for r in rounding), dtype=rounding[0].dtype))
+                         torch.zeros(sum(r.numel() for r in leaves), dtype=leaves[0].dtype))
         if len(parts) < 2:
             return 0.0, [torch.zeros_like(x) for x in leaves]
         group_grads = [x.clone().requires_grad_(True) for x in shard.sum_all(parts)]
