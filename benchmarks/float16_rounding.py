@@ -26,7 +26,7 @@ from ptq_compare import METHODS, method_options, parse_bits, parse_value
 
 from diffusers_gac import GACConfig, record_calibration_data, zoo
 from diffusers_gac.calibration.reconstruction import make_weighting, reconstruct_model
-from diffusers_gac.evaluation import evaluate_denoiser, sample_images, trajectory_error
+from diffusers_gac.evaluation import evaluate_denoiser, evaluation_seed, sample_images, trajectory_error
 from diffusers_gac.quant.convert import convert_model, freeze_model
 
 VARIANTS = {"float32 values": False, "float16 values (default)": True}
@@ -93,10 +93,11 @@ def main(argv: list[str] | None = None) -> None:
                **{k: parse_value(v) for k, _, v in (item.partition("=") for item in args.set)}}
     rows = []
     for seed in args.seeds:
-        reference, _ = sample_images(fp, scheduler, args.num_samples, num_inference_steps=args.steps, seed=seed,
+        eval_seed = evaluation_seed(seed)  # noise disjoint from the calibration trajectories'
+        reference, _ = sample_images(fp, scheduler, args.num_samples, num_inference_steps=args.steps, seed=eval_seed,
                                      show_progress=False)
         pair = calibrated_pair(fp, scheduler, GACConfig(**options, seed=seed))
-        rows.append({name: score(model, fp, scheduler, reference, features, real, seed, args)
+        rows.append({name: score(model, fp, scheduler, reference, features, real, eval_seed, args)
                      for name, model in pair.items()})
         print(json.dumps({"seed": seed, **rows[-1]}), file=sys.stderr)
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         args.output.write_text(
             f"# What float16 scales and biases cost\n\n{args.model}, {' '.join(f'{k}={v}' for k, v in options.items())}; "
             f"{args.num_samples} samples and {args.trajectory_samples} trajectories of DDIM {args.steps} per seed, "
-            "one torch thread. The same calibration per seed, frozen with float32 values and with float16 values "
-            "(benchmarks/float16_rounding.py).\n\n" + text)
+            "one torch thread, evaluation noise from seed + 1000. The same calibration per seed, frozen with float32 "
+            "values and with float16 values (benchmarks/float16_rounding.py).\n\n" + text)
 
 
 if __name__ == "__main__":

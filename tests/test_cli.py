@@ -131,9 +131,10 @@ def test_console_entry_point_reports_errors_with_exit_code_2():
     assert result.returncode == 2 and "must be a positive integer, got 0" in result.stderr
 
 
-def test_calibrate_end_to_end_writes_a_loadable_folder(tmp_path):
+def test_calibrate_end_to_end_writes_a_loadable_folder(tmp_path, monkeypatch):
     import json
 
+    from diffusers_gac.cli import commands
     from diffusers_gac.zoo import load_model
 
     out = tmp_path / "w4a4"
@@ -145,8 +146,16 @@ def test_calibrate_end_to_end_writes_a_loadable_folder(tmp_path):
     q, fp = report["evaluation"]["quantized"], report["evaluation"]["full_precision"]
     assert q["psnr"] > 25 and q["accuracy"] >= 0.9 and q["fd"] < 1.5 * fp["fd"]  # about 29 dB, 1.0, 1.08x here
     assert fp["psnr"] == float("inf")  # the full-precision row is scored against its own samples
+    assert q["seeds"] == fp["seeds"] == [1000]  # evaluation noise disjoint from calibration seed 0's
     unet, _ = load_model(str(out))
     assert unet.is_quantized
+    # evaluating on the calibration seed is allowed, with a warning naming it
+    warnings = []
+    monkeypatch.setattr(commands.logger, "warning", warnings.append)
+    assert main(["evaluate", str(out), "--seeds", "0", "1000", *SMALL]) == 0
+    assert len(warnings) == 1 and "evaluation seed 0 is the calibration seed of" in warnings[0]
+    warnings.clear()
+    assert main(["evaluate", str(out), *SMALL]) == 0 and not warnings  # the default seed is 1000
     # what `push` would upload: the checkpoint and a card carrying the measured quality of report.json
     preview = tmp_path / "preview"
     assert main(["push", str(out), "my-org/digits-w4a4", "--dry-run", str(preview)]) == 0

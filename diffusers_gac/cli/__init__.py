@@ -17,7 +17,7 @@ Post-training quantization of diffusers models with gradient-aligned calibration
 examples:
   diffusers-gac calibrate --w-bits 4 --a-bits 4 --output outputs/digits-w4a4
   diffusers-gac sample --model digits --output samples.png --num-samples 100 --steps 25
-  diffusers-gac evaluate path/to/quantized --reference digits --num-samples 1000 --seeds 0 1 2 --json
+  diffusers-gac evaluate path/to/quantized --reference digits --num-samples 1000 --seeds 1000 1001 1002 --json
   diffusers-gac push outputs/digits-w4a4 my-org/digits-w4a4
 
 A model is an embedded name (digits) or a folder: a diffusers model folder (with config.json) or one with unet/

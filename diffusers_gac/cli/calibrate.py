@@ -15,7 +15,7 @@ from .. import zoo
 from ..api import quantize_model
 from ..calibration.plots import plot_calibration
 from ..config import ACT_SCHEMES, LOWRANK_BITS, RECONSTRUCTIONS, TIMESTEP_SELECTIONS, WEIGHTINGS, GACConfig
-from ..evaluation import EvalResult, evaluate_denoiser, image_grid, sample_images, summarize
+from ..evaluation import EvalResult, evaluate_denoiser, evaluation_seed, image_grid, sample_images, summarize
 from ..evaluation.evaluate import score_samples
 from ..saving import replace_folder_atomically, write_checkpoint
 from .common import (CLIError, bits, check_writable, default_device, format_table, model_ref, optional_bits,
@@ -41,7 +41,7 @@ def add_calibrate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> 
     p.add_argument("--timesteps", choices=TIMESTEP_SELECTIONS, default=defaults.calib_timestep_selection,
                    help=f"calibration timestep selection (default: {defaults.calib_timestep_selection})")
     p.add_argument("--iters", type=positive_int, default=defaults.iters, help=f"optimisation steps per block (default: {defaults.iters})")
-    p.add_argument("--seed", type=seed, default=defaults.seed, help=f"seed of calibration and evaluation (default: {defaults.seed})")
+    p.add_argument("--seed", type=seed, default=defaults.seed, help=f"calibration seed; the evaluation uses seed + 1000 (default: {defaults.seed})")
     p.add_argument("--eval-samples", type=int, default=500, help="samples for the evaluation in the report; 0 skips it (default: 500)")
     levers = p.add_argument_group("activation-side levers (docs/levers.md; off by default)")
     levers.add_argument("--act-group-size", type=positive_int, default=None, help="dynamic ranges per group of this many input channels")
@@ -110,19 +110,20 @@ def calibrate_and_save(
     denoiser = copy.deepcopy(fp_denoiser)
     report = quantize_model(denoiser, config, scheduler=scheduler, show_progress=show_progress)
     result: dict[str, Any] = {"calibration": report.to_dict()}
-    sampling = dict(num_inference_steps=num_inference_steps, seed=config.seed, batch_size=batch_size,
+    # evaluation noise disjoint from the calibration trajectories' noise
+    sampling = dict(num_inference_steps=num_inference_steps, seed=evaluation_seed(config.seed), batch_size=batch_size,
                     show_progress=show_progress)
     if eval_samples > 0:
         start = time.perf_counter()
         reference, labels = sample_images(fp_denoiser, scheduler, eval_samples, **sampling)
         fp_eval = EvalResult(**score_samples(reference, labels, reference_images=reference, batch_size=batch_size),
-                             num_samples=eval_samples, num_inference_steps=num_inference_steps, seed=config.seed,
+                             num_samples=eval_samples, num_inference_steps=num_inference_steps, seed=sampling["seed"],
                              scheduler=type(scheduler).__name__,
                              sampling_seconds=round(time.perf_counter() - start, 3))
         q_eval = evaluate_denoiser(denoiser, scheduler, reference_images=reference, num_samples=eval_samples, **sampling)
         result["evaluation"] = {"full_precision": summarize([fp_eval]), "quantized": summarize([q_eval])}
         denoiser.hf_quantizer.calibration_report["evaluation"] = result["evaluation"]  # the model card shows it
-    grid_images, _ = sample_images(denoiser, scheduler, 100, num_inference_steps=num_inference_steps, seed=config.seed,
+    grid_images, _ = sample_images(denoiser, scheduler, 100, num_inference_steps=num_inference_steps, seed=sampling["seed"],
                                    show_progress=False)
 
     def write(folder: Path) -> None:

@@ -11,7 +11,7 @@ from diffusers.utils import logging as dlogging
 from huggingface_hub import constants as hub_constants
 
 from .. import zoo
-from ..evaluation import evaluate_denoiser, image_grid, num_class_labels, sample_images, summarize
+from ..evaluation import EVAL_SEED_OFFSET, evaluate_denoiser, image_grid, num_class_labels, sample_images, summarize
 from ..hub import push_to_hub, write_hub_folder
 from ..saving import quantized_components
 from .common import CLIError, check_writable, default_device, format_table, image_file, model_ref, positive_int, repo_id
@@ -76,7 +76,9 @@ def add_evaluate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> N
     p.add_argument("models", nargs="*", type=model_ref, help="model folders or embedded names (default: the reference itself)")
     p.add_argument("--reference", type=model_ref, default=zoo.DEFAULT_MODEL, help="full-precision model (default: digits)")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="samples per seed (default: 1000)")
-    p.add_argument("--seed", "--seeds", dest="seeds", type=seed_type, nargs="+", default=[0], help="one or more seeds (default: 0)")
+    p.add_argument("--seed", "--seeds", dest="seeds", type=seed_type, nargs="+", default=[EVAL_SEED_OFFSET],
+                   help=f"one or more seeds of the evaluation noise (default: {EVAL_SEED_OFFSET}); a quantized model's "
+                        "calibration seed gets a warning (its trajectories started from that noise)")
     p.add_argument("--json", action="store_true", help="print one JSON object per model and line")
     p.set_defaults(func=run_evaluate)
 
@@ -95,6 +97,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for model in args.models or [args.reference]:
         is_reference = zoo.resolve_model_path(model).resolve() == reference_path
         unet = reference_unet if is_reference else zoo.load_model(model, device=device)[0]
+        calibration_seed = _calibration_seed(unet)
+        if calibration_seed in args.seeds:
+            logger.warning(f"evaluation seed {calibration_seed} is the calibration seed of {model}: its first samples "
+                           "start from the noise its calibration trajectories started from, which flatters it; "
+                           f"evaluate with other seeds (calibration seed + {EVAL_SEED_OFFSET} is the convention)")
         runs = []
         for seed in args.seeds:
             if not is_reference and seed not in reference_samples:
@@ -120,6 +127,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not args.json:
         print(format_table(rows))
     return 0
+
+
+def _calibration_seed(unet: torch.nn.Module) -> int | None:
+    """The seed a quantized model was calibrated with (from its quantization config), None for a float model."""
+    config = getattr(getattr(unet, "config", None), "quantization_config", None)
+    seed = config.get("seed") if isinstance(config, dict) else getattr(config, "seed", None)
+    return seed if isinstance(seed, int) else None
 
 
 def add_push_parser(subparsers) -> None:

@@ -2,9 +2,11 @@
 
 from ..sampling import balanced_labels, num_class_labels, sample_images
 from .evaluate import (
+    EVAL_SEED_OFFSET,
     EvalResult,
     MetricFloor,
     evaluate_denoiser,
+    evaluation_seed,
     format_mean_std,
     metric_floor,
     score_samples,
@@ -22,12 +24,14 @@ from .metrics import (
 )
 
 __all__ = [
+    "EVAL_SEED_OFFSET",
     "EvalResult",
     "MetricFloor",
     "balanced_labels",
     "class_accuracy",
     "classifier_features",
     "evaluate_denoiser",
+    "evaluation_seed",
     "format_mean_std",
     "frechet_distance",
     "image_grid",

@@ -55,6 +55,18 @@ class MetricFloor:
         return asdict(self)
 
 
+EVAL_SEED_OFFSET = 1000
+
+
+def evaluation_seed(calibration_seed: int) -> int:
+    """The evaluation seed of a model calibrated with ``calibration_seed``: ``calibration_seed + 1000``.
+
+    Calibration records its trajectories from the noise of ``calibration_seed`` (:func:`sample_images` seeds), so
+    evaluating with the same seed would start the first samples from the very noise the model was calibrated on.
+    """
+    return calibration_seed + EVAL_SEED_OFFSET
+
+
 def evaluate_denoiser(
     unet: nn.Module,
     scheduler,
@@ -80,6 +92,8 @@ def evaluate_denoiser(
         classifier: feature network with ``features(x)`` and logits ``forward(x)``; default: the embedded digits
             classifier.
         real_images: images FD compares with; default: the held-out digits test split.
+        seed: seed of the noise (and labels) sampled from; for a calibrated model, not its calibration seed
+            (:func:`evaluation_seed` gives the package's convention).
     """
     sampling = dict(
         num_inference_steps=num_inference_steps,
