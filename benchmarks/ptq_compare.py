@@ -54,9 +54,11 @@ METHODS: dict[str, dict] = {
     "ptq4dm": {"reconstruction": "adaround", "weighting": "uniform", "calib_timestep_selection": "normal"},
     "fisher": {"reconstruction": "adaround", "weighting": "fisher", "calib_timestep_selection": "uniform"},
     "gac": {"reconstruction": "adaround", "weighting": "gradient_aligned", "calib_timestep_selection": "uniform"},
+    # GACConfig.paper()'s options (tests/test_ptq_compare.py holds them equal)
     "gac-paper": {"reconstruction": "adaround", "calib_timestep_selection": "uniform", "weighting": "gradient_aligned",
                   "gac_weight_granularity": "sample", "gac_meta_steps": 20, "gac_meta_every": 0,
-                  "gac_val_rounding": "soft"},
+                  "gac_val_rounding": "soft", "gac_gm_weight": 1.0, "gac_gm_form": "cosine", "gac_groups": 5,
+                  "gac_val_fraction": 0.05},
 }
 LABELS = {"fp": "full precision", "rtn": "round-to-nearest", "qdiffusion": "uniform (Q-Diffusion)",
           "ptq4dm": "PTQ4DM-style timesteps", "fisher": "Fisher per-timestep (fixed)", "gac": "GAC",

@@ -51,3 +51,15 @@ def test_the_table_names_its_own_command_by_default(tmp_path):
 def test_evaluation_seeds_must_not_overlap_calibration_seeds(tmp_path):
     with pytest.raises(SystemExit):
         _ptq_compare().main(["--jsonl", str(tmp_path / "x.jsonl"), "--seeds", "0", "5", "--eval-seed-offset", "5"])
+
+
+def test_the_paper_method_is_the_papers_configuration():
+    from diffusers_gac import GACConfig
+
+    options = _ptq_compare().method_options("gac-paper")
+    paper = GACConfig.paper()
+    assert {k: getattr(paper, k) for k in options if k.startswith("gac_") or k == "weighting"} == {
+        k: v for k, v in options.items() if k.startswith("gac_") or k == "weighting"}
+    defaults = GACConfig()
+    changed = {k for k in GACConfig.option_names() if getattr(paper, k) != getattr(defaults, k)}
+    assert changed <= set(options)  # every option the paper form changes is in the benchmark's method
