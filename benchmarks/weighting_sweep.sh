@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sample weightings (docs/results/gac.md) on an embedded model: uniform reconstruction (Q-Diffusion), learned weights
+# (GAC, default and paper form), the fixed Fisher per-timestep weighting and PTQ4DM-style timesteps, in the paper's
+# setting (static activation ranges every timestep shares, W4A8, W4A4 and W8A8) and in the default one (dynamic
+# per-token ranges, W4A4). Calibration seeds 0 1 2, evaluation noise from seeds 1000 1001 1002. Every run lands in one
+# JSONL file (a rerun only does the runs it lacks) and the table is written from all of them.
+#   bash benchmarks/weighting_sweep.sh digits|photos [STEPS]    (DDIM steps, default 25)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:?usage: weighting_sweep.sh digits|photos [STEPS]}
+steps=${2:-25}
+prefix=docs/results/weighting_$model
+run="python benchmarks/ptq_compare.py --model $model --seeds 0 1 2 --jsonl $prefix.jsonl --workers 2 --steps $steps"
+static="--set act_scheme=static"
+# the paper's setting first, the rows that decide first
+$run --bits W4A8 $static --methods fp rtn qdiffusion gac gac-paper
+$run --bits W4A4 W8A8 $static --methods rtn qdiffusion gac gac-paper
+$run --bits W4A8 W4A4 $static --methods fisher ptq4dm
+# the default: dynamic per-token ranges
+$run --bits W4A4 --methods rtn qdiffusion gac gac-paper fisher ptq4dm
+# uniform reconstruction given learned weights' time, where learned weights were to win
+$run --bits W4A8 $static --methods gac --equal-time gac
+$run --bits W4A4 --methods gac --equal-time gac
+$run --bits W4A4 --methods fp --table "$prefix.md" --table-command "bash benchmarks/weighting_sweep.sh $*"
