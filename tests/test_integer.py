@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
-from tiny_models import digits_call, digits_out
+from tiny_models import benchmark_module, digits_call, digits_out
 from torch import nn
 
 import diffusers_gac
@@ -471,14 +471,7 @@ def test_torch_compile_with_inductor_matches_eager():
 # -- benchmarks/inference_speed.py, at a size that runs in seconds --------------------------------------------------
 
 def _benchmark_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "inference_speed.py"
-    spec = importlib.util.spec_from_file_location("inference_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("inference_speed")
 
 
 def test_peers_refuse_settings_they_do_not_run_and_count_their_bits():

@@ -1,17 +1,12 @@
 """benchmarks/ptq_compare.py: the table it writes from a JSONL file of finished runs (nothing is rerun)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from tiny_models import benchmark_module
 
 
 def _ptq_compare():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ptq_compare.py"
-    spec = importlib.util.spec_from_file_location("ptq_compare", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("ptq_compare")
 
 
 def _row(method, seed, fd, **extra):

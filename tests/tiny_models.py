@@ -129,3 +129,15 @@ def digits_call(seed: int = 0) -> dict:
 def digits_out(model, seed: int = 0) -> torch.Tensor:
     with torch.no_grad():
         return model(**digits_call(seed)).sample
+
+
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
