@@ -54,6 +54,8 @@ from diffusers.utils import logging as dlogging
 from torch import nn
 
 from diffusers_gac import GACConfig
+from diffusers_gac.calibration.data import CalibrationData
+from diffusers_gac.calibration.flow import observe_activation_ranges
 from diffusers_gac.quant import gpukernels, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers
 from diffusers_gac.quant.quantizers import ActQuantizer, WeightQuantizer
@@ -79,6 +81,11 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "int_w4a4_levers": ("integer", 4, 4, LEVERS),
     "int_w4a4_levers8": ("integer", 4, 4, {**LEVERS, "lowrank_bits": 8}),
     "int_w4a4_g64": ("integer", 4, 4, {"act_group_size": 64}),
+    # precomputed activation ranges (the paper's static setting), observed on the timed input: no per-token min/max
+    "int_w8a8_static": ("integer", 8, 8, {"act_scheme": "static"}),
+    "int_w4a8_static": ("integer", 4, 8, {"act_scheme": "static"}),
+    "int_w4a4_static": ("integer", 4, 4, {"act_scheme": "static"}),
+    "int_w4a4_timestep": ("integer", 4, 4, {"act_scheme": "timestep"}),
     "compiled_fp32": ("compile", None, None),
     "compiled_w4a4": ("compile", 4, 4),
     "torchao_w8a8": ("torchao", 8, 8),
@@ -236,7 +243,13 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
     model = copy.deepcopy(fp32)
     if kind == "bf16":
         return model.to(torch.bfloat16)
-    convert_model(model, GACConfig(w_bits=w_bits, a_bits=a_bits, weight_init="minmax", **(options or [{}])[0]))
+    config = GACConfig(w_bits=w_bits, a_bits=a_bits, weight_init="minmax", **(options or [{}])[0])
+    convert_model(model, config)
+    if config.act_scheme != "dynamic":  # ranges observed on the timed input, as calibration would set them
+        inputs = {k: v for k, v in call.items() if torch.is_tensor(v)}
+        data = CalibrationData(inputs=inputs, step_index=torch.zeros(len(call["sample"]), dtype=torch.long),
+                               static={k: v for k, v in call.items() if not torch.is_tensor(v)})
+        observe_activation_ranges(model, data, batch_size=len(data))
     freeze_model(model, kind)
     layers = quant_layers(model).values()
     running = sum(m.execution == "integer" for m in layers)

@@ -519,6 +519,19 @@ def test_inference_speed_table(capsys):
     assert saved["int_w4a4"] < saved["int_w4a4_levers8"] < saved["int_w4a4_levers"]
 
 
+def test_inference_speed_static_variants_observe_their_ranges(capsys):
+    """Static and per-timestep-group variants get their ranges from the timed input: a range left at its initial
+    value would clip every activation and the output would be far from full precision's."""
+    variants = ["int_w4a4", "int_w4a4_static", "int_w4a4_timestep"]
+    _benchmark_module().main(["--models", "embedded", "--variants", *variants, *TINY_SD])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| model")).split(" | ")
+    column = header.index("rel. L2 vs FP32")
+    error = {row[3]: float(row[column]) for row in (line.split(" | ") for line in lines
+                                                    if line.startswith("| embedded digits"))}
+    assert error["int_w4a4_static"] < 2 * error["int_w4a4"] and error["int_w4a4_timestep"] < 2 * error["int_w4a4"]
+
+
 def test_format_options_passed_when_loading_a_checkpoint_are_ignored_with_a_warning(fake_model, tmp_path,
                                                                                   monkeypatch):
     from diffusers_gac import quantizer
