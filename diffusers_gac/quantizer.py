@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models import model_loading_utils, modeling_utils
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.utils import get_module_from_name, logging
@@ -41,6 +42,8 @@ from .integration import calibration_inputs, check_calibration_inputs
 from .quant.checkpoint import (CheckpointError, check_layout, check_presence, check_tensor, looks_quantized,
                                quantized_tensor_specs)
 from .quant.convert import dequantize_model, plan_conversion, requantize, set_execution
+from .quant.digest import (DIGEST_KEY, DigestError, check_config, other_weight_files, read_header, state_dict_digest,
+                           verify_files)
 
 logger = logging.get_logger(__name__)
 
@@ -59,6 +62,8 @@ class GACQuantizer(DiffusersQuantizer):
         self.checkpoint_dir: Path | None = None
         self.calibration_report: dict[str, Any] | None = None
         self.loaded_keys: list[str] | None = None
+        self.checkpoint_files: list[str] = []
+        self.digest_record: dict[str, Any] | None = None  # what the checkpoint's files say was saved
         self.tensor_specs: dict = {}  # the quantized tensors a pre-quantized checkpoint must hold, by name
 
     def refuse(self, problems: list[str]) -> None:
@@ -88,8 +93,37 @@ class GACQuantizer(DiffusersQuantizer):
         # and which tensors it holds (checked against the layout before any weight loads).
         if checkpoint_files:
             self.checkpoint_dir = Path(checkpoint_files[0]).parent
+        self.checkpoint_files = [str(f) for f in checkpoint_files or []]
         self.loaded_keys = list(loaded_keys)
         return loaded_keys
+
+    def verify(self, files: list[str]) -> None:
+        """The files hold the bytes that were saved with this config (``quant/digest.py``), checked before any
+        weight is used; a checkpoint from before digests loads with a warning."""
+        if not files:
+            return
+        if all(f.endswith(".safetensors") for f in files):
+            self.digest_record = verify_files(files)
+        others = other_weight_files(files)
+        if others and self.digest_record is None:
+            raise DigestError(f"{self.checkpoint_dir} holds two sets of weights: {', '.join(others)} beside the "
+                              f"{', '.join(Path(f).name for f in files)} that loading picked, and none carries a digest "
+                              "that ties it to this config.json; remove the set that is not this model's")
+        if others:
+            logger.warning(f"{self.checkpoint_dir}: loaded {', '.join(Path(f).name for f in files)}, whose digest "
+                           f"matches; {', '.join(others)} beside it are left over from another save and were ignored")
+        if self.digest_record is not None:
+            return
+        logger.warning(f"the checkpoint in {self.checkpoint_dir} carries no digest (it was written before diffusers-gac "
+                       "recorded one, or not as safetensors), so its bytes cannot be checked against what was saved; "
+                       "save it again with diffusers_gac.save_pretrained to add one")
+
+    def get_state_dict_and_metadata(self, state_dict: dict[str, Any], safe_serialization: bool = False):
+        # every save of a calibrated model (ours, diffusers' own, push_to_hub) records what it wrote
+        if not safe_serialization:
+            raise ValueError("a diffusers-gac checkpoint is saved as safetensors (safe_serialization=True, the "
+                             "default): its files carry the digest that loading checks")
+        return state_dict, {DIGEST_KEY: state_dict_digest(state_dict, self.quantization_config)}
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         config = self.quantization_config
@@ -105,6 +139,7 @@ class GACQuantizer(DiffusersQuantizer):
                 for key in set(self.loaded_keys) & {k for k, spec in self.tensor_specs.items() if spec.optional}:
                     module, name = get_module_from_name(model, key)
                     module._non_persistent_buffers_set.discard(name)
+            self.verify(self.checkpoint_files)
         else:  # what calibration would stumble on after the weights load, said now
             check_denoiser(model)
             plan_conversion(model, config)
@@ -142,6 +177,8 @@ class GACQuantizer(DiffusersQuantizer):
             self.calibration_report = report.to_dict()
             model.register_to_config(quantization_config=config)
         else:
+            if self.digest_record is not None:  # after the per-tensor checks, which name a contradiction better
+                check_config(self.digest_record, self.quantization_config, str(self.checkpoint_dir))
             chosen = set_execution(model, self.quantization_config.execution)
             logger.info(f"{len(chosen['integer'])} quantized layers run on integer kernels, {len(chosen['fake'])} as "
                         "fake quantization")
@@ -237,3 +274,25 @@ def install_load_guard() -> None:
 
     guarded._gac_guard = True
     ModelMixin._load_pretrained_model = classmethod(guarded)
+    for module in (modeling_utils, model_loading_utils):  # the two places diffusers reads a weights file from
+        module.load_state_dict = explain_unreadable(module.load_state_dict)
+
+
+def explain_unreadable(read):
+    """Wrap diffusers' ``load_state_dict`` so that a safetensors file it cannot read (truncated, empty, bytes appended,
+    a broken header) gets an error naming the file and what is wrong, instead of "Unable to load weights"."""
+    if getattr(read, "_gac_guard", False):
+        return read
+
+    @functools.wraps(read)
+    def explained(checkpoint_file, *args, **kwargs):
+        try:
+            return read(checkpoint_file, *args, **kwargs)
+        except (OSError, ValueError) as err:
+            path = Path(str(checkpoint_file))
+            if path.suffix == ".safetensors" and path.is_file():
+                read_header(path)  # raises DigestError saying what is wrong with the file, if it finds it
+            raise err
+
+    explained._gac_guard = True
+    return explained

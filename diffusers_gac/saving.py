@@ -24,6 +24,7 @@ from torch import nn
 
 from .calibration.plots import plot_calibration
 from .config import GACConfig
+from .quant.digest import WEIGHT_FILE
 from .quantizer import REPORT_NAME
 
 PLOT_NAME = "gac_calibration.png"
@@ -118,8 +119,6 @@ def replace_folder_atomically(target: Path, write, *, keep_existing: bool = Fals
             shutil.rmtree(backup, ignore_errors=True)
 
 
-WEIGHT_FILE = re.compile(r"(diffusion_pytorch_model|model|pytorch_model)(\.[\w-]+)?(-\d{5}-of-\d{5})?"
-                         r"\.(safetensors|bin)(\.index\.json)?$")
 SIBLING_KINDS = ("partial", "previous")
 
 

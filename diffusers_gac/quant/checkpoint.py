@@ -11,7 +11,8 @@ What a tensor must be:
 
 * ``packed_weight``: uint8 of the layer's packed shape; codes below ``2**w_bits`` (see ``packing.py``);
 * ``*.scale``: floating point (frozen layers save float16 when it holds them exactly, earlier checkpoints float32),
-  finite and > 0 (a probabilities quantizer's scale is fixed at ``1 / (2**bits - 1)``);
+  finite and > 0, spanning a range (``scale * (2**bits - 1)``) of at most :data:`MAX_RANGE` (a probabilities
+  quantizer's scale is fixed at ``1 / (2**bits - 1)``);
 * ``*.zero_point``: uint8 (how frozen layers save them) or floating point, integer-valued, in ``[0, 2**bits - 1]``;
 * a dynamic quantizer's ``scale``/``zero_point``: empty, and optional (saved by none but the earliest checkpoints);
 * ``input_quantizer.split``: an integer scalar equal to the layout's ``split``;
@@ -43,6 +44,9 @@ QUANTIZED_SUFFIXES = ("packed_weight", "quantizer.scale", "quantizer.zero_point"
                       "quantizer.second.zero_point", "quantizer.clip", ".smooth", ".lowrank_down", ".lowrank_up",
                       ".lowrank_down_scale", ".lowrank_up_scale")
 MAX_LISTED = 8  # problems named in one error; the rest are counted
+# The widest range a quantizer may span (scale * (2**bits - 1)): twice float16's largest value. No weight or
+# activation of a model that runs in half precision needs more; a scale beyond it is damage (an exponent bit flipped).
+MAX_RANGE = 2 * 65504.0
 
 
 class CheckpointError(ValueError):
@@ -210,6 +214,10 @@ def check_tensor(name: str, tensor: torch.Tensor, spec: TensorSpec) -> list[str]
             return [f"{name} holds {int((values <= 0).sum())} scales <= 0; a scale is positive"]
         if spec.fixed_scale is not None and not torch.allclose(values, torch.full_like(values, spec.fixed_scale)):
             return [f"{name} must be the fixed step {spec.fixed_scale:.6g} of {spec.bits}-bit probabilities"]
+        if spec.bits is not None and values.numel() and float(values.max()) * (2**spec.bits - 1) > MAX_RANGE:
+            return [f"{name} holds a scale of {float(values.max()):.4g}: a {spec.bits}-bit range of "
+                    f"{float(values.max()) * (2**spec.bits - 1):.4g}, wider than any weight or activation needs "
+                    f"(at most {MAX_RANGE:g}, twice float16's largest value)"]
         return []
     qmax = 2**spec.bits - 1
     if (values != values.round()).any() or (values < 0).any() or (values > qmax).any():
