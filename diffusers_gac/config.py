@@ -384,6 +384,9 @@ class GACConfig(QuantizationConfigMixin):
                 f"{k!r}{suggest(k, sorted(known))}" for k in unknown) + "; see help(diffusers_gac.GACConfig)")
         config = cls(**flat)
         unused = {k: v for k, v in kwargs.items() if not hasattr(config, k)}
+        if unused and not return_unused_kwargs:  # a misspelt keyword is refused as a misspelt key is
+            raise ValueError("unknown GACConfig options: " + ", ".join(
+                f"{k!r}{suggest(k, sorted(known))}" for k in unused) + "; see help(diffusers_gac.GACConfig)")
         for k, v in kwargs.items():
             if hasattr(config, k):
                 setattr(config, k, v)

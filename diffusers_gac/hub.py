@@ -21,7 +21,8 @@ from torch import nn
 
 from .config import FORMAT_OPTIONS, GACConfig
 from .quant.convert import quant_layers
-from .saving import calibration_report, gac_config, quantized_components, write_checkpoint
+from .quantizer import REPORT_NAME
+from .saving import PLOT_NAME, calibration_report, gac_config, quantized_components, write_checkpoint
 
 logger = logging.get_logger(__name__)
 
@@ -121,6 +122,20 @@ def model_card(obj, *, repo_id: str, evaluation: dict[str, Any] | None = None, b
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
+def stale_patterns(folder: Path) -> list[str]:
+    """What an earlier push to the repository may hold that this upload (``folder``) replaces or drops: for each
+    model written (a folder with a config.json), its weights, shards and shard index, its report and its plot. Other
+    files (another component, the user's own) are left alone."""
+    patterns = []
+    for config in sorted(folder.rglob("config.json")):
+        where = config.parent.relative_to(folder).as_posix()
+        prefix = "" if where == "." else f"{where}/"
+        patterns += [f"{prefix}{stem}{sep}*" for stem in ("diffusion_pytorch_model", "model", "pytorch_model")
+                     for sep in (".", "-")]
+        patterns += [prefix + REPORT_NAME, prefix + PLOT_NAME]
+    return patterns
+
+
 def write_hub_folder(obj, folder: str | Path, *, repo_id: str, evaluation: dict[str, Any] | None = None,
                      base_model: str | None = None, **save_kwargs) -> Path:
     """Everything ``push_to_hub`` uploads, written into ``folder``: the checkpoint, reports, plots and README.md.
@@ -145,5 +160,7 @@ def push_to_hub(obj, repo_id: str, *, evaluation: dict[str, Any] | None = None, 
     repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
         write_hub_folder(obj, tmp, repo_id=repo_id, evaluation=evaluation, base_model=base_model, **save_kwargs)
+        # what an earlier push left that this model does not have (old shards, a report or plot) goes in the same commit
         return upload_folder(repo_id=repo_id, folder_path=tmp, token=token, create_pr=create_pr,
+                             delete_patterns=stale_patterns(Path(tmp)),
                              commit_message=commit_message or "Upload diffusers-gac quantized model")

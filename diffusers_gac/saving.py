@@ -61,9 +61,11 @@ def write_checkpoint(obj, folder: str | Path, **save_kwargs) -> dict[str, str]:
     plots = {}
     for name, model in quantized_components(obj).items():
         report = calibration_report(model)
+        where = folder / name if name else folder
+        for stale in (REPORT_NAME, PLOT_NAME):  # a report or plot an earlier save left describes another model
+            (where / stale).unlink(missing_ok=True)
         if not report:
             continue
-        where = folder / name if name else folder
         (where / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
         if any(u.get("weighting") for u in report.get("units") or []):
             plot_calibration(report["units"], where / PLOT_NAME)
@@ -83,7 +85,8 @@ def save_pretrained(obj, save_directory: str | os.PathLike, **save_kwargs) -> No
 
 def replace_folder_atomically(target: Path, write, *, keep_existing: bool = False) -> None:
     """Run ``write(folder)`` into a temporary sibling, then swap it in for ``target``: a write that fails or is
-    interrupted leaves the previous ``target`` (or none), never a partial folder. With ``keep_existing`` the files
+    interrupted leaves the previous ``target`` (or none), never a partial folder. A ``target`` that is a symbolic link
+    is followed: the folder it points to is replaced and the link kept. With ``keep_existing`` the files
     ``target`` already holds are copied in first, so ``write`` adds to them (minus old weights and shard indexes,
     which the new save replaces).
 
@@ -93,6 +96,8 @@ def replace_folder_atomically(target: Path, write, *, keep_existing: bool = Fals
     folder set aside is put back first if ``target`` is missing). New folders and files get the permissions a plain
     ``mkdir`` and ``open`` give (the umask's), not the owner-only ones of temporary files."""
     target = Path(target)
+    if target.is_symlink():  # write where the link points (the link stays); swapping the link itself would drop it
+        target = Path(os.path.realpath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_siblings(target)
     tmp, backup = make_sibling(target, "partial"), make_sibling(target, "previous")

@@ -256,3 +256,183 @@ def test_an_unreadable_plain_model_file_is_named_too(tmp_path):
 def test_a_pickle_save_of_a_calibrated_model_is_refused(calibrated, tmp_path):
     with pytest.raises(ValueError, match="safe_serialization=True"):
         calibrated.save_pretrained(tmp_path / "bin", safe_serialization=False)
+
+
+# -- resuming an interrupted calibration ----------------------------------------------------------------------------
+
+def _killed_before_its_first_unit(folder: Path, monkeypatch, **options) -> None:
+    """A calibration that recorded its data into ``folder`` and was stopped before any unit finished."""
+    from diffusers_gac.calibration import flow
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(flow, "reconstruct_model", killed)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(tiny_unet2d(), GACConfig(**{**FAST, **options}), scheduler=DDIMScheduler(
+                num_train_timesteps=1000), checkpoint_dir=folder, show_progress=False)
+    assert (folder / "run.json").is_file() and list(folder.glob("data-*.safetensors"))
+
+
+@pytest.mark.parametrize("change, named", [({"seed": 1}, "options.seed"),
+                                           ({"calib_samples_per_timestep": 1}, "options.calib_samples_per_timestep")])
+def test_a_run_killed_before_its_first_unit_resumes_only_as_itself(change, named, tmp_path, monkeypatch):
+    _killed_before_its_first_unit(tmp_path / "ck", monkeypatch)
+    with pytest.raises(ValueError, match=f"holds the progress of another calibration run .*{named}"):
+        quantize_model(tiny_unet2d(), GACConfig(**{**FAST, **change}), scheduler=DDIMScheduler(num_train_timesteps=1000),
+                       checkpoint_dir=tmp_path / "ck", show_progress=False)
+    resumed = tiny_unet2d()  # the same run resumes, and ends as an uninterrupted one
+    quantize_model(resumed, GACConfig(**FAST), scheduler=DDIMScheduler(num_train_timesteps=1000),
+                   checkpoint_dir=tmp_path / "ck", show_progress=False)
+    fresh = tiny_unet2d()
+    quantize_model(fresh, GACConfig(**FAST), scheduler=DDIMScheduler(num_train_timesteps=1000), show_progress=False)
+    assert torch.equal(_out(resumed), _out(fresh))
+
+
+def test_a_folder_without_a_run_record_is_refused(tmp_path, monkeypatch):
+    _killed_before_its_first_unit(tmp_path / "ck", monkeypatch)
+    (tmp_path / "ck" / "run.json").unlink()
+    with pytest.raises(ValueError, match="but no run.json"):
+        quantize_model(tiny_unet2d(), GACConfig(**FAST), scheduler=DDIMScheduler(num_train_timesteps=1000),
+                       checkpoint_dir=tmp_path / "ck", show_progress=False)
+
+
+@pytest.mark.parametrize("name", ["run.json", "progress.json", "units/0000.safetensors"])
+def test_a_truncated_progress_file_is_named(name, tmp_path):
+    folder = tmp_path / "ck"
+    quantize_model(tiny_unet2d(), GACConfig(**{**FAST, "reconstruction": "adaround", "iters": 2}),
+                   scheduler=DDIMScheduler(num_train_timesteps=1000), checkpoint_dir=folder, show_progress=False)
+    path = folder / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{name} is damaged"):
+        quantize_model(tiny_unet2d(), GACConfig(**{**FAST, "reconstruction": "adaround", "iters": 2}),
+                       scheduler=DDIMScheduler(num_train_timesteps=1000), checkpoint_dir=folder, show_progress=False)
+
+
+# -- stale state ----------------------------------------------------------------------------------------------------
+
+def test_a_save_without_a_report_leaves_no_old_report_or_plot(checkpoint, tmp_path):
+    from diffusers_gac.quantizer import REPORT_NAME
+    from diffusers_gac.saving import PLOT_NAME
+
+    folder = copy(checkpoint, tmp_path)
+    (folder / PLOT_NAME).write_bytes(b"\x89PNG old")
+    assert (folder / REPORT_NAME).is_file()
+    model = UNet2DModel.from_pretrained(folder)
+    model.hf_quantizer.calibration_report = None  # e.g. a model downloaded without one
+    diffusers_gac.save_pretrained(model, folder)
+    assert not (folder / REPORT_NAME).exists() and not (folder / PLOT_NAME).exists()
+    assert torch.equal(_out(UNet2DModel.from_pretrained(folder)), _out(model))
+
+
+def test_push_deletes_what_an_earlier_push_left_and_nothing_else(calibrated, monkeypatch):
+    """The upload's delete patterns, applied the way huggingface_hub applies them to the repository's files."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from diffusers_gac import hub
+
+    seen = {}
+    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kw: type("R", (), {"repo_id": repo_id})())
+
+    def upload(folder_path, delete_patterns, **kw):
+        seen["uploaded"] = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*")
+                                  if p.is_file())
+        seen["patterns"] = delete_patterns
+    monkeypatch.setattr(hub, "upload_folder", upload)
+    hub.push_to_hub(calibrated, "org/m")
+    remote = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+              "diffusion_pytorch_model.safetensors", "gac_calibration.png", "gac_calibration.json", "notes.md",
+              "README.md", "model_index.json", "text_encoder/model.safetensors", "unet/gac_calibration.json"]
+    deleted = set(filter_repo_objects(remote, allow_patterns=seen["patterns"])) - set(seen["uploaded"])
+    assert deleted == {"diffusion_pytorch_model-00001-of-00002.safetensors",
+                       "diffusion_pytorch_model.safetensors.index.json", "gac_calibration.png"}
+
+
+def test_saving_through_a_symlink_keeps_the_link(calibrated, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    diffusers_gac.save_pretrained(calibrated, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / WEIGHTS).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path / "link")), _out(calibrated))
+
+
+def test_a_save_that_cannot_write_leaves_no_partial_folder(calibrated, tmp_path, monkeypatch):
+    """As a save into a read-only folder fails (simulated: tests may run as root, whom permissions do not stop)."""
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[0]))
+    monkeypatch.setattr(UNet2DModel, "save_pretrained", refuse)
+    with pytest.raises(PermissionError):
+        diffusers_gac.save_pretrained(calibrated, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- options --------------------------------------------------------------------------------------------------------
+
+def test_from_dict_refuses_a_misspelt_keyword():
+    with pytest.raises(ValueError, match="'w_bit' \\(did you mean 'w_bits'\\?\\)"):
+        GACConfig.from_dict({}, w_bit=3)
+    assert GACConfig.from_dict({}, w_bits=3).w_bits == 3
+    config, unused = GACConfig.from_dict({}, return_unused_kwargs=True, w_bit=3)  # diffusers' protocol
+    assert unused == {"w_bit": 3} and config.w_bits == 4
+
+
+def test_modules_to_not_convert_that_leaves_nothing_is_refused():
+    model = tiny_unet2d()
+    with pytest.raises(ValueError, match="leaves no Conv2d or Linear layer of UNet2DModel to quantize"):
+        quantize_model(model, GACConfig(**FAST, modules_to_not_convert=["conv_in", "time_embedding", "class_embedding",
+                                                                         "down_blocks", "mid_block", "up_blocks",
+                                                                         "conv_out"]),
+                       scheduler=DDIMScheduler(num_train_timesteps=1000), show_progress=False)
+
+
+# -- outputs --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def nan_model(checkpoint, tmp_path):
+    """A checkpoint without a digest whose plain weights pass every check but whose outputs are NaN: a GroupNorm
+    weight of 1e38 overflows the next layer."""
+    folder = copy(checkpoint, tmp_path)
+    state = load_file(folder / WEIGHTS)
+    state["down_blocks.0.resnets.0.norm1.weight"].fill_(3e38)
+    save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
+    from diffusers_gac.sampling import sample_images
+
+    model = UNet2DModel.from_pretrained(folder)
+    images, _ = sample_images(model, DDIMScheduler(num_train_timesteps=1000), 2, num_inference_steps=2,
+                              show_progress=False)
+    assert not torch.isfinite(images).all()
+    return folder, model
+
+
+def test_sample_writes_no_image_from_non_finite_outputs(nan_model, tmp_path, capsys):
+    from diffusers_gac.cli import main
+
+    folder, _ = nan_model
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--model", str(folder), "--num-samples", "2", "--steps", "2", "--output",
+              str(tmp_path / "grid.png"), "--quiet"])
+    assert exit_.value.code == 2 and "non-finite values" in capsys.readouterr().err
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_evaluate_makes_no_metric_from_non_finite_outputs(nan_model):
+    from diffusers_gac.evaluation import evaluate_denoiser
+
+    _, model = nan_model
+    with pytest.raises(ValueError, match="UNet2DModel's samples: 2 of 2 hold non-finite values"):
+        evaluate_denoiser(model, DDIMScheduler(num_train_timesteps=1000), num_samples=2, num_inference_steps=2,
+                          show_progress=False)
+
+
+def test_push_without_a_network_is_one_line_and_exit_code_2(checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_x", "HF_HOME": str(tmp_path)}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run([sys.executable, "-m", "diffusers_gac.cli", "push", str(checkpoint), "org/x"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "could not reach the Hub (http://127.0.0.1:9)" in proc.stderr

@@ -26,7 +26,7 @@ from ..quant.convert import (act_quantizers, convert_model, float_layers, freeze
 from ..sampling import Sampler
 from .data import CalibrationData, CalibrationRecorder, select_steps
 from .distributed import Shard
-from .resume import UnitCheckpoint
+from .resume import UnitCheckpoint, claim_folder, run_fingerprint
 from .reconstruction import UnitReport, reconstruct_model, reports_as_dicts
 from .weighting import SampleWeighting
 
@@ -158,6 +158,9 @@ def calibrate(
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
+        claim_folder(folder, run_fingerprint(denoiser, config.options(), world, calibration_data), is_main=rank == 0)
+        if state is not None:
+            state.wait_for_everyone()  # the main process has written run.json before anyone writes data
     seconds: dict[str, float] = {}
     start = time.time()
     if calibration_data is None:

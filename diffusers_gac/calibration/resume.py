@@ -1,13 +1,16 @@
 """Resuming an interrupted calibration: the calibration data and every finished unit, kept in a folder.
 
-    <folder>/progress.json               what the run is (its fingerprint) and the reports of the finished units
+    <folder>/run.json                    what the run is (model, options, processes, given data), written first
+    <folder>/progress.json               the run's fingerprint and the reports of the finished units
     <folder>/units/0000.safetensors      the quantizer state of unit 0 (rounding variables, ranges, step sizes)
     <folder>/data-<rank>-of-<world>.safetensors   each process's calibration data, recorded once
 
 Every file is written to a temporary name and renamed into place, the unit's tensors before ``progress.json`` lists
 the unit, so a run killed at any moment leaves a folder that resumes: the units it lists are restored exactly and
-the rest are reconstructed as an uninterrupted run would (every unit draws from a seed of its own). Only the main
-process writes; with several processes, each reads the same folder.
+the rest are reconstructed as an uninterrupted run would (every unit draws from a seed of its own). ``run.json`` is
+written before any calibration data, so a run killed at any moment is resumed only by the same run
+(:func:`claim_folder`); a file that cannot be read is an error naming it. Only the main process writes; with several
+processes, each reads the same folder.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .problem import UnitReport
 from .units import Unit
 
 PROGRESS = "progress.json"
+RUN = "run.json"
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -36,6 +40,47 @@ def _write_atomically(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is damaged (not readable JSON: {err}); the interrupted calibration cannot be "
+                         "resumed from it: delete its folder and start again") from None
+
+
+def run_fingerprint(denoiser: nn.Module, options: dict[str, Any], processes: int, data=None) -> dict[str, Any]:
+    """What identifies a calibration run: the model (its class and config), the options (seed and number of
+    trajectories among them), the number of processes and, for data the caller gave, its size and shapes."""
+    config = getattr(denoiser, "config", None)
+    fingerprint = {"model": type(denoiser).__name__, "model_config": dict(config) if config is not None else None,
+                   "options": options, "processes": processes}
+    if data is not None:
+        fingerprint["data"] = {"samples": len(data), "shapes": {k: list(v.shape) for k, v in data.inputs.items()}}
+    return json.loads(json.dumps(fingerprint, default=str))
+
+
+def claim_folder(folder: Path, fingerprint: dict[str, Any], *, is_main: bool = True) -> None:
+    """Record the run in ``folder`` before anything else is written there, or check that the run it records is this
+    one: another run's folder (another seed, model, data) is refused, naming what differs."""
+    path = folder / RUN
+    if path.is_file():
+        recorded = _read_json(path)
+        differ = sorted(k for k in {*recorded, *fingerprint} if recorded.get(k) != fingerprint.get(k))
+        if "options" in differ:
+            theirs, ours = recorded.get("options") or {}, fingerprint["options"]
+            differ += [f"options.{k}" for k in sorted({*theirs, *ours}) if theirs.get(k) != ours.get(k)]
+        if differ:
+            raise ValueError(f"{folder} holds the progress of another calibration run ({', '.join(differ[:8])} "
+                             "differ); resume it with the command that started it, or delete the folder")
+        return
+    leftovers = [p.name for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if leftovers:
+        raise ValueError(f"{folder} holds {', '.join(sorted(leftovers)[:4])} but no {RUN}: it was written by an "
+                         "older diffusers-gac or another tool, and cannot be checked against this run; delete it")
+    if is_main:
+        _write_atomically(path, lambda p: p.write_text(json.dumps(fingerprint, indent=1)))
 
 
 LEVER_TENSORS = ("smooth", "lowrank_down", "lowrank_up", "lowrank_down_scale", "lowrank_up_scale")
@@ -63,7 +108,7 @@ class UnitCheckpoint:
 
     def _progress(self) -> dict[str, Any] | None:
         path = self.folder / PROGRESS
-        return json.loads(path.read_text()) if path.is_file() else None
+        return _read_json(path) if path.is_file() else None
 
     def restore(self, units: list[Unit], model: nn.Module) -> list[UnitReport]:
         """Load the finished units into ``model`` (their layers end as a finished unit's do) and return their
@@ -80,7 +125,12 @@ class UnitCheckpoint:
         reports = []
         for index, entry in enumerate(progress["units"]):
             unit = units[index]
-            state = load_file(str(self.folder / "units" / f"{index:04d}.safetensors"))
+            path = self.folder / "units" / f"{index:04d}.safetensors"
+            try:
+                state = load_file(str(path))
+            except Exception as err:  # safetensors reports a damaged file as its own error type
+                raise ValueError(f"{path} is damaged ({err}); the interrupted calibration cannot be resumed from it: "
+                                 "delete its folder and start again") from None
             for name, layer in unit.layers.items():
                 key = (f"{name[len(unit.name) + 1:]}." if name != unit.name else "") + "weight_quantizer.alpha"
                 if key in state:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from diffusers.utils import logging as dlogging
+from huggingface_hub import constants as hub_constants
 
 from .calibrate import add_calibrate_parser
 from .commands import add_evaluate_parser, add_push_parser, add_sample_parser
@@ -60,3 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         parser.exit(2, f"diffusers-gac {args.command}: error: {one_line(err)}\n")
+    except Exception as err:
+        if args.verbose or not is_network_error(err):
+            raise
+        parser.exit(2, f"diffusers-gac {args.command}: error: could not reach the Hub ({hub_constants.ENDPOINT}): "
+                       f"{one_line(err)}\n")
+
+
+def is_network_error(err: BaseException) -> bool:
+    """A failure of the HTTP stack under huggingface_hub (no network, a refused connection, a timeout), which is
+    not an OSError in every release of its HTTP libraries."""
+    return any(c.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+               for c in type(err).__mro__)

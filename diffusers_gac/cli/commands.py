@@ -11,7 +11,7 @@ from diffusers.utils import logging as dlogging
 from huggingface_hub import constants as hub_constants
 
 from .. import zoo
-from ..evaluation import EVAL_SEED_OFFSET, evaluate_denoiser, image_grid, num_class_labels, sample_images, summarize
+from ..evaluation import EVAL_SEED_OFFSET, evaluate_denoiser, refuse_non_finite, image_grid, num_class_labels, sample_images, summarize
 from ..hub import push_to_hub, write_hub_folder
 from ..saving import quantized_components
 from .common import CLIError, check_writable, default_device, format_table, image_file, model_ref, positive_int, repo_id
@@ -53,6 +53,7 @@ def run_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         show_progress=not args.quiet,
     )
+    refuse_non_finite(images, f"the samples of {args.model}")
     # With balanced labels and a row per num_classes images, each column holds one class.
     nrow = num_classes if num_classes and args.class_label is None and args.num_samples >= num_classes else None
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,7 @@ def evaluate_denoiser(
     start = time.perf_counter()
     samples, labels = sample_images(unet, scheduler, num_samples, **sampling)
     seconds = time.perf_counter() - start
+    refuse_non_finite(samples, f"{type(unet).__name__}'s samples")
     if reference_images is None and reference_unet is unet:
         reference_images = samples
     elif reference_images is None and reference_unet is not None:
@@ -117,6 +118,15 @@ def evaluate_denoiser(
         scheduler=type(scheduler).__name__,
         sampling_seconds=round(seconds, 3),
     )
+
+
+def refuse_non_finite(images: torch.Tensor, what: str) -> None:
+    """No image or metric is made from NaN or inf outputs (a damaged checkpoint gives them): they would turn into
+    black pixels or a meaningless number."""
+    bad = (~torch.isfinite(images)).flatten(1).any(1)
+    if bad.any():
+        raise ValueError(f"{what}: {int(bad.sum())} of {len(images)} hold non-finite values (NaN or inf), so no "
+                         "image or metric was made from them; the model's weights are broken (a damaged checkpoint?)")
 
 
 def score_samples(samples: torch.Tensor, labels: torch.Tensor | None, *, reference_images: torch.Tensor | None = None,

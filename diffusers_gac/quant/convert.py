@@ -105,6 +105,11 @@ def plan_conversion(model: nn.Module, config: GACConfig) -> QuantizedLayout:
         report.attention = [
             n for n, m in model.named_modules() if isinstance(m, Attention) and not _matches(n, config.modules_to_not_convert)
         ]
+    if not report.layers:  # a quantized model with nothing quantized would be a float model under a W4A4 card
+        why = (f"modules_to_not_convert={config.modules_to_not_convert!r} leaves" if config.modules_to_not_convert
+               else "special_bits=None leaves" if config.special_bits is None else "there is")
+        raise ValueError(f"{why} no Conv2d or Linear layer of {type(model).__name__} to quantize; keep fewer modules "
+                         "in full precision")
     return report
 
 
