@@ -43,7 +43,7 @@ def breakdown(folder: Path) -> dict[str, int]:
                         "unconverted tensors (biases, norms, embeddings)")
                 kinds[kind] += t.numel() * t.element_size()
                 data += t.numel() * t.element_size()
-        kinds["safetensors header (tensor names, dtypes, shapes)"] += file.stat().st_size - data
+        kinds["safetensors header (tensor names, dtypes, shapes, digest)"] += file.stat().st_size - data
     return dict(kinds)
 
 

@@ -51,10 +51,12 @@ def _read_json(path: Path) -> Any:
 
 
 def run_fingerprint(denoiser: nn.Module, options: dict[str, Any], processes: int, data=None) -> dict[str, Any]:
-    """What identifies a calibration run: the model (its class and config), the options (seed and number of
+    """What identifies a calibration run: the model (its class and config, less the bookkeeping keys such as
+    ``_name_or_path``), the options (seed and number of
     trajectories among them), the number of processes and, for data the caller gave, its size and shapes."""
     config = getattr(denoiser, "config", None)
-    fingerprint = {"model": type(denoiser).__name__, "model_config": dict(config) if config is not None else None,
+    architecture = {k: v for k, v in dict(config).items() if not k.startswith("_")} if config is not None else None
+    fingerprint = {"model": type(denoiser).__name__, "model_config": architecture,
                    "options": options, "processes": processes}
     if data is not None:
         fingerprint["data"] = {"samples": len(data), "shapes": {k: list(v.shape) for k, v in data.inputs.items()}}
