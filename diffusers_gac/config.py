@@ -116,7 +116,8 @@ class GACConfig(QuantizationConfigMixin):
         gac_validation: where the validation samples come from: ``"calibration"`` (a held-out share of the
             calibration set, as in the paper) or ``"quantized_trajectories"`` (denoiser inputs recorded while the
             round-to-nearest quantized model samples: the states the quantized sampler really visits).
-        gac_validation_trajectories: trajectories recorded for ``"quantized_trajectories"``.
+        gac_validation_trajectories: trajectories recorded for ``"quantized_trajectories"``, and sampled per step
+            to measure the step influence of ``gac_validation_weighting="sample_influence"``.
         gac_validation_target: where the validation error is measured: ``"unit"`` (the unit's output against the
             full-precision unit output, as the reconstruction loss) or ``"output"`` (the denoiser's output against
             the full-precision denoiser's: the unit's virtually updated output is propagated through the rest of
@@ -126,6 +127,10 @@ class GACConfig(QuantizationConfigMixin):
         gac_val_rounding: rounding of the weights in the validation pass: ``"hard"`` (the final choice, with
             straight-through gradients: the error reconstruction ends with) or ``"soft"`` (AdaRound's soft rounding,
             as in the paper).
+        gac_validation_weighting: how the validation samples' errors add up: ``"uniform"`` (a plain mean, as in the
+            paper) or ``"sample_influence"`` (each weighted by how much an error at its sampler step moves the end
+            of the trajectory, measured once on the full-precision model by perturbation,
+            ``calibration/influence.py``; needs a scheduler or a sampler).
     Runtime inputs (never saved):
         calibration_inputs: a :class:`CalibrationInputs` (prompt embeddings or a sampler) for denoisers whose
             calibration trajectories ``from_pretrained`` cannot produce by itself (text-conditional ones).
@@ -189,6 +194,7 @@ class GACConfig(QuantizationConfigMixin):
     gac_validation_target: str = "unit"
     gac_weight_granularity: str = "timestep"
     gac_val_rounding: str = "hard"
+    gac_validation_weighting: str = "uniform"
     # -- runtime inputs and outputs -------------------------------------------------------------------------------
     calibration_inputs: CalibrationInputs | None = field(default=None, repr=False, compare=False)
     execution: str = field(default="auto", compare=False)
@@ -300,6 +306,7 @@ class GACConfig(QuantizationConfigMixin):
         check_choice("gac_validation_target", self.gac_validation_target, ("unit", "output"))
         check_choice("gac_weight_granularity", self.gac_weight_granularity, ("timestep", "sample"))
         check_choice("gac_val_rounding", self.gac_val_rounding, ("hard", "soft"))
+        check_choice("gac_validation_weighting", self.gac_validation_weighting, ("uniform", "sample_influence"))
         check_number("gac_val_fraction", self.gac_val_fraction, 0, 0.5, what="a fraction in [0, 0.5)")
         check_number("gac_gm_weight", self.gac_gm_weight, 0)
         if self.gac_max_logit is not None:

@@ -33,7 +33,7 @@ class FisherWeighting(SampleWeighting):
         self.samples_per_step = samples_per_step
         self.model: nn.Module | None = None
 
-    def begin_model(self, model: nn.Module, data, validation_data=None) -> None:
+    def begin_model(self, model: nn.Module, data, validation_data=None, step_influence=None) -> None:
         self.model, self.data = model, data
 
     def begin_unit(self, problem: UnitProblem) -> None:

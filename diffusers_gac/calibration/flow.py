@@ -26,6 +26,7 @@ from ..quant.convert import (act_quantizers, convert_model, float_layers, freeze
 from ..sampling import Sampler
 from .data import CalibrationData, CalibrationRecorder, select_steps
 from .distributed import Shard
+from .influence import step_influence
 from .resume import UnitCheckpoint, claim_folder, run_fingerprint
 from .reconstruction import UnitReport, reconstruct_model, reports_as_dicts
 from .weighting import SampleWeighting
@@ -167,6 +168,16 @@ def calibrate(
         calibration_data = _cached(folder, f"data-{rank}-of-{world}", lambda: record_calibration_data(
             denoiser, sampler, config, rank=rank, world=world))
     seconds["record"] = round(time.time() - start, 2)
+    influence = None
+    if config.weighting == "gradient_aligned" and config.gac_validation_weighting == "sample_influence":
+        if sampler is None:
+            raise ValueError("gac_validation_weighting='sample_influence' needs a scheduler or a sampler to measure "
+                             "each sampler step's influence on the samples")
+        start = time.time()
+        influence = step_influence(denoiser, sampler, config.calib_num_inference_steps,
+                                   trajectories=config.gac_validation_trajectories, seed=config.seed + 15_485_863)
+        seconds["step_influence"] = round(time.time() - start, 2)
+        logger.info("step influence: " + ", ".join(f"t={t:g}: {v:.3g}" for t, v in influence.items()))
     shard = (Shard.across_processes(len(calibration_data), state) if state is not None
              else Shard.single(len(calibration_data)))
     layout = convert_model(denoiser, config)
@@ -186,7 +197,8 @@ def calibrate(
         checkpoint = UnitCheckpoint(folder, {"options": config.options(), "processes": world}, is_main=rank == 0)
     start = time.time()
     units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting, validation_data=validation_data,
-                              show_progress=show_progress, state=state, checkpoint=checkpoint)
+                              show_progress=show_progress, state=state, checkpoint=checkpoint,
+                              step_influence=influence)
     seconds["reconstruct"] = round(time.time() - start, 2)
     freeze_model(denoiser, config.execution)
     return CalibrationReport(config=config.options(), layout=layout, skipped_layers=skipped,

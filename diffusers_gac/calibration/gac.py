@@ -31,6 +31,9 @@ formulation (per-sample logits, 20 meta-steps before reconstruction, soft roundi
 (the unit's virtually updated parameters placed inside the whole network; later units still in full precision).
 ``gac_validation="quantized_trajectories"`` takes the validation inputs from the round-to-nearest quantized
 model's own trajectories (a separate set; then every calibration sample trains).
+``gac_validation_weighting="sample_influence"`` weights each validation sample's error in the first term of
+``L_val`` by its sampler step's influence on the end of the trajectory (``calibration/influence.py``): the plain mean
+rewards the steps whose unit errors are largest, the last ones, whose errors barely reach the samples.
 """
 
 from __future__ import annotations
@@ -76,6 +79,21 @@ def covering_batch(pool: torch.Tensor, steps: torch.Tensor, size: int, generator
     return torch.cat([chosen, extra])
 
 
+def influence_of(step_influence: dict[float, float] | None, timesteps: torch.Tensor) -> torch.Tensor:
+    """Every sample's step influence (``calibration/influence.py``), looked up by its timestep."""
+    if step_influence is None:
+        raise RuntimeError("gac_validation_weighting='sample_influence' needs the step influence, measured by the "
+                           "calibration flow from a scheduler or a sampler; none was given")
+    keys = torch.tensor(sorted(step_influence), dtype=torch.float64)
+    values = torch.tensor([step_influence[k] for k in sorted(step_influence)], dtype=torch.float64)
+    nearest = (timesteps.double()[:, None] - keys[None]).abs().argmin(1)
+    off = (timesteps.double() - keys[nearest]).abs() > 1e-3 * keys.abs().max().clamp_min(1)
+    if off.any():
+        raise ValueError(f"no step influence was measured at timestep {timesteps[off][0].item():g} (measured at "
+                         f"{', '.join(f'{k:g}' for k in keys.tolist())})")
+    return values[nearest]
+
+
 def _flat(grads) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
@@ -88,12 +106,15 @@ class GradientAlignedWeighting(SampleWeighting):
     def __init__(self, config: GACConfig):
         self.config = config
         self.model: torch.nn.Module | None = None
+        self.step_influence: dict[float, float] | None = None  # for gac_validation_weighting="sample_influence"
 
     # -- once per calibration ---------------------------------------------------------------------------------
-    def begin_model(self, model: torch.nn.Module, data, validation_data=None) -> None:
-        """The model still in full precision: keep what the options need (full-precision denoiser outputs)."""
+    def begin_model(self, model: torch.nn.Module, data, validation_data=None, step_influence=None) -> None:
+        """The model still in full precision: keep what the options need (full-precision denoiser outputs, the
+        step influence)."""
         cfg = self.config
         self.model = model
+        self.step_influence = step_influence if step_influence is not None else self.step_influence
         self.separate_validation = validation_data is not None
         if cfg.gac_validation_target == "output":
             self.output_data = validation_data if validation_data is not None else data
@@ -188,7 +209,11 @@ class GradientAlignedWeighting(SampleWeighting):
         gm = cfg.gac_gm_weight > 0
         with problem.rounding(cfg.gac_val_rounding):
             losses = self.val_loss_fn(local, params=virtual) if mask.any() else None
-            value = losses.sum() / len(val_idx) if losses is not None else None
+            value = None
+            if losses is not None:  # the gradient-matching term below compares directions: it keeps the plain losses
+                factor = getattr(self, "val_factor", None)
+                factor = 1 if factor is None else factor[val_idx[mask]].to(losses)
+                value = (losses * factor).sum() / len(val_idx)
             grad = zeros
             if value is not None:
                 grad = [z if x is None else x for z, x in zip(zeros, torch.autograd.grad(
@@ -259,6 +284,11 @@ class GradientAlignedWeighting(SampleWeighting):
             self.val_loss_fn = problem.per_sample_loss
         if cfg.gac_validation_target == "output":
             self.val_loss_fn = self.output_loss(problem)
+        self.val_factor = None
+        if cfg.gac_validation_weighting == "sample_influence":
+            timesteps = problem.validation_timesteps if problem.validation_loss is not None else problem.timesteps
+            factor = influence_of(self.step_influence, timesteps)
+            self.val_factor = factor / factor[self.val_idx].mean().clamp_min(1e-30)
         steps, self.sample_step = problem.timesteps.unique(sorted=True, return_inverse=True)
         size = problem.num_samples if cfg.gac_weight_granularity == "sample" else len(steps)
         self.logits = torch.zeros(size, requires_grad=True)

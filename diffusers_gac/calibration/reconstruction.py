@@ -288,6 +288,7 @@ def reconstruct_model(
     show_progress: bool = True,
     state=None,
     checkpoint: UnitCheckpoint | None = None,
+    step_influence: dict[float, float] | None = None,
 ) -> list[UnitReport]:
     """Calibrate a converted model unit by unit on ``data``; returns one report per unit.
 
@@ -297,6 +298,7 @@ def reconstruct_model(
     ``state`` (an Accelerate ``PartialState`` or ``Accelerator``, several processes): data-parallel calibration,
     ``data`` and ``validation_data`` being this process's shards. ``checkpoint``: units it already holds are
     restored instead of reconstructed, and every unit finished is written to it (resume after an interruption).
+    ``step_influence``: ``{timestep: influence}`` for ``gac_validation_weighting="sample_influence"``.
     """
     weighting = weighting or make_weighting(config)
     param = next(model.parameters())
@@ -312,7 +314,8 @@ def reconstruct_model(
     if validation_data is not None:
         val_shard = (Shard.across_processes(len(validation_data), state) if state is not None
                      else Shard.single(len(validation_data)))
-    weighting.begin_model(model, data, validation_data)
+    extra = {"step_influence": step_influence} if step_influence is not None else {}
+    weighting.begin_model(model, data, validation_data, **extra)
     capture_bs = max(config.batch_size, 64)
     reports: list[UnitReport] = []
     done = checkpoint.restore(units, model) if checkpoint is not None else []

@@ -22,9 +22,11 @@ class SampleWeighting:
 
     name = "base"
 
-    def begin_model(self, model: nn.Module, data: Any, validation_data: Any = None) -> None:
+    def begin_model(self, model: nn.Module, data: Any, validation_data: Any = None,
+                    step_influence: dict[float, float] | None = None) -> None:
         """Called once before the first unit, the converted model still running in full precision, with the
-        calibration data (and the separate validation data, if any)."""
+        calibration data (and the separate validation data, if any; and each sampler step's influence on the
+        samples, ``{timestep: influence}``, when the options asked for it; passed only then)."""
 
     def validation_mask(self, timesteps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Samples (of one unit, by timestep) held out of training as the strategy's validation set: none."""
