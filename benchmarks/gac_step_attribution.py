@@ -7,6 +7,11 @@ random perturbation of the noise prediction (of the full-precision model) and th
 noise prediction along the full-precision trajectory (the per-step terms the trajectory MSE averages).
 
     python benchmarks/gac_step_attribution.py --model photos --output docs/results/gac_step_attribution_photos.json
+    python benchmarks/gac_step_attribution.py --summarize docs/results/gac_step_attribution_*.json
+
+``--summarize`` prints, per result file and by contiguous group of sampler steps, each group's share of the final
+samples' error (quantized at that group's steps only, summed over its steps) and its share of the trajectory MSE
+(the per-step prediction errors the trajectory MSE averages), for every weighting.
 
 Each ``--weightings`` entry is calibrated with the same seed, so the per-step errors of uniform and learned weights
 sit side by side; the trajectories start from the evaluation seed (calibration seed + 1000).
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -83,7 +89,33 @@ def attribute(fp, quantized, scheduler, noise, conditioning, steps: int) -> dict
             "noise_prediction_mse_on_fp_trajectory": eps_err}
 
 
+def summarize(paths: list[Path], groups: int = 5) -> str:
+    """Markdown: per file and weighting, where the final samples' error and the trajectory MSE come from."""
+    lines = []
+    for path in paths:
+        result = json.loads(path.read_text())
+        steps = result["timesteps"]
+        bounds = [round(i * len(steps) / groups) for i in range(groups + 1)]
+        spans = [f"t={steps[a]}..{steps[b - 1]}" for a, b in zip(bounds, bounds[1:])]
+        lines += [f"{path.name} (`{result['command']}`)", "",
+                  "| weighting | final MSE, all steps quantized (x1e-3) | trajectory MSE (x1e-3) | share of | "
+                  + " | ".join(spans) + " |", "|---|---|---|---|" + "---|" * groups]
+        for name, w in result["weightings"].items():
+            one, eps = w["final_mse_one_step_quantized"], w["noise_prediction_mse_on_fp_trajectory"]
+            for label, values in (("final-sample error", one), ("trajectory MSE", eps)):
+                total = sum(values)
+                shares = [sum(values[a:b]) / total for a, b in zip(bounds, bounds[1:])]
+                lines.append(f"| {name} | {1e3 * w['final_mse_all_steps_quantized']:.3f} | "
+                             f"{1e3 * sum(eps) / len(eps):.3f} | {label} | "
+                             + " | ".join(f"{100 * x:.1f}%" for x in shares) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if "--summarize" in sys.argv:
+        print(summarize([Path(x) for x in sys.argv[sys.argv.index("--summarize") + 1:]]))
+        return
     from diffusers.utils import logging as dlogging
 
     from diffusers_gac import GACConfig, quantize_model
