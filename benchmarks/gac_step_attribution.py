@@ -2,9 +2,10 @@
 
 Calibrates an embedded model once per weighting (``--set`` GACConfig options), then for every
 DDIM step ``k`` samples with the quantized denoiser at step ``k`` only (full precision elsewhere) and measures the
-mean squared difference of the final samples from the full-precision ones. Beside it: the step's sensitivity to a
-random perturbation of the noise prediction (of the full-precision model) and the mean squared error of the quantized
-noise prediction along the full-precision trajectory (the per-step terms the trajectory MSE averages).
+mean squared difference of the final samples from the full-precision ones. Beside it: the mean squared error of the
+quantized noise prediction along the full-precision trajectory (the per-step terms the trajectory MSE averages).
+(Each step's influence measured by perturbation, as calibration measures it for
+``gac_validation_weighting="sample_influence"``, is ``diffusers_gac.calibration.influence.step_influence``.)
 
     python benchmarks/gac_step_attribution.py --model photos --output docs/results/gac_step_attribution_photos.json
     python benchmarks/gac_step_attribution.py --summarize docs/results/gac_step_attribution_*.json
@@ -33,34 +34,6 @@ def parse_value(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return text
-
-
-@torch.no_grad()
-def timestep_importance(denoiser, scheduler, num_inference_steps: int, *, trajectories: int = 32,
-                        scale: float = 0.05, seed: int = 0) -> dict[float, float]:
-    """How much an error in the noise prediction at each sampler step moves the final sample: the mean squared
-    change of the final sample when ``scale * z`` (``z`` a fixed standard normal) is added to the prediction at that
-    step only, divided by ``scale ** 2``, over ``trajectories`` seeded noises. ``{timestep: importance}``."""
-    from diffusers_gac.sampling import denoise, fresh_scheduler, resolve_labels, sample_shape
-
-    generator = torch.Generator().manual_seed(seed)
-    shape = sample_shape(denoiser, trajectories)
-    noise = torch.randn(shape, generator=generator)
-    push = torch.randn(shape, generator=generator) * scale
-    labels = resolve_labels(denoiser, trajectories, None)
-    conditioning = {"class_labels": labels} if labels is not None else None
-    sampler = fresh_scheduler(scheduler)
-
-    def final_sample(perturbed_step):
-        def perturb(step):
-            return step.prediction + push.to(step.prediction) if step.index == perturbed_step else None
-
-        return denoise(denoiser, sampler, noise, num_inference_steps=num_inference_steps, conditioning=conditioning,
-                       on_step=perturb).float()
-
-    base = final_sample(None)
-    steps = [float(t) for t in sampler.timesteps]
-    return {t: ((final_sample(k) - base).pow(2).mean() / scale**2).item() for k, t in enumerate(steps)}
 
 
 def attribute(fp, quantized, scheduler, noise, conditioning, steps: int) -> dict:
@@ -143,8 +116,6 @@ def main() -> None:
         "command": "python benchmarks/gac_step_attribution.py " + " ".join(
             [f"--output {a.output}", f"--model {a.model}", f"--seed {a.seed}", f"--steps {a.steps}",
              f"--num-samples {a.num_samples}", "--weightings", *a.weightings] + (["--set", *a.set] if a.set else [])),
-        "perturbation_importance": list(timestep_importance(fp, scheduler, a.steps, seed=evaluation_seed(a.seed)
-                                                            ).values()),
         "weightings": {},
     }
     sampler = fresh_scheduler(scheduler)

@@ -88,17 +88,23 @@ def test_meta_gradient_matches_finite_differences(options):
         assert grad[val].abs().max() == 0  # validation samples carry no weight
 
 
+def learning_to_reweight(problem, logits, train, val, factor=None):
+    """Learning-to-reweight written out: one SGD step (0.5) on the weighted loss, then the validation error (each
+    sample's multiplied by ``factor``, when given), averaged."""
+    alpha = problem.rounding_params["weight_quantizer.alpha"]
+    w = torch.softmax(logits[train], 0)
+    (g,) = torch.autograd.grad((w * problem.per_sample_loss(train)).sum(), alpha, create_graph=True)
+    errors = problem.per_sample_loss(val, params={"weight_quantizer.alpha": alpha - 0.5 * g})
+    return (errors if factor is None else factor * errors).mean()
+
+
 def test_without_matching_and_with_one_group_it_is_learning_to_reweight():
     problem = tiny_problem()
     s = strategy(gac_gm_weight=0.0, gac_groups=1, gac_weight_granularity="sample")
     s.begin_unit(problem)
     train, val = problem.train_idx[:10], problem.val_idx
     logits = torch.randn(problem.num_samples, dtype=torch.float64, requires_grad=True)
-    # learning-to-reweight written out: one SGD step on the weighted loss, then the plain validation error
-    alpha = problem.rounding_params["weight_quantizer.alpha"]
-    w = torch.softmax(logits[train], 0)
-    (g,) = torch.autograd.grad((w * problem.per_sample_loss(train)).sum(), alpha, create_graph=True)
-    l2r = problem.per_sample_loss(val, params={"weight_quantizer.alpha": alpha - 0.5 * g}).mean()
+    l2r = learning_to_reweight(problem, logits, train, val)
     value, grad = s.meta_gradient(logits, train, val)
     assert value == pytest.approx(l2r.item(), rel=1e-12)
     assert torch.allclose(grad, torch.autograd.grad(l2r, logits)[0], rtol=1e-9, atol=1e-15)

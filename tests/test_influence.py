@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from test_gac import strategy, tiny_problem
+from test_gac import learning_to_reweight, strategy, tiny_problem
 from tiny_models import tiny_unet2d
 
 from diffusers_gac import GACConfig, quantize_model
@@ -63,12 +63,8 @@ def test_influence_weighted_validation_is_learning_to_reweight_on_the_weighted_e
     s.begin_unit(problem)
     train, val = problem.train_idx[:10], problem.val_idx
     logits = torch.randn(problem.num_samples, dtype=torch.float64, requires_grad=True)
-    alpha = problem.rounding_params["weight_quantizer.alpha"]
-    w = torch.softmax(logits[train], 0)
-    (g,) = torch.autograd.grad((w * problem.per_sample_loss(train)).sum(), alpha, create_graph=True)
     factor = torch.tensor([influence[float(t)] for t in problem.timesteps[val]], dtype=torch.float64)
-    factor = factor / factor.mean()
-    weighted = (factor * problem.per_sample_loss(val, params={"weight_quantizer.alpha": alpha - 0.5 * g})).mean()
+    weighted = learning_to_reweight(problem, logits, train, val, factor / factor.mean())
     value, grad = s.meta_gradient(logits, train, val)
     assert value == pytest.approx(weighted.item(), rel=1e-12)
     assert torch.allclose(grad, torch.autograd.grad(weighted, logits)[0], rtol=1e-9, atol=1e-15)

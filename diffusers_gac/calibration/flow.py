@@ -169,14 +169,11 @@ def calibrate(
             denoiser, sampler, config, rank=rank, world=world))
     seconds["record"] = round(time.time() - start, 2)
     influence = None
-    if config.weighting == "gradient_aligned" and config.gac_validation_weighting == "sample_influence":
-        if sampler is None:
-            raise ValueError("gac_validation_weighting='sample_influence' needs a scheduler or a sampler to measure "
-                             "each sampler step's influence on the samples")
-        start = time.time()
-        influence = step_influence(denoiser, sampler, config.calib_num_inference_steps,
-                                   trajectories=config.gac_validation_trajectories, seed=config.seed + 15_485_863)
-        seconds["step_influence"] = round(time.time() - start, 2)
+    if _uses(config, "gac_validation_weighting", "sample_influence", sampler,
+             "to measure each sampler step's influence on the samples"):
+        influence = _timed(seconds, "step_influence", lambda: step_influence(
+            denoiser, sampler, config.calib_num_inference_steps, trajectories=config.gac_validation_trajectories,
+            seed=config.seed + 15_485_863))
         logger.info("step influence: " + ", ".join(f"t={t:g}: {v:.3g}" for t, v in influence.items()))
     shard = (Shard.across_processes(len(calibration_data), state) if state is not None
              else Shard.single(len(calibration_data)))
@@ -184,14 +181,10 @@ def calibrate(
     skipped = float_layers(denoiser)
     logger.info(f"converted {len(layout.layers)} layers; kept in full precision: {skipped}")
     validation_data = None
-    if config.weighting == "gradient_aligned" and config.gac_validation == "quantized_trajectories":
-        if sampler is None:
-            raise ValueError("gac_validation='quantized_trajectories' needs a scheduler or a sampler to sample the "
-                             "quantized model")
-        start = time.time()
-        validation_data = _cached(folder, f"validation-{rank}-of-{world}", lambda: record_quantized_trajectories(
-            denoiser, sampler, config, calibration_data, shard))
-        seconds["record_validation"] = round(time.time() - start, 2)
+    if _uses(config, "gac_validation", "quantized_trajectories", sampler, "to sample the quantized model"):
+        validation_data = _timed(seconds, "record_validation", lambda: _cached(
+            folder, f"validation-{rank}-of-{world}",
+            lambda: record_quantized_trajectories(denoiser, sampler, config, calibration_data, shard)))
     checkpoint = None
     if folder is not None:
         checkpoint = UnitCheckpoint(folder, {"options": config.options(), "processes": world}, is_main=rank == 0)
@@ -203,6 +196,23 @@ def calibrate(
     freeze_model(denoiser, config.execution)
     return CalibrationReport(config=config.options(), layout=layout, skipped_layers=skipped,
                              num_calibration_samples=shard.total, units=units, seconds=seconds)
+
+
+def _uses(config: GACConfig, option: str, value: str, sampler: Sampler | None, purpose: str) -> bool:
+    """Whether learned weights run with ``option=value``, which needs a sampler (``purpose`` says what for)."""
+    if config.weighting != "gradient_aligned" or getattr(config, option) != value:
+        return False
+    if sampler is None:
+        raise ValueError(f"{option}={value!r} needs a scheduler or a sampler {purpose}")
+    return True
+
+
+def _timed(seconds: dict[str, float], name: str, work):
+    """``work()``, its wall time kept in ``seconds[name]``."""
+    start = time.time()
+    out = work()
+    seconds[name] = round(time.time() - start, 2)
+    return out
 
 
 def _cached(folder: Path | None, name: str, record) -> CalibrationData:
