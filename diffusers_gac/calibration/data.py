@@ -142,6 +142,11 @@ def _call_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]
     return named
 
 
+def _sample_input(named: dict[str, Any]) -> torch.Tensor:
+    """The noisy sample of a denoiser call (``sample`` for UNets, ``hidden_states`` for transformers)."""
+    return named["sample"] if "sample" in named else named.get("hidden_states")
+
+
 class CalibrationRecorder:
     """Record the inputs of ``denoiser`` at the selected sampler steps.
 
@@ -172,8 +177,7 @@ class CalibrationRecorder:
 
     def _hook(self, module, args, kwargs):
         named = _call_kwargs(module, args, kwargs)
-        sample = named["sample"] if "sample" in named else named.get("hidden_states")
-        batch = sample.shape[0]
+        batch = _sample_input(named).shape[0]
         step = self.calls if self.num_inference_steps is None else self.calls % self.num_inference_steps
         self.calls += 1
         copies = _guidance_copies(named, batch)

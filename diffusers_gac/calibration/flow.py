@@ -163,11 +163,12 @@ def calibrate(
         if state is not None:
             state.wait_for_everyone()  # the main process has written run.json before anyone writes data
     seconds: dict[str, float] = {}
-    start = time.time()
     if calibration_data is None:
-        calibration_data = _cached(folder, f"data-{rank}-of-{world}", lambda: record_calibration_data(
-            denoiser, sampler, config, rank=rank, world=world))
-    seconds["record"] = round(time.time() - start, 2)
+        calibration_data = _timed(seconds, "record", lambda: _cached(
+            folder, f"data-{rank}-of-{world}",
+            lambda: record_calibration_data(denoiser, sampler, config, rank=rank, world=world)))
+    else:
+        seconds["record"] = 0.0
     influence = None
     if _uses(config, "gac_validation_weighting", "sample_influence", sampler,
              "to measure each sampler step's influence on the samples"):
@@ -188,11 +189,9 @@ def calibrate(
     checkpoint = None
     if folder is not None:
         checkpoint = UnitCheckpoint(folder, {"options": config.options(), "processes": world}, is_main=rank == 0)
-    start = time.time()
-    units = reconstruct_model(denoiser, calibration_data, config, weighting=weighting, validation_data=validation_data,
-                              show_progress=show_progress, state=state, checkpoint=checkpoint,
-                              step_influence=influence)
-    seconds["reconstruct"] = round(time.time() - start, 2)
+    units = _timed(seconds, "reconstruct", lambda: reconstruct_model(
+        denoiser, calibration_data, config, weighting=weighting, validation_data=validation_data,
+        show_progress=show_progress, state=state, checkpoint=checkpoint, step_influence=influence))
     freeze_model(denoiser, config.execution)
     return CalibrationReport(config=config.options(), layout=layout, skipped_layers=skipped,
                              num_calibration_samples=shard.total, units=units, seconds=seconds)

@@ -84,8 +84,7 @@ def influence_of(step_influence: dict[float, float] | None, timesteps: torch.Ten
     if step_influence is None:
         raise RuntimeError("gac_validation_weighting='sample_influence' needs the step influence, measured by the "
                            "calibration flow from a scheduler or a sampler; none was given")
-    keys = torch.tensor(sorted(step_influence), dtype=torch.float64)
-    values = torch.tensor([step_influence[k] for k in sorted(step_influence)], dtype=torch.float64)
+    keys, values = torch.tensor(sorted(step_influence.items()), dtype=torch.float64).unbind(1)
     nearest = (timesteps.double()[:, None] - keys[None]).abs().argmin(1)
     off = (timesteps.double() - keys[nearest]).abs() > 1e-3 * keys.abs().max().clamp_min(1)
     if off.any():
@@ -107,6 +106,7 @@ class GradientAlignedWeighting(SampleWeighting):
         self.config = config
         self.model: torch.nn.Module | None = None
         self.step_influence: dict[float, float] | None = None  # for gac_validation_weighting="sample_influence"
+        self.val_factor: torch.Tensor | None = None  # each validation sample's weight in L_val (set per unit)
 
     # -- once per calibration ---------------------------------------------------------------------------------
     def begin_model(self, model: torch.nn.Module, data, validation_data=None, step_influence=None) -> None:
@@ -211,8 +211,7 @@ class GradientAlignedWeighting(SampleWeighting):
             losses = self.val_loss_fn(local, params=virtual) if mask.any() else None
             value = None
             if losses is not None:  # the gradient-matching term below compares directions: it keeps the plain losses
-                factor = getattr(self, "val_factor", None)
-                factor = 1 if factor is None else factor[val_idx[mask]].to(losses)
+                factor = 1 if self.val_factor is None else self.val_factor[val_idx[mask]].to(losses)
                 value = (losses * factor).sum() / len(val_idx)
             grad = zeros
             if value is not None:

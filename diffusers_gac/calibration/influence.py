@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import _call_kwargs, _guidance_copies
+from .data import _call_kwargs, _guidance_copies, _sample_input
 from .units import unit_output
 
 
@@ -45,8 +45,7 @@ class _Perturber:
         if t is not None and step not in self.timesteps:
             self.timesteps[step] = float(torch.as_tensor(t).reshape(-1)[0])
         if step == self.steps - 1:
-            sample = named["sample"] if "sample" in named else named.get("hidden_states")
-            self.last_inputs.append(sample.detach().float().cpu())
+            self.last_inputs.append(_sample_input(named).detach().float().cpu())
         if step != self.perturbed:
             return None
         pred = unit_output(out)
