@@ -17,6 +17,7 @@ if [ "$model" = photos ]; then  # each lever alone, and combinations, before any
     $run --steps 25 --methods rtn:act_group_size=8 rtn:act_group_size=16 rtn:smoothing=true rtn:lowrank_rank=4 \
         rtn:act_clipping=true rtn:act_group_size=16,act_clipping=true,lowrank_rank=4 rtn:lowrank_rank=2 \
         rtn:act_group_size=8,act_clipping=true,smoothing=true,lowrank_rank=4
+    $run --steps 25 --methods "qdiffusion:$all,lr_lowrank=0.0001"  # factor refinement (float16 factors only)
 fi
 if [ "${2:-}" = 100 ]; then
     $run --steps 100 --methods fp qdiffusion "qdiffusion:$all8"
