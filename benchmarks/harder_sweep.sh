@@ -12,6 +12,7 @@ prefix=docs/results/harder_$model
 run="python benchmarks/ptq_compare.py --model $model --seeds 0 1 2 --jsonl $prefix.jsonl --workers 2"
 $run --bits W4A4 --set special_bits=4 --methods qdiffusion gac
 $run --bits W3A8 --methods qdiffusion gac
+$run --bits W3A8 --methods gac --equal-time gac  # uniform given learned weights' time
 $run --bits W4A4 --set attn_bits=8 --methods qdiffusion gac
 if [ "$model" = digits ]; then  # photos at DDIM 100: docs/results/weighting_photos.md
     $run --steps 100 --bits W4A4 --methods fp qdiffusion gac
