@@ -27,7 +27,6 @@ influence=gac:gac_validation_weighting=sample_influence
 $run --bits W4A4 --methods "$influence"
 $run --bits W4A8 $static --methods "$influence"
 if [ "$model" = photos ]; then  # the default setting at DDIM 100, where errors compound over 4x the steps
-    python benchmarks/ptq_compare.py --model $model --seeds 0 1 2 --jsonl $prefix.jsonl --workers 2 --steps 100 \
-        --bits W4A4 --methods fp qdiffusion gac
+    $run --steps 100 --bits W4A4 --methods fp qdiffusion gac  # the later --steps wins
 fi
 $run --bits W4A4 --methods fp --table "$prefix.md" --table-command "bash benchmarks/weighting_sweep.sh $*"
