@@ -4,7 +4,7 @@
 # setting (static activation ranges every timestep shares, W4A8, W4A4 and W8A8) and in the default one (dynamic
 # per-token ranges, W4A4). Calibration seeds 0 1 2, evaluation noise from seeds 1000 1001 1002. Every run lands in one
 # JSONL file (a rerun only does the runs it lacks) and the table is written from all of them. GAC with
-# influence-weighted validation joins both settings; on photos, the default setting also at DDIM 100.
+# influence-weighted validation joins both settings; static W4A8 also at DDIM 100, and on photos the default setting.
 #   bash benchmarks/weighting_sweep.sh digits|photos [STEPS]    (DDIM steps, default 25)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +29,6 @@ $run --bits W4A8 $static --methods "$influence"
 if [ "$model" = photos ]; then  # the default setting at DDIM 100, where errors compound over 4x the steps
     $run --steps 100 --bits W4A4 --methods fp qdiffusion gac  # the later --steps wins
 fi
+# the paper's setting at DDIM 100
+$run --steps 100 --bits W4A8 $static --methods fp qdiffusion gac
 $run --bits W4A4 --methods fp --table "$prefix.md" --table-command "bash benchmarks/weighting_sweep.sh $*"
