@@ -94,7 +94,8 @@ class GACConfig(QuantizationConfigMixin):
             (round-to-nearest with calibrated ranges).
         weighting: how calibration samples are weighted in the reconstruction loss: ``"gradient_aligned"`` (weights
             learned by GAC, below; the default), ``"uniform"`` (every sample alike, Q-Diffusion; the default with
-            ``reconstruction="none"``, which has no loss to weight) or ``"fisher"`` (a fixed per-timestep weighting by
+            ``reconstruction="none"``, which has no loss to weight, and with ``act_scheme="static"``, where learned
+            weights cost sample quality and time) or ``"fisher"`` (a fixed per-timestep weighting by
             the unit's output sensitivity, the non-learned baseline; ``calibration/fisher.py``).
         iters: optimisation steps per unit; batch_size: samples per step.
         lr_round / lr_act / lr_lowrank: Adam learning rates of the rounding variables, the activation step sizes and
@@ -226,8 +227,9 @@ class GACConfig(QuantizationConfigMixin):
         check_choice("weight_init", self.weight_init, WEIGHT_INITS)
         check_choice("calib_timestep_selection", self.calib_timestep_selection, TIMESTEP_SELECTIONS)
         check_choice("reconstruction", self.reconstruction, RECONSTRUCTIONS)
-        if self.weighting is None:  # learned weights wherever there is a reconstruction loss to weight
-            self.weighting = "uniform" if self.reconstruction == "none" else "gradient_aligned"
+        if self.weighting is None:  # learned weights where they do not lose (docs/results/gac.md, "The default")
+            uniform = self.reconstruction == "none" or self.act_scheme == "static"
+            self.weighting = "uniform" if uniform else "gradient_aligned"
         check_choice("weighting", self.weighting, WEIGHTINGS)
         for name in ("act_timestep_groups", "calib_num_inference_steps", "calib_num_timesteps",
                      "calib_samples_per_timestep", "iters", "batch_size"):

@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w-bits", type=int, default=defaults.w_bits)
     p.add_argument("--a-bits", type=int, default=defaults.a_bits)
     p.add_argument("--act-scheme", choices=ACT_SCHEMES, default=defaults.act_scheme)
-    p.add_argument("--weighting", choices=WEIGHTINGS, default=defaults.weighting)
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
+                   help=f"default: {defaults.weighting}; uniform with --act-scheme static")
     p.add_argument("--iters", type=int, default=defaults.iters, help="reconstruction steps per unit")
     p.add_argument("--num-trajectories", type=int, default=defaults.calib_samples_per_timestep,
                    help="calibration trajectories in all (shared by the processes)")

@@ -464,3 +464,10 @@ def test_learned_weights_are_the_default_wherever_there_is_a_loss_to_weight():
     assert GACConfig.from_dict(saved).weighting == "uniform"
     with pytest.raises(ValueError, match="reconstruction='none'"):
         GACConfig(reconstruction="none", weighting="gradient_aligned")
+    # static ranges: learned weights lose sample quality there (docs/results/gac.md), so uniform unless asked for
+    static = GACConfig(w_bits=4, a_bits=8, act_scheme="static")
+    assert static.weighting == "uniform"
+    assert GACConfig.from_dict(static.to_dict()).weighting == "uniform"
+    assert GACConfig(act_scheme="static", weighting="gradient_aligned").weighting == "gradient_aligned"
+    assert GACConfig(act_scheme="timestep").weighting == "gradient_aligned"
+    assert GACConfig.paper(act_scheme="static").weighting == "gradient_aligned"

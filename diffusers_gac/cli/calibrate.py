@@ -35,7 +35,8 @@ def add_calibrate_parser(subparsers, parents: list[argparse.ArgumentParser]) -> 
     p.add_argument("--a-bits", type=optional_bits, default=defaults.a_bits, help=f"activation bits, 2-8 or none (default: {defaults.a_bits})")
     p.add_argument("--act-scheme", choices=ACT_SCHEMES, default=defaults.act_scheme, help=f"activation ranges (default: {defaults.act_scheme})")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
-                   help=f"calibration sample weighting (default: {defaults.weighting}; uniform with --reconstruction none)")
+                   help=f"calibration sample weighting (default: {defaults.weighting}; uniform with --reconstruction none or "
+                        "--act-scheme static)")
     p.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default=defaults.reconstruction,
                    help=f"adaround, or none for round-to-nearest (default: {defaults.reconstruction})")
     p.add_argument("--timesteps", choices=TIMESTEP_SELECTIONS, default=defaults.calib_timestep_selection,
