@@ -457,7 +457,7 @@ def test_the_paper_formulation_is_one_call_away():
     assert config.a_bits == 8
 
 
-def test_learned_weights_are_the_default_wherever_there_is_a_loss_to_weight():
+def test_learned_weights_are_the_default_unless_there_is_no_loss_or_ranges_are_static():
     assert GACConfig(w_bits=4, a_bits=4).weighting == "gradient_aligned"
     assert GACConfig(reconstruction="none").weighting == "uniform"  # round-to-nearest: nothing to weight
     saved = GACConfig(reconstruction="none").to_dict()
