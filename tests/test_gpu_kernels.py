@@ -219,3 +219,31 @@ def test_the_gpu_path_is_a_custom_op_that_compiles_in_one_graph(kind):
     assert eager.shape == gpuexec.gpu_output_shape(x.shape, ints)
     compiled = torch.compile(lambda t: integer_layer(t, *tensors, ints) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), eager * 2)
+
+
+def test_the_gpu_plan_is_built_once_and_rebuilt_when_the_layer_changes():
+    """An eager GPU call reads the layer's cached plan (views of its tensors and its integer description) instead of
+    rebuilding it; loading other weights, or moving or casting the layer, drops the plan, so the next call sees the
+    layer as it is now (a stale plan would still hold the old weights or the old bias)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 7, 9) + 0.3
+    layer = _frozen(nn.Conv2d(12, 8, 3, padding=1), x, 4, 4, "dynamic")
+    other = _frozen(nn.Conv2d(12, 8, 3, padding=1), x, 4, 4, "dynamic")
+    assert layer.set_execution("integer")
+    with torch.no_grad():
+        first = gpuexec.gpu_forward(layer, x)
+        plan = gpuexec.gpu_plan(layer)
+        assert gpuexec.gpu_plan(layer) is plan and torch.equal(gpuexec.gpu_forward(layer, x), first)
+
+        layer.load_state_dict(other.state_dict())  # new codes and scales: the layout is rebuilt
+        assert layer.execution == "integer" and gpuexec.gpu_plan(layer) is not plan
+        assert _error(gpuexec.gpu_forward(layer, x), other(x)) <= TOLERANCE
+        assert _error(gpuexec.gpu_forward(layer, x), first) > 0.1
+
+        layer.double()  # a cast gives the bias new storage: change it there, and cast back
+        layer.bias.mul_(-2)
+        layer.float()
+        assert layer.execution == "integer"
+        expected = layer(x)  # the CPU kernels read the layer's tensors at every call
+        assert _error(gpuexec.gpu_forward(layer, x), expected) <= TOLERANCE
+        assert _error(expected, other(x)) > 0.01

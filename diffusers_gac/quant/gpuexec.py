@@ -2,7 +2,9 @@
 layout) and the Triton kernels of ``gpukernels``, and the same call as a PyTorch custom op for ``torch.compile``.
 
 ``gpu_layer_args`` turns a layer and its input into tensors and a flat list of integers; ``gpu_run`` runs the two
-kernels on them (quantize the input per token, then the implicit GEMM); ``gpu_forward`` is both in eager mode.
+kernels on them (quantize the input per token, then the implicit GEMM); ``gpu_forward`` is both in eager mode, with
+the part that does not depend on the input built once per layer (``gpu_plan``), since at small batches an eager step
+is bound by the host's work per layer call, not by the GPU.
 Under ``torch.compile`` the layer calls ``integer_layer``, the custom op ``diffusers_gac::integer_layer`` around
 ``gpu_run``, which keeps the layer inside the compiled graph (no graph break; with ``mode="reduce-overhead"`` the
 step can replay as one CUDA graph); its fake implementation gives the output's shape for tracing.
@@ -13,7 +15,7 @@ channels in registers): those run the fake-quant reference (``gpu_support``). No
 annotations`` here: the custom op's schema is read from its annotations.
 """
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -57,30 +59,70 @@ def static_range(q: ActQuantizer, batch: int, device: torch.device) -> tuple[tor
     return scale.expand(batch).contiguous(), zero_point.expand(batch).contiguous()
 
 
-def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] | None:
-    """The tensors and the integer description that ``gpu_run`` (and the ``diffusers_gac::integer_layer`` op) take
-    for ``layer`` called on ``x``; None where the GPU kernels do not serve the call (see ``gpu_support``)."""
-    if x.dtype not in GPU_DTYPES or gpu_support(layer) is not None:
-        return None
-    quantizers = input_parts(layer.input_quantizer)
+class GpuPlan(NamedTuple):
+    """What a layer's call through the Triton kernels takes that does not depend on its input: views of the layer's
+    tensors and its integer description. Built once per layer (``gpu_plan``) and dropped whenever the layer's layout
+    is rebuilt or the layer is moved or cast (``intexec.to_integer``/``to_fake``, ``layers``' ``_apply``), so an
+    eager call only reads it: the per-call host work of a step is what keeps small batches launch-bound."""
+
+    tensors: tuple  # int_weight, w_zero, w_scale, bias, colsum, zw (``gpu_run``'s arguments after x)
+    ints: list[int]
+    quantizers: tuple[ActQuantizer, ...]  # per input part
+    static: bool  # some part has static or timestep ranges, read per call (they depend on the batch)
+
+
+def _build_plan(layer: nn.Module) -> GpuPlan:
+    quantizers = tuple(input_parts(layer.input_quantizer))
     spec = layer._int_spec
     w_scale = layer.weight_quantizer.scale.reshape(-1)
     if w_scale.dtype != torch.float32:
         w_scale = w_scale.float()
     w_zero = layer.int_zero.reshape(-1) if spec.packed else None
     bias = None if layer.bias is None else layer.bias.detach()
-    batch = x.shape[0] if x.dim() > 1 else 1
-    ranges = []
-    for p in quantizers:
-        static = static_range(p, batch, x.device)
-        ranges += [None, None] if static is None else list(static)
     ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), len(spec.parts)]
     for p, (c0, c1) in zip(quantizers, spec.parts):
         ints += [c0, c1, p.bits]
     if spec.conv:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw), _ = spec.geometry
         ints += [kh, kw, sh, sw, ph, pw, dh, dw]
-    return [layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw, ranges], ints
+    static = any(p.scheme != "dynamic" for p in quantizers)
+    return GpuPlan((layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw), ints, quantizers, static)
+
+
+def _ranges(plan: GpuPlan, x: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per input part, the static (scale, zero point) per sample of this call, or two Nones for dynamic ranges."""
+    if not plan.static:
+        return [None, None] * len(plan.quantizers)
+    batch = x.shape[0] if x.dim() > 1 else 1
+    ranges = []
+    for p in plan.quantizers:
+        static = static_range(p, batch, x.device)
+        ranges += [None, None] if static is None else list(static)
+    return ranges
+
+
+def gpu_plan(layer: nn.Module) -> GpuPlan | None:
+    """The layer's cached ``GpuPlan``, built on first use; None where the GPU kernels do not serve it."""
+    plan = layer.__dict__.get("_gpu_plan")
+    if plan is None:
+        plan = _build_plan(layer) if gpu_support(layer) is None else False
+        layer._gpu_plan = plan
+    return plan or None
+
+
+def drop_gpu_plan(layer: nn.Module) -> None:
+    """Forget the cached plan (the layer's layout, device or dtype changed)."""
+    layer.__dict__.pop("_gpu_plan", None)
+
+
+def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] | None:
+    """The tensors and the integer description that ``gpu_run`` (and the ``diffusers_gac::integer_layer`` op) take
+    for ``layer`` called on ``x``; None where the GPU kernels do not serve the call (see ``gpu_support``). Built
+    afresh on every call (what ``torch.compile`` traces; eager calls read the cached ``gpu_plan``)."""
+    if x.dtype not in GPU_DTYPES or gpu_support(layer) is not None:
+        return None
+    plan = _build_plan(layer)
+    return [*plan.tensors, _ranges(plan, x)], plan.ints
 
 
 def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tuple[int, ...]:
@@ -128,8 +170,10 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
 def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output through the Triton kernels (``gpukernels``), in ``x``'s dtype; None where they do not
     serve the call (see ``gpu_support``). Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
-    args = gpu_layer_args(layer, x)
-    return None if args is None else gpu_run(x, *args[0], args[1])
+    if x.dtype not in GPU_DTYPES:
+        return None
+    plan = gpu_plan(layer)
+    return None if plan is None else gpu_run(x, *plan.tensors, _ranges(plan, x), plan.ints)
 
 
 @torch.library.custom_op("diffusers_gac::integer_layer", mutates_args=())

@@ -177,6 +177,7 @@ def to_integer(layer: nn.Module, int4_storage: str = "packed") -> None:
     if conv:
         geometry = K.ConvGeometry((kh, kw), layer.stride, layer.padding, layer.dilation, layer.groups)
     layer._int_spec = IntSpec(conv, tuple(layer.weight_shape), parts, geometry, tuple(blocks), packed, eight)
+    gpuexec.drop_gpu_plan(layer)
     for name in ("int_weight", "int_zero", "int_zw", "int_colsum"):
         if getattr(layer, name) is not None:
             setattr(layer, name, getattr(layer, name).to(device))
@@ -230,6 +231,7 @@ def to_fake(layer: nn.Module) -> None:
         delattr(layer, name)
     del layer._int_spec
     layer.register_buffer("packed_weight", packed)
+    gpuexec.drop_gpu_plan(layer)
     layer.execution = "fake"
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import check_choice
-from . import intexec, levers
+from . import gpuexec, intexec, levers
 from .packing import pack_codes, packed_width
 from .quantizers import ActQuantizer, ActScheme, SplitActQuantizer, WeightInit, WeightQuantizer
 
@@ -211,6 +211,7 @@ class QuantLayerMixin:
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        gpuexec.drop_gpu_plan(self)  # its views may be of the tensors before the move
         if self.frozen and self._integer_storage is not None:  # moved: follow the device (no kernels, no integer)
             with torch.no_grad():
                 self._sync_execution()
