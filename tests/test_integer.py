@@ -185,6 +185,30 @@ def test_single_channel_dot_products_match(shape, w_bits, a_bits):
     assert layer.execution == "integer" and error <= TOLERANCE
 
 
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_strided_convolutions_with_one_output_row_hand_the_gemm_unit_stride_operands(kernel, monkeypatch):
+    """A stride-2 convolution whose output is a single row reads each tap as a view with every other column; torch's
+    CPU ``_int_mm`` is several hundred times slower on an operand without a dimension of stride 1, so the kernels
+    copy it first. Every GEMM gets row- or column-major operands, and the result still matches the reference."""
+    strides = []
+    original = torch._int_mm
+
+    def recorded(a, b):
+        strides.append((a.stride(), b.stride()))
+        return original(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", recorded)
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 2, 7)  # output (1, 4): one row
+    layer = _frozen(nn.Conv2d(16, 8, kernel, stride=2, padding=kernel // 2), x, 4, 4, "dynamic")
+    with torch.no_grad():
+        reference = layer(x)
+        assert layer.set_execution("integer")
+        result = layer(x)
+    assert strides and all(1 in sa and 1 in sb for sa, sb in strides), strides
+    assert (result - reference).abs().max() / reference.abs().max() <= TOLERANCE
+
+
 def test_a_wrong_code_is_caught_by_the_tolerance(int_mm_calls):
     """The tolerance can fail: the integer layer with one weight code changed by one step is out of it."""
     torch.manual_seed(0)
