@@ -1,0 +1,136 @@
+"""Host time per quantized layer call on the GPU path: what makes an eager step launch-bound at small batches.
+
+A W4A4 step of the SD-sized UNet on an H200 took 57 ms eager at latent 64 at any batch size, against 15 ms replayed
+as a CUDA graph (docs/results/inference_speed_cuda.md): the GPU waits for the host. This script times one layer
+call on an input so small that the device work does not count, for SD-shaped layers:
+
+* ``plan``: the layer as it runs (``gpuexec.gpu_forward``: the per-layer plan is built once and read per call);
+* ``rebuilt``: the same call with the plan dropped before every call, so each call checks the layer and builds it
+  again (what every call did before plans were cached);
+* ``float``: the float layer the quantized one replaces, in bfloat16 (its own host work: one ``F.conv2d`` or
+  ``F.linear``).
+
+With ``--device cuda`` the Triton kernels run (their launches are host work too); each figure is the mean over
+``--calls`` back-to-back calls with one synchronisation at the end (wall clock), the variants taking turns. With ``--device cpu`` (no GPU needed) the
+two Triton launches are replaced by no-ops and the layer takes the GPU path on CPU tensors, so ``plan`` and
+``rebuilt`` are the library's own host work per call without Triton's launcher (``float`` is not timed: on the
+CPU it computes). CPU figures are process CPU time.
+
+    python benchmarks/layer_overhead.py --device cpu --output docs/results/layer_overhead_cpu.md
+    python benchmarks/layer_overhead.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+from torch import nn
+
+from diffusers_gac.quant import gpuexec, gpukernels, intexec
+from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
+
+LAYERS = {  # name -> (module, input shape): SD 1.5's layer kinds, inputs of 2x4 positions or 8 tokens
+    "conv 3x3 320": (lambda: nn.Conv2d(320, 320, 3, padding=1), (1, 320, 2, 4)),
+    "conv 3x3 1280, stride 2": (lambda: nn.Conv2d(1280, 1280, 3, stride=2, padding=1), (1, 1280, 2, 4)),
+    "conv 1x1 640": (lambda: nn.Conv2d(640, 640, 1), (1, 640, 2, 4)),
+    "linear 320 -> 2560": (lambda: nn.Linear(320, 2560), (1, 8, 320)),
+    "linear 1280 -> 1280": (lambda: nn.Linear(1280, 1280), (1, 8, 1280)),
+}
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](*args)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def frozen_layer(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A frozen W4A4 layer (dynamic per-token inputs, round-to-nearest weights) in the GPU kernels' layout."""
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    layer = cls.from_module(module, w_bits=4, a_bits=4, weight_init="minmax", act_scheme="dynamic")
+    layer.freeze()
+    if not layer.set_execution("integer"):
+        raise RuntimeError(f"{module} does not run the integer kernels here")
+    return layer
+
+
+def per_call_us(fns: list, calls: int, device: torch.device, rounds: int) -> list[float]:
+    """Per function, the least over ``rounds`` of the mean time of ``calls`` back-to-back calls (one sync at the end),
+    in us; the functions take turns round by round, so a slower spell of the machine hits them alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    for fn in fns:
+        for _ in range(max(10, calls // 10)):
+            fn()
+    sync()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start = clock()
+            for _ in range(calls):
+                fn()
+            sync()
+            best[i] = min(best[i], (clock() - start) / calls)
+    return [t * 1e6 for t in best]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--output", help="also write the table to this markdown file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(1)
+    if gpukernels.triton is None:
+        sys.exit("Triton is not installed: the GPU path does not exist here")
+    if device.type == "cpu":  # the GPU path on CPU tensors, as intexec.forward takes it on a GPU, without launches
+        gpukernels.quantize_kernel = gpukernels.igemm_kernel = _NoLaunch()
+        intexec.forward = lambda layer, x: gpuexec.gpu_forward(layer, x) if intexec._ready(layer, x) else None
+    elif not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: no CUDA GPU here")
+    rows = []
+    for name, (make, shape) in LAYERS.items():
+        torch.manual_seed(0)
+        module = make()
+        layer = frozen_layer(copy.deepcopy(module), torch.randn(shape)).to(device)
+        half = module.to(device, torch.bfloat16)
+        x = torch.randn(shape, device=device, dtype=torch.bfloat16)
+        if gpuexec.gpu_plan(layer) is None:
+            raise RuntimeError(f"{name}: the GPU kernels do not serve this layer ({gpuexec.gpu_support(layer)})")
+
+        def rebuilt():
+            gpuexec.drop_gpu_plan(layer)
+            return layer(x)
+
+        fns = [lambda: layer(x), rebuilt] + ([lambda: half(x)] if device.type == "cuda" else [])
+        with torch.no_grad():
+            times = per_call_us(fns, args.calls, device, args.rounds) + [float("nan")] * (3 - len(fns))
+        rows.append((name, *times))
+        print(f"{name}: plan {times[0]:.1f} us, rebuilt {times[1]:.1f} us, float {times[2]:.1f} us", flush=True)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else "CPU, Triton launches replaced by no-ops")
+    lines = [f"Command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`", "",
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {where}; torch {torch.__version__}, Triton "
+             f"{gpukernels.triton.__version__}; one thread; "
+             f"{'wall clock' if device.type == 'cuda' else 'process CPU time'}; us per call, the least over {args.rounds} rounds of the "
+             f"mean of {args.calls} calls (bfloat16 input of batch 1, 8 positions or tokens).", "",
+             "| layer (W4A4) | plan (as it runs) | plan rebuilt per call | float layer, bf16 |", "|---|---|---|---|"]
+    lines += [f"| {name} | {a:.1f} | {b:.1f} | {'-' if c != c else f'{c:.1f}'} |" for name, a, b, c in rows]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(f"# Host time per quantized layer call on the GPU path\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
