@@ -11,11 +11,15 @@ import pytest
 import torch
 from torch import nn
 
+from diffusers_gac import GACConfig
 from diffusers_gac.quant import gpuexec, gpukernels, intexec, intkernels
+from diffusers_gac.quant.convert import convert_model, freeze_model
 from diffusers_gac.quant.layers import QuantConv2d
+from diffusers_gac.zoo import load_embedded_unet
 
 pytest.importorskip("triton")  # without a GPU, conftest.py has chosen Triton's interpreter
 
+from tiny_models import benchmark_module, digits_call  # noqa: E402
 from test_integer import _frozen, one_thread  # noqa: E402, F401  (tests/test_integer.py: a frozen layer with observed
 # ranges; one torch thread per test, autouse)
 
@@ -247,3 +251,50 @@ def test_the_gpu_plan_is_built_once_and_rebuilt_when_the_layer_changes():
         expected = layer(x)  # the CPU kernels read the layer's tensors at every call
         assert _error(gpuexec.gpu_forward(layer, x), expected) <= TOLERANCE
         assert _error(expected, other(x)) > 0.01
+
+
+def test_a_whole_model_takes_the_gpu_path_eagerly_and_compiles_into_one_graph(monkeypatch):
+    """The embedded digits UNet at W4A4 with every integer layer routed to the GPU kernels as on a GPU (CPU tensors,
+    Triton's interpreter): eagerly (cached plans) it matches the CPU integer kernels; under ``torch.compile`` with
+    ``fullgraph=True`` every layer is one custom op, so a graph break anywhere in the layers' code fails the compile,
+    and the compiled model matches the eager one. Every integer layer runs the kernels once per forward."""
+    model = load_embedded_unet("digits")
+    convert_model(model, GACConfig(w_bits=4, a_bits=4, weight_init="minmax"))
+    freeze_model(model, "integer")
+    integer_layers = sum(getattr(m, "execution", None) == "integer" for m in model.modules())
+    assert integer_layers >= 20
+    runs = []
+    original = gpuexec.gpu_run
+    monkeypatch.setattr(gpuexec, "gpu_run", lambda *args: runs.append(1) or original(*args))
+    call = digits_call()
+    with torch.no_grad():
+        cpu = model(**call).sample
+        assert not runs
+        monkeypatch.setattr(intexec, "forward",
+                            lambda layer, x: gpuexec.gpu_forward(layer, x) if intexec._ready(layer, x) else None)
+        eager = model(**call).sample
+        assert len(runs) == integer_layers
+        monkeypatch.setattr(intexec, "compiled_forward", intexec.compiled_gpu_forward)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(**call).sample
+    assert len(runs) == 2 * integer_layers
+    assert _error(eager, cpu) <= 1e-4  # float rounding only, carried through 4-bit layers
+    assert _error(compiled, eager) <= TOLERANCE
+
+
+def test_layer_overhead_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """``benchmarks/layer_overhead.py --device cpu`` (the GPU path's host work with the launches stubbed) runs and
+    writes its table, a row per layer (times are the benchmark's to print, not a test's to judge)."""
+    bench = benchmark_module("layer_overhead")
+    monkeypatch.setattr(bench, "LAYERS", {k: bench.LAYERS[k] for k in ("conv 3x3 320", "linear 320 -> 2560")})
+    monkeypatch.setattr(gpukernels, "quantize_kernel", gpukernels.quantize_kernel)  # restored after the stubs
+    monkeypatch.setattr(gpukernels, "igemm_kernel", gpukernels.igemm_kernel)
+    monkeypatch.setattr(intexec, "forward", intexec.forward)
+    out = tmp_path / "overhead.md"
+    monkeypatch.setattr("sys.argv", ["layer_overhead.py", "--device", "cpu", "--calls", "200", "--rounds", "3",
+                                     "--output", str(out)])
+    bench.main()
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| conv") or
+            line.startswith("| linear")]
+    assert [r[0].strip() for r in rows] == ["conv 3x3 320", "linear 320 -> 2560"]
+    for _, plan, rebuilt, float_layer in rows:
+        assert float(plan) > 0 and float(rebuilt) > 0 and float_layer.strip() == "-"

@@ -314,6 +314,12 @@ def compiled_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``forward`` while ``torch.compile`` traces the model."""
     if x.device.type == "cpu":
         return _compiled_cpu_forward(layer, x)
+    return compiled_gpu_forward(layer, x)
+
+
+def compiled_gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The GPU kernels as one ``diffusers_gac::integer_layer`` op, what a compiled model traces on a GPU (and on CPU
+    tensors under Triton's interpreter, in tests)."""
     if not _ready(layer, x):
         return None
     args = gpuexec.gpu_layer_args(layer, x)
