@@ -12,7 +12,8 @@ Two kernels per layer call:
   divisions and round-half-to-even, so the codes are those of the float32 reference; static ranges take a scale and
   zero point per sample.
 * ``igemm``: ``out[b, n, oh, ow] = ws[n] * sum_parts sum_taps s(token) * (acc - corrections) + bias[n]`` as an
-  implicit GEMM: each program owns a tile of output positions x output channels, and for every kernel tap gathers
+  implicit GEMM: each program owns a tile of one sample's output positions x output channels (consecutive
+  positions, so its stores are contiguous runs the compiler can vectorize), and for every kernel tap gathers
   the int8 rows of the input positions that tap reads (zero outside the image), sums ``rows @ W_tap^T`` over the
   channels in int32 on the tensor cores, and adds it, scaled by those positions' scales, to a float32 accumulator.
   A linear layer is the 1x1 case. Weights are read in ``intexec``'s layout: one block per (input part, tap), each
@@ -24,8 +25,10 @@ Two kernels per layer call:
 Zero-point corrections (8-bit inputs or weights; see ``intkernels``) are applied per tap, in the kernel:
 ``acc - z * colsum[n] - zw[n] * (r - C * z)`` with ``z`` the token's zero offset, ``r`` its carriers' sum.
 
-``TRITON_INTERPRET=1`` (set before Triton is first imported) runs both kernels on CPU tensors, slowly: that is how
-the tests check them without a GPU. Without Triton this module still imports (``triton`` is None) and defines no
+Sizes and strides are specialized on where the memory accesses depend on them (Triton's divisibility by 16, or 1):
+that is what lets loads and stores be 16-byte vectors (``benchmarks/gpu_codegen.py`` compiles the kernels for a GPU
+without one and counts them). ``TRITON_INTERPRET=1`` (set before Triton is first imported) runs both kernels on CPU
+tensors, slowly: that is how the tests check them without a GPU. Without Triton this module still imports (``triton`` is None) and defines no
 kernels; ``gpuexec.triton_available`` says which.
 """
 
@@ -76,7 +79,9 @@ if triton is not None:
         odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
         return tl.where((r - v == 0.5) & odd, r - 1.0, r)
 
-    @triton.jit(do_not_specialize=["P", "stride_b"])
+    # every size and stride is specialized on (divisibility by 16, or 1): without it the loads of the input and the
+    # stores of the codes cannot be proven aligned and contiguous, and go one element at a time
+    @triton.jit
     def quantize_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, ss_ptr, sz_ptr,
                         C, P, stride_b, stride_c, stride_p,
                         LEVELS: tl.constexpr, EIGHT: tl.constexpr, STATIC: tl.constexpr, ROWSUM: tl.constexpr,
@@ -139,22 +144,19 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _part(facc, q_ptr, s_ptr, z_ptr, r_ptr, C, WIDTH, w_ptr, wz, cs_ptr, zw, tap0, offs_m, offs_n, nmask,
-              M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw,
+    def _part(facc, q_ptr, s_ptr, z_ptr, r_ptr, C, WIDTH, w_ptr, wz, cs_ptr, zw, tap0, bi, pos, pmask, offs_n, nmask,
+              N, H, W, Wo, sh, sw, ph, pw, dh, dw,
               KH: tl.constexpr, KW: tl.constexpr, PACKED: tl.constexpr, ZERO: tl.constexpr, ZW: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """facc += sum over the taps of this input part of s * (int32 sums - corrections)."""
-        hw = Ho * Wo
-        bi = offs_m // hw
-        pos = offs_m % hw
+        """facc += sum over the taps of this input part of s * (int32 sums - corrections), for the output positions
+        ``pos`` of sample ``bi``."""
         oh = pos // Wo
         ow = pos % Wo
-        mmask = offs_m < M
         for t in range(KH * KW):
             ih = oh * sh - ph + (t // KW) * dh
             iw = ow * sw - pw + (t % KW) * dw
-            valid = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            rows = ((bi * H + ih) * W + iw).to(tl.int64)
+            valid = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            rows = (bi.to(tl.int64) * H + ih) * W + iw
             acc = tl.zeros((BM, BN), dtype=tl.int32)
             acc = _tap_sum(acc, q_ptr, rows, valid, w_ptr + t * N * WIDTH, wz, offs_n, nmask, C, WIDTH, BK, PACKED)
             f = acc.to(tl.float32)
@@ -170,16 +172,20 @@ if triton is not None:
             facc += f * s[:, None]
         return facc
 
-    # sizes that vary with the input are not specialized on (each specialization is a compile of seconds)
-    @triton.jit(do_not_specialize=["M", "H", "W", "Ho", "Wo", "sh", "sw", "ph", "pw", "dh", "dw", "so_b", "so_p"])
+    # sizes that vary with the input are not specialized on (each specialization is a compile of seconds); the
+    # output strides are (divisibility by 16, or 1): that is what lets the stores be 16-byte vectors
+    @triton.jit(do_not_specialize=["H", "W", "Wo", "sh", "sw", "ph", "pw", "dh", "dw"])
     def igemm_kernel(q0, s0, z0, r0, C0, WIDTH0, q1, s1, z1, r1, C1, WIDTH1,
                      w_ptr, wz_ptr, ws_ptr, bias_ptr, cs_ptr, zw_ptr, out_ptr,
-                     M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw, so_b, so_n, so_p,
+                     B, P, N, H, W, Wo, sh, sw, ph, pw, dh, dw, so_b, so_n, so_p,
                      KH: tl.constexpr, KW: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
                      ZERO: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        # a tile is BM output positions of one sample (P = Ho * Wo per sample) x BN output channels: its positions
+        # are consecutive, so the compiler can prove the output addresses contiguous and store in vectors
         pid = tl.program_id(0)
-        grid_m = tl.cdiv(M, BM)
+        tiles_p = tl.cdiv(P, BM)
+        grid_m = B * tiles_p
         grid_n = tl.cdiv(N, BN)
         width = GROUP_M * grid_n  # grouped order: programs that run together share weight tiles in L2
         group = pid // width
@@ -187,7 +193,9 @@ if triton is not None:
         size_m = tl.minimum(grid_m - first_m, GROUP_M)
         pid_m = first_m + (pid % width) % size_m
         pid_n = (pid % width) // size_m
-        offs_m = pid_m * BM + tl.arange(0, BM)
+        bi = pid_m // tiles_p
+        pos = (pid_m % tiles_p) * BM + tl.arange(0, BM)
+        pmask = pos < P
         offs_n = pid_n * BN + tl.arange(0, BN)
         nmask = offs_n < N
         wz = tl.zeros((BN,), dtype=tl.int8)
@@ -197,20 +205,19 @@ if triton is not None:
         if ZW:
             zw = tl.load(zw_ptr + offs_n, mask=nmask, other=0.0)
         facc = tl.zeros((BM, BN), dtype=tl.float32)
-        facc = _part(facc, q0, s0, z0, r0, C0, WIDTH0, w_ptr, wz, cs_ptr, zw, 0, offs_m, offs_n, nmask,
-                     M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw, KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
+        facc = _part(facc, q0, s0, z0, r0, C0, WIDTH0, w_ptr, wz, cs_ptr, zw, 0, bi, pos, pmask, offs_n, nmask,
+                     N, H, W, Wo, sh, sw, ph, pw, dh, dw, KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
         if PARTS == 2:
             facc = _part(facc, q1, s1, z1, r1, C1, WIDTH1, w_ptr + KH * KW * N * WIDTH0, wz, cs_ptr, zw, KH * KW,
-                         offs_m, offs_n, nmask, M, N, H, W, Ho, Wo, sh, sw, ph, pw, dh, dw,
+                         bi, pos, pmask, offs_n, nmask, N, H, W, Wo, sh, sw, ph, pw, dh, dw,
                          KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
         ws = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
         out = facc * ws[None, :]
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        hw = Ho * Wo
-        dst = (out_ptr + (offs_m // hw).to(tl.int64)[:, None] * so_b + offs_n[None, :].to(tl.int64) * so_n
-               + (offs_m % hw).to(tl.int64)[:, None] * so_p)
-        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & nmask[None, :])
+        dst = (out_ptr + bi.to(tl.int64) * so_b + offs_n[None, :].to(tl.int64) * so_n
+               + pos.to(tl.int64)[:, None] * so_p)
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & nmask[None, :])
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -268,19 +275,20 @@ def igemm(parts: list[tuple[Tokens, int]], weight: torch.Tensor, packed: bool, w
     (parts * taps, n) for 8-bit inputs, ``zw`` float32 (n,) for 8-bit weights."""
     if len(parts) not in (1, 2):
         raise ValueError(f"igemm takes one or two input parts, got {len(parts)}")
-    m = geo.batch * geo.out_h * geo.out_w
+    positions = geo.out_h * geo.out_w  # per sample
+    m = geo.batch * positions
     (t0, c0), (t1, c1) = parts[0], parts[-1]
     width0, width1 = ((c0 + 1) // 2, (c1 + 1) // 2) if packed else (c0, c1)
     bm, bn, bk, warps, stages = _config(m, n, max(c0, c1))
     dummy = w_scale
-    grid = (_cdiv(m, bm) * _cdiv(n, bn),)
+    grid = (geo.batch * _cdiv(positions, bm) * _cdiv(n, bn),)
     eight_in = t0.zero is not None
     igemm_kernel[grid](
         t0.q, t0.scale, t0.zero if eight_in else dummy, t0.rowsum if zw is not None else dummy, c0, width0,
         t1.q, t1.scale, t1.zero if eight_in else dummy, t1.rowsum if zw is not None else dummy, c1, width1,
         weight, w_zero if packed else dummy, w_scale, bias if bias is not None else dummy,
         colsum if eight_in else dummy, zw if zw is not None else dummy, out,
-        m, n, geo.height, geo.width, geo.out_h, geo.out_w, geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw,
+        geo.batch, positions, n, geo.height, geo.width, geo.out_w, geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw,
         *out_strides,
         KH=geo.kh, KW=geo.kw, PARTS=len(parts), PACKED=packed, ZERO=eight_in, ZW=zw is not None,
         HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)

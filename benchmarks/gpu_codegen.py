@@ -1,0 +1,146 @@
+"""What the GPU kernels compile to, without a GPU: the PTX of each Triton kernel as a CUDA GPU would run it.
+
+Triton compiles for a target it is told (``--arch 90``: Hopper, H100/H200; ``80``: Ampere) with the compiler it
+ships, so the code of ``quant/gpukernels.py`` can be read on any machine. The layers of an SD-1.5-sized UNet are
+called on the GPU path with CPU tensors and their kernel launches are caught instead of run; each launch is
+specialised exactly as Triton's JIT would specialise it (its own binder: the same constants, divisibility and
+alignment) and compiled. Counted per kernel, in the PTX (static instructions, not executions):
+
+* global stores by width (``st.global.b16`` is one bfloat16 at a time, ``.v4.b32`` 16 bytes at a time);
+* global loads, asynchronous copies to shared memory (``cp.async``), and the tensor-core instructions (``wgmma``
+  on Hopper, ``mma`` on Ampere);
+* the shared memory the kernel asks for.
+
+It says how the code is shaped (vector widths, tensor-core use, pipelining), not how fast it runs: timing needs a
+GPU (``benchmarks/gpu_session.sh``).
+
+    python benchmarks/gpu_codegen.py --output docs/results/gpu_codegen.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+from torch import nn
+
+from diffusers_gac.quant import gpuexec, gpukernels
+from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
+
+LAYERS = {  # name -> (module, input shape at latent 128, batch 2): SD 1.5's layer kinds
+    "conv 3x3 320 @128": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 128, 128)),
+    "conv 3x3 1280 @32": (lambda: nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 32, 32)),
+    "conv 3x3 640 stride 2 @128": (lambda: nn.Conv2d(640, 640, 3, stride=2, padding=1), (2, 640, 64, 64)),
+    "conv 1x1 640 -> 320 @64": (lambda: nn.Conv2d(640, 320, 1), (2, 640, 64, 64)),
+    "linear 320 -> 2560 x16384": (lambda: nn.Linear(320, 2560), (2, 16384, 320)),
+    "linear 1280 -> 1280 x1024": (lambda: nn.Linear(1280, 1280), (2, 1024, 1280)),
+}
+BITS = [(8, 8), (4, 4)]
+PATTERN = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:st\.global|ld\.global|cp\.async\.c[ag]|cp\.async\.bulk|wgmma\.mma_async|"
+                     r"mma\.sync)[\w.:]*)", re.M)
+
+
+class Catch:
+    """Stands in for a Triton kernel: records ``kernel[grid](*args, **kwargs)`` instead of launching it."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict, target):
+    """The kernel as Triton's JIT would compile this launch for ``target``."""
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def summarize(compiled) -> dict:
+    counts = collections.Counter(m.group(1) for m in PATTERN.finditer(compiled.asm["ptx"]))
+    stores = {k.removeprefix("st.global."): v for k, v in counts.items() if k.startswith("st.global")}
+    loads = {k.removeprefix("ld.global."): v for k, v in counts.items() if k.startswith("ld.global")}
+    copies = sum(v for k, v in counts.items() if k.startswith("cp.async"))
+    tensor = {k.split(".")[0] + "." + k.split(".")[-3] + "." + k.split(".")[-1] if k.startswith("wgmma") else k: v
+              for k, v in counts.items() if k.startswith(("wgmma", "mma"))}
+    return {"stores": stores, "loads": loads, "cp.async": copies, "tensor": tensor, "shared": compiled.metadata.shared}
+
+
+def fmt(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "-"
+
+
+def frozen_layer(module: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    layer = cls.from_module(module, w_bits=w_bits, a_bits=a_bits, weight_init="minmax", act_scheme="dynamic")
+    layer.freeze()
+    if not layer.set_execution("integer"):
+        raise RuntimeError(f"{module} does not take the integer layout here")
+    return layer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: Hopper, 80: Ampere)")
+    parser.add_argument("--layers", nargs="+", choices=list(LAYERS), default=list(LAYERS))
+    parser.add_argument("--output", help="also write the table to this markdown file")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    if gpukernels.triton is None:
+        sys.exit("Triton is not installed")
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", args.arch, 32)
+    start = time.time()
+    calls = []
+    gpukernels.quantize_kernel = Catch(gpukernels.quantize_kernel, calls)
+    gpukernels.igemm_kernel = Catch(gpukernels.igemm_kernel, calls)
+    rows = []
+    for name in args.layers:
+        make, shape = LAYERS[name]
+        torch.manual_seed(0)
+        module = make()
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        for w_bits, a_bits in BITS:
+            layer = frozen_layer(module, w_bits, a_bits)
+            calls.clear()
+            with torch.no_grad():
+                gpuexec.gpu_forward(layer, x)
+            for kernel, kargs, kwargs in calls:
+                s = summarize(compile_launch(kernel, kargs, kwargs, target))
+                rows.append((name, f"W{w_bits}A{a_bits}", kernel.fn.__name__, s))
+                print(f"{name} W{w_bits}A{a_bits} {kernel.fn.__name__}: stores {fmt(s['stores'])}; loads "
+                      f"{fmt(s['loads'])}; cp.async {s['cp.async']}; tensor cores {fmt(s['tensor'])}; shared "
+                      f"{s['shared']} B", flush=True)
+    import triton
+
+    lines = [f"Command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`", "",
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; Triton {triton.__version__} compiling for "
+             f"sm_{args.arch} on a machine without a GPU; {time.time() - start:.0f} s. Static PTX instructions per "
+             "kernel (a loop's body counts once); inputs bfloat16, at latent 128, batch 2.", "",
+             "| layer | bits | kernel | global stores | global loads | cp.async | tensor-core instructions | shared B |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {b} | {k} | {fmt(s['stores'])} | {fmt(s['loads'])} | {s['cp.async']} | {fmt(s['tensor'])} | "
+              f"{s['shared']} |" for n, b, k, s in rows]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(f"# What the GPU kernels compile to\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
