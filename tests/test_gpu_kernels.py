@@ -298,3 +298,16 @@ def test_layer_overhead_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys)
     assert [r[0].strip() for r in rows] == ["conv 3x3 320", "linear 320 -> 2560"]
     for _, plan, rebuilt, float_layer in rows:
         assert float(plan) > 0 and float(rebuilt) > 0 and float_layer.strip() == "-"
+
+
+def test_the_channel_step_keeps_the_padding_of_the_last_step_small():
+    """The implicit GEMM's channel loop runs in 128- or 64-byte steps; its last step is padded with zeros (work for
+    nothing on the tensor cores). The step is 128 bytes unless that pads more than an eighth of the loop and 64
+    pads less (SD's 320 channels: 64; packed 4-bit 320 channels, 160 bytes: 64; 640 and 1280 channels: 128)."""
+    pad = gpukernels._padding
+    assert [gpukernels._config(32768, 320, k)[2] for k in (320, 160, 640, 1280)] == [64, 64, 128, 128]
+    for k in range(1, 3000):
+        bm, bn, bk, warps, stages = gpukernels._config(32768, 320, k)
+        other = 192 - bk
+        assert pad(k, bk) * 8 <= k or pad(k, bk) <= pad(k, other), k
+        assert (bk, stages) in ((128, 3), (64, 4))

@@ -254,16 +254,27 @@ def quantize(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tenso
 CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BM, BN, BK, warps, stages), for tuning runs
 
 
-def _config(m: int, n: int, c: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, warps, stages): a small fixed table (no autotuning: each Triton compile costs seconds)."""
+def _padding(length: int, block: int) -> int:
+    return _cdiv(length, block) * block - length
+
+
+def _config(m: int, n: int, k_bytes: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, stages) for ``m`` output positions, ``n`` output channels and a channel loop over
+    ``k_bytes`` bytes of weight per row (the channels, or half of them for packed 4-bit weights): a small fixed
+    table (no autotuning: each Triton compile costs seconds). BK is 128 unless 128-byte steps pad the loop by more
+    than an eighth and 64-byte steps pad it less: every padded byte is a multiply by zero on the tensor cores (320
+    channels in 128-byte steps waste a sixth of the work; packed 4-bit, 160 bytes a row, three eighths). On an H200
+    64-byte steps (with 4 stages) measured 6-14% faster on SD's 320-channel layers and 640-channel packed ones, and
+    128-byte steps 6-11% faster where they divide the loop (docs/results/inference_speed_cuda.md, tile sweep)."""
     if CONFIG_OVERRIDE is not None:
         bm, bn, bk, warps, stages = CONFIG_OVERRIDE
-        return bm, bn, (bk if c > 64 else min(bk, 64)), warps, stages
+        return bm, bn, (bk if k_bytes > 64 else min(bk, 64)), warps, stages
     bm = 128 if m >= 4096 else 64
     bn = 128 if n >= 128 else 64
-    bk = 64 if c <= 64 else 128
     warps = 8 if bm * bn >= 128 * 128 else 4
-    return bm, bn, bk, warps, 3
+    if 8 * _padding(k_bytes, 128) > k_bytes and _padding(k_bytes, 64) < _padding(k_bytes, 128):
+        return bm, bn, 64, warps, 4
+    return bm, bn, 128, warps, 3
 
 
 def igemm(parts: list[tuple[Tokens, int]], weight: torch.Tensor, packed: bool, w_zero: torch.Tensor | None,
@@ -279,7 +290,7 @@ def igemm(parts: list[tuple[Tokens, int]], weight: torch.Tensor, packed: bool, w
     m = geo.batch * positions
     (t0, c0), (t1, c1) = parts[0], parts[-1]
     width0, width1 = ((c0 + 1) // 2, (c1 + 1) // 2) if packed else (c0, c1)
-    bm, bn, bk, warps, stages = _config(m, n, max(c0, c1))
+    bm, bn, bk, warps, stages = _config(m, n, max(width0, width1))
     dummy = w_scale
     grid = (geo.batch * _cdiv(positions, bm) * _cdiv(n, bn),)
     eight_in = t0.zero is not None
