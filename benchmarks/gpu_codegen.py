@@ -9,7 +9,10 @@ alignment) and compiled. Counted per kernel, in the PTX (static instructions, no
 * global stores by width (``st.global.b16`` is one bfloat16 at a time, ``.v4.b32`` 16 bytes at a time);
 * global loads, asynchronous copies to shared memory (``cp.async``), and the tensor-core instructions (``wgmma``
   on Hopper, ``mma`` on Ampere);
-* the shared memory the kernel asks for.
+* the shared memory the kernel asks for;
+* how many tensor-core operations stay in flight when the loop moves on (``wgmma`` waits in the TTGIR: ``pendings
+  0`` waits for every one before the next step, ``1`` overlaps one with the next step's work). A plain GEMM loop
+  compiled in int8 and in float16 beside them (``probe``) shows whether that is the kernel's doing or Triton's.
 
 It says how the code is shaped (vector widths, tensor-core use, pipelining), not how fast it runs: timing needs a
 GPU (``benchmarks/gpu_session.sh``).
@@ -75,11 +78,43 @@ def summarize(compiled) -> dict:
     copies = sum(v for k, v in counts.items() if k.startswith("cp.async"))
     tensor = {k.split(".")[0] + "." + k.split(".")[-3] + "." + k.split(".")[-1] if k.startswith("wgmma") else k: v
               for k, v in counts.items() if k.startswith(("wgmma", "mma"))}
-    return {"stores": stores, "loads": loads, "cp.async": copies, "tensor": tensor, "shared": compiled.metadata.shared}
+    waits = sorted(set(re.findall(r"warp_group_dot_wait[^{]*\{pendings = (\d+)", compiled.asm["ttgir"])))
+    return {"stores": stores, "loads": loads, "cp.async": copies, "tensor": tensor, "shared": compiled.metadata.shared,
+            "waits": "/".join(waits) or "-"}
 
 
 def fmt(d: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "-"
+
+
+def probe(target) -> list[tuple[str, dict]]:
+    """A plain tiled GEMM (no gathers, no scales), int8 and float16, compiled like the layers' kernels."""
+    from triton.compiler import ASTSource, compile
+
+    tl = gpukernels.tl
+
+    @gpukernels.triton.jit
+    def gemm(a_ptr, b_ptr, c_ptr, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INT: tl.constexpr):
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+        offs_k = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.int32 if INT else tl.float32)
+        for k in range(0, K, BK):
+            a = tl.load(a_ptr + offs_m[:, None] * K + (k + offs_k)[None, :])
+            b = tl.load(b_ptr + offs_n[:, None] * K + (k + offs_k)[None, :])
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32 if INT else tl.float32)
+        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.float32))
+
+    out = []
+    for dtype in ("i8", "fp16"):
+        signature = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": "*fp32", "N": "i32", "K": "i32",
+                     "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "INT": "constexpr"}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+        constexprs = {(5,): 128, (6,): 128, (7,): 64, (8,): dtype == "i8"}
+        compiled = compile(ASTSource(gemm, signature, constexprs, attrs), target=target,
+                           options={"num_warps": 8, "num_stages": 4})
+        out.append((f"plain GEMM {dtype}", summarize(compiled)))
+    return out
 
 
 def frozen_layer(module: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
@@ -124,17 +159,19 @@ def main() -> None:
                 rows.append((name, f"W{w_bits}A{a_bits}", kernel.fn.__name__, s))
                 print(f"{name} W{w_bits}A{a_bits} {kernel.fn.__name__}: stores {fmt(s['stores'])}; loads "
                       f"{fmt(s['loads'])}; cp.async {s['cp.async']}; tensor cores {fmt(s['tensor'])}; shared "
-                      f"{s['shared']} B", flush=True)
+                      f"{s['shared']} B; waits {s['waits']}", flush=True)
+    for name, s in probe(target):
+        rows.append(("probe", "-", name, s))
     import triton
 
     lines = [f"Command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; Triton {triton.__version__} compiling for "
              f"sm_{args.arch} on a machine without a GPU; {time.time() - start:.0f} s. Static PTX instructions per "
              "kernel (a loop's body counts once); inputs bfloat16, at latent 128, batch 2.", "",
-             "| layer | bits | kernel | global stores | global loads | cp.async | tensor-core instructions | shared B |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| layer | bits | kernel | global stores | global loads | cp.async | tensor-core instructions | "
+             "in flight (wgmma pendings) | shared B |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {b} | {k} | {fmt(s['stores'])} | {fmt(s['loads'])} | {s['cp.async']} | {fmt(s['tensor'])} | "
-              f"{s['shared']} |" for n, b, k, s in rows]
+              f"{s['waits']} | {s['shared']} |" for n, b, k, s in rows]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.output:
