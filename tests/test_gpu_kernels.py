@@ -6,6 +6,10 @@ an output by 1e-3 to 1e-2 of it). The same checks on a real GPU: ``python benchm
 """
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,3 +315,29 @@ def test_the_channel_step_keeps_the_padding_of_the_last_step_small():
         other = 192 - bk
         assert pad(k, bk) * 8 <= k or pad(k, bk) <= pad(k, other), k
         assert (bk, stages) in ((128, 3), (64, 4))
+
+
+def test_the_kernels_compile_for_hopper_to_vector_loads_and_stores(tmp_path):
+    """``benchmarks/gpu_codegen.py`` compiles the kernels as Triton's JIT would for an H100/H200 (sm_90), without a
+    GPU, in a process without the interpreter. An SD-sized 3x3 convolution's kernels move their bfloat16 data in
+    16-byte vectors: the quantize kernel's input loads and the GEMM's output stores (a scalar ``b16`` access means
+    the compiler could not prove the addresses aligned and contiguous), and the GEMM runs on int8 wgmma."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = tmp_path / "codegen.md"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_codegen.py"
+    result = subprocess.run([sys.executable, str(script), "--layers", "conv 3x3 320 @128", "--output", str(out)],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in out.read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if cells and cells[0] == "conv 3x3 320 @128":
+            rows[(cells[1], cells[2])] = cells
+    assert set(rows) == {(b, k) for b in ("W8A8", "W4A4") for k in ("quantize_kernel", "igemm_kernel")}
+    for (bits, kernel), (_, _, _, stores, loads, _, tensor, _, _) in rows.items():
+        if kernel == "quantize_kernel":
+            assert "b16" not in loads and "v4.b32" in loads, (bits, loads)
+        else:
+            assert "b16" not in stores and "v4.b32" in stores, (bits, stores)
+            assert "wgmma.s32.s8" in tensor, (bits, tensor)
