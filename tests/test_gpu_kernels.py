@@ -232,7 +232,8 @@ def test_the_gpu_path_is_a_custom_op_that_compiles_in_one_graph(kind):
 def test_the_gpu_plan_is_built_once_and_rebuilt_when_the_layer_changes():
     """An eager GPU call reads the layer's cached plan (views of its tensors and its integer description) instead of
     rebuilding it; loading other weights, or moving or casting the layer, drops the plan, so the next call sees the
-    layer as it is now (a stale plan would still hold the old weights or the old bias)."""
+    layer as it is now (a stale plan would still hold the old weights or the old bias); so does a call after the
+    layer's tensors were replaced directly."""
     torch.manual_seed(0)
     x = torch.randn(2, 12, 7, 9) + 0.3
     layer = _frozen(nn.Conv2d(12, 8, 3, padding=1), x, 4, 4, "dynamic")
@@ -255,6 +256,16 @@ def test_the_gpu_plan_is_built_once_and_rebuilt_when_the_layer_changes():
         expected = layer(x)  # the CPU kernels read the layer's tensors at every call
         assert _error(gpuexec.gpu_forward(layer, x), expected) <= TOLERANCE
         assert _error(expected, other(x)) > 0.01
+
+        # tensors replaced behind the layer's back, as Accelerate's offloading hooks replace them at every call
+        third = _frozen(nn.Conv2d(12, 8, 3, padding=1), x, 4, 4, "dynamic")
+        assert third.set_execution("integer")
+        for name in ("int_weight", "int_zero"):
+            layer._buffers[name] = third._buffers[name]
+        layer.weight_quantizer._buffers["scale"] = third.weight_quantizer.scale
+        layer.weight_quantizer._buffers["zero_point"] = third.weight_quantizer.zero_point
+        layer._parameters["bias"] = third.bias
+        assert _error(gpuexec.gpu_forward(layer, x), third(x)) <= TOLERANCE
 
 
 def test_a_whole_model_takes_the_gpu_path_eagerly_and_compiles_into_one_graph(monkeypatch):

@@ -62,13 +62,24 @@ def static_range(q: ActQuantizer, batch: int, device: torch.device) -> tuple[tor
 class GpuPlan(NamedTuple):
     """What a layer's call through the Triton kernels takes that does not depend on its input: views of the layer's
     tensors and its integer description. Built once per layer (``gpu_plan``) and dropped whenever the layer's layout
-    is rebuilt or the layer is moved or cast (``intexec.to_integer``/``to_fake``, ``layers``' ``_apply``), so an
-    eager call only reads it: the per-call host work of a step is what keeps small batches launch-bound."""
+    is rebuilt or the layer is moved or cast (``intexec.to_integer``/``to_fake``, ``layers``' ``_apply``); a call
+    also rebuilds it if any tensor it was built from has been replaced since (as Accelerate's offloading hooks do),
+    so an eager call only reads it: the per-call host work of a step is what keeps small batches launch-bound."""
 
     tensors: tuple  # int_weight, w_zero, w_scale, bias, colsum, zw (``gpu_run``'s arguments after x)
     ints: list[int]
     quantizers: tuple[ActQuantizer, ...]  # per input part
     static: bool  # some part has static or timestep ranges, read per call (they depend on the batch)
+    sources: tuple[int, ...]  # where the layer's tensors lived when it was built (``_sources``)
+
+
+def _sources(layer: nn.Module) -> tuple[int, ...]:
+    """The storage addresses of the tensors a plan views (the plan keeps them alive, so an address cannot be reused
+    by another tensor while the plan exists)."""
+    buffers, bias = layer._buffers, layer._parameters.get("bias")
+    return (buffers["int_weight"].data_ptr(), layer.weight_quantizer._buffers["scale"].data_ptr(),
+            0 if bias is None else bias.data_ptr(), *(0 if buffers.get(name) is None else buffers[name].data_ptr()
+                                                       for name in ("int_zero", "int_colsum", "int_zw")))
 
 
 def _build_plan(layer: nn.Module) -> GpuPlan:
@@ -86,7 +97,8 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw), _ = spec.geometry
         ints += [kh, kw, sh, sw, ph, pw, dh, dw]
     static = any(p.scheme != "dynamic" for p in quantizers)
-    return GpuPlan((layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw), ints, quantizers, static)
+    return GpuPlan((layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw), ints, quantizers, static,
+                   _sources(layer))
 
 
 def _ranges(plan: GpuPlan, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -104,7 +116,7 @@ def _ranges(plan: GpuPlan, x: torch.Tensor) -> list[torch.Tensor | None]:
 def gpu_plan(layer: nn.Module) -> GpuPlan | None:
     """The layer's cached ``GpuPlan``, built on first use; None where the GPU kernels do not serve it."""
     plan = layer.__dict__.get("_gpu_plan")
-    if plan is None:
+    if plan is None or plan and plan.sources != _sources(layer):
         plan = _build_plan(layer) if gpu_support(layer) is None else False
         layer._gpu_plan = plan
     return plan or None
