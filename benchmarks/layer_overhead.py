@@ -11,10 +11,10 @@ call on an input so small that the device work does not count, for SD-shaped lay
   ``F.linear``).
 
 With ``--device cuda`` the Triton kernels run (their launches are host work too); each figure is the mean over
-``--calls`` back-to-back calls with one synchronisation at the end (wall clock), the variants taking turns. With ``--device cpu`` (no GPU needed) the
-two Triton launches are replaced by no-ops and the layer takes the GPU path on CPU tensors, so ``plan`` and
-``rebuilt`` are the library's own host work per call without Triton's launcher (``float`` is not timed: on the
-CPU it computes). CPU figures are process CPU time.
+``--calls`` back-to-back calls with one synchronisation at the end (wall clock), the variants taking turns. With
+``--device cpu`` (no GPU needed) the two Triton launches are replaced by no-ops and the layer takes the GPU path on
+CPU tensors, so ``plan`` and ``rebuilt`` are the library's own host work per call without Triton's launcher
+(``float`` is not timed: on the CPU it computes). CPU figures are process CPU time.
 
     python benchmarks/layer_overhead.py --device cpu --output docs/results/layer_overhead_cpu.md
     python benchmarks/layer_overhead.py --device cuda
@@ -121,8 +121,9 @@ def main() -> None:
     lines = [f"Command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {where}; torch {torch.__version__}, Triton "
              f"{gpukernels.triton.__version__}; one thread; "
-             f"{'wall clock' if device.type == 'cuda' else 'process CPU time'}; us per call, the least over {args.rounds} rounds of the "
-             f"mean of {args.calls} calls (bfloat16 input of batch 1, 8 positions or tokens).", "",
+             f"{'wall clock' if device.type == 'cuda' else 'process CPU time'}; us per call, the least over "
+             f"{args.rounds} rounds of the mean of {args.calls} calls (bfloat16 input of batch 1, 8 positions or "
+             "tokens).", "",
              "| layer (W4A4) | plan (as it runs) | plan rebuilt per call | float layer, bf16 |", "|---|---|---|---|"]
     lines += [f"| {name} | {a:.1f} | {b:.1f} | {'-' if c != c else f'{c:.1f}'} |" for name, a, b, c in rows]
     text = "\n".join(lines) + "\n"

@@ -28,8 +28,8 @@ Zero-point corrections (8-bit inputs or weights; see ``intkernels``) are applied
 Sizes and strides are specialized on where the memory accesses depend on them (Triton's divisibility by 16, or 1):
 that is what lets loads and stores be 16-byte vectors (``benchmarks/gpu_codegen.py`` compiles the kernels for a GPU
 without one and counts them). ``TRITON_INTERPRET=1`` (set before Triton is first imported) runs both kernels on CPU
-tensors, slowly: that is how the tests check them without a GPU. Without Triton this module still imports (``triton`` is None) and defines no
-kernels; ``gpuexec.triton_available`` says which.
+tensors, slowly: that is how the tests check them without a GPU. Without Triton this module still imports
+(``triton`` is None) and defines no kernels; ``gpuexec.triton_available`` says which.
 """
 
 from __future__ import annotations
