@@ -569,3 +569,34 @@ def test_format_options_passed_when_loading_a_checkpoint_are_ignored_with_a_warn
     warnings.clear()
     UNet2DModel.from_pretrained(tmp_path, quantization_config=GACConfig(w_bits=4, a_bits=4, execution="integer"))
     assert warnings == []  # options equal to the checkpoint's, or left at their defaults, say nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (8, 8)])
+@pytest.mark.parametrize("case", ["conv 3x3, batch 2", "conv 3x3 stride 2, batch 1", "conv 1x1 split",
+                                  "linear", "linear in row blocks", "linear static", "linear per-group ranges"])
+def test_half_precision_inputs_give_exactly_the_float32_copys_result(case, w_bits, a_bits, dtype, monkeypatch):
+    """The CPU kernels quantize a half-precision input as it is (its extremes are exact, the ranges are computed in
+    float32 and ``x / scale`` promotes to float32) and write the output in its dtype, rounding the float32 result
+    once: bit for bit what running them on ``x.float()`` and casting the output gives, without either copy."""
+    torch.manual_seed(0)
+    module, shape, scheme, split, groups = {
+        "conv 3x3, batch 2": (nn.Conv2d(24, 16, 3, padding=1), (2, 24, 9, 7), "dynamic", None, 1),
+        "conv 3x3 stride 2, batch 1": (nn.Conv2d(24, 16, 3, stride=2, padding=1), (1, 24, 9, 7), "dynamic", None, 1),
+        "conv 1x1 split": (nn.Conv2d(24, 16, 1), (2, 24, 5, 6), "dynamic", 10, 1),
+        "linear": (nn.Linear(40, 24), (3, 7, 40), "dynamic", None, 1),
+        "linear in row blocks": (nn.Linear(40, 24), (2, 300, 40), "dynamic", None, 1),
+        "linear static": (nn.Linear(40, 24), (3, 7, 40), "static", None, 1),
+        "linear per-group ranges": (nn.Linear(40, 24), (3, 7, 40), "dynamic", None, 2),
+    }[case]
+    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 1024)  # row blocks of 256 (BLOCK_MIN_ROWS) at 24 outputs
+    x = (torch.randn(shape) + 0.3).to(dtype)
+    layer = _frozen(module, x.float(), w_bits, a_bits, scheme, split=split)
+    if groups > 1:
+        layer.input_quantizer.group_size = 20
+    assert layer.set_execution("integer")
+    assert len(layer._int_spec.parts) == (2 if split or groups > 1 else 1)
+    with torch.no_grad():
+        copied = intexec._forward_cpu(layer, x.float()).to(dtype)
+        direct = layer(x)
+    assert direct.dtype == dtype and torch.equal(direct, copied)

@@ -252,6 +252,8 @@ def _quantize(q: ActQuantizer, x: torch.Tensor, dim: int) -> K.Act:
 
 
 def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The CPU kernels on a float32 or half-precision ``x``, quantized as float32 values, out in ``x``'s dtype."""
+    dtype = x.dtype
     q = layer.input_quantizer
     spec = layer._int_spec
     w_scale = layer.weight_quantizer.scale.reshape(-1).float()
@@ -261,11 +263,11 @@ def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if len(spec.parts) > 1:  # per-group ranges: one GEMM per group of features
             acts = [_quantize(p, x[..., c0:c1], -1) for p, c0, c1 in part_quantizers(layer)]
             weights = [_block(layer, i, c1 - c0) for i, (c0, c1) in enumerate(spec.parts)]
-            return K.linear_parts(acts, weights, w_scale, bias, layer.int_zw, layer.int_colsum)
+            return K.linear_parts(acts, weights, w_scale, bias, layer.int_zw, layer.int_colsum, dtype)
         weight = _block(layer, 0, spec.shape[1])
         if q.scheme == "dynamic":
-            return K.linear_dynamic(x, q.bits, weight, w_scale, bias, layer.int_zw, layer.int_colsum, q.clip)
-        return K.linear(_quantize(q, x, -1), weight, w_scale, bias, layer.int_zw, layer.int_colsum)
+            return K.linear_dynamic(x, q.bits, weight, w_scale, bias, layer.int_zw, layer.int_colsum, q.clip, dtype)
+        return K.linear(_quantize(q, x, -1), weight, w_scale, bias, layer.int_zw, layer.int_colsum, out_dtype=dtype)
     x = x.contiguous()  # channels first: the kernels read each sample as (C, H*W) without transposing
     if len(spec.parts) == 1:
         acts = [_quantize(q, x, 1)]
@@ -278,7 +280,7 @@ def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         c0, c1 = spec.parts[p]
         return _block(layer, gi * per_group + p * taps + t, c1 - c0)
 
-    return K.conv2d(acts, weight, spec.shape[0], spec.geometry, w_scale, bias, layer.int_zw, layer.int_colsum)
+    return K.conv2d(acts, weight, spec.shape[0], spec.geometry, w_scale, bias, layer.int_zw, layer.int_colsum, dtype)
 
 
 def _ready(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -296,11 +298,8 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if not _ready(layer, x):
         return None
     if x.device.type == "cpu":
-        if x.dtype == torch.float32:
-            return _forward_cpu(layer, x)
-        if x.dtype in HALF_DTYPES:  # quantized from float32, as the reference does
-            return _forward_cpu(layer, x.float()).to(x.dtype)
-        return None
+        # half precision: quantized as float32 values, as the reference does, without a float32 copy of the input
+        return _forward_cpu(layer, x) if x.dtype == torch.float32 or x.dtype in HALF_DTYPES else None
     return gpuexec.gpu_forward(layer, x)
 
 

@@ -56,8 +56,10 @@ def quantize_dynamic(x: torch.Tensor, bits: int, dim: int = -1, clip: torch.Tens
     channels), shrunk by ``clip`` if given: the ``dynamic`` scheme of ``ActQuantizer``. Scale and zero keep ``dim``
     with size 1."""
     levels = 2**bits - 1
-    # amin + amax: torch.aminmax over the innermost dim is ~30x slower on CPU
-    lo, hi = x.amin(dim, keepdim=True).clamp_max_(0), x.amax(dim, keepdim=True).clamp_min_(0)
+    # amin + amax: torch.aminmax over the innermost dim is ~30x slower on CPU. A half-precision x is read as it is:
+    # its extremes are exact, the range is computed in float32, and x / scale promotes to float32, so the codes are
+    # those of x.float() without a float32 copy of x
+    lo, hi = x.amin(dim, keepdim=True).float().clamp_max_(0), x.amax(dim, keepdim=True).float().clamp_min_(0)
     if clip is not None:
         lo, hi = lo * clip, hi * clip
     scale = ((hi - lo) / levels).clamp_min_(EPS)
@@ -144,17 +146,20 @@ def _corrections(dst: torch.Tensor, terms: list, zw: torch.Tensor | None, colsum
         dst.addr_(v.view(-1), zw, alpha=-1)
 
 
-def _epilogue(dst: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _epilogue(dst: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``dst * w_scale + bias`` in place: one pass, and no new output buffer (a fresh large buffer costs page faults
-    with glibc's default malloc: 10x the pass itself for a 1024 x 2560 float output)."""
-    return dst.mul_(w_scale) if bias is None else torch.addcmul(bias, dst, w_scale, out=dst)
+    with glibc's default malloc: 10x the pass itself for a 1024 x 2560 float output). In another ``out_dtype`` (a
+    half-precision model's), the same float32 values are rounded once as they are written to a new tensor."""
+    out = dst if out_dtype == dst.dtype else torch.empty_like(dst, dtype=out_dtype)
+    return torch.mul(dst, w_scale, out=out) if bias is None else torch.addcmul(bias, dst, w_scale, out=out)
 
 
 def linear(a: Act, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
            zw: torch.Tensor | None = None, colsum: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` of a quantized input (rows (..., K)) and an int8 weight carrier (N, K) -> float (..., N); with
-    ``out`` (rows, N), written there."""
+           out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``F.linear`` of a quantized input (rows (..., K)) and an int8 weight carrier (N, K) -> (..., N) in
+    ``out_dtype``; with ``out`` (rows, N), written there."""
     q = a.q.reshape(-1, a.q.shape[-1])
     s = _rows(a.scale, a.q)
     acc = int_mm(q, weight.t())
@@ -164,12 +169,13 @@ def linear(a: Act, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tens
         _corrections(dst, [(s, _rows(a.zero, a.q), r, q.shape[1])], zw, colsum)
     if out is not None:
         return torch.mul(dst, w_scale, out=out) if bias is None else torch.addcmul(bias, dst, w_scale, out=out)
-    return _epilogue(dst, w_scale, bias).view(*a.q.shape[:-1], weight.shape[0])
+    return _epilogue(dst, w_scale, bias, out_dtype).view(*a.q.shape[:-1], weight.shape[0])
 
 
 def linear_dynamic(x: torch.Tensor, bits: int, weight: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None, zw: torch.Tensor | None = None,
-                   colsum: torch.Tensor | None = None, clip: torch.Tensor | None = None) -> torch.Tensor:
+                   colsum: torch.Tensor | None = None, clip: torch.Tensor | None = None,
+                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``linear`` of ``x`` (..., K) quantized per token (``quantize_dynamic``), in blocks of rows that keep the
     int32 and float intermediates near the cache (``BLOCK_OUTPUTS`` outputs, at least ``BLOCK_MIN_ROWS`` rows): exact,
     since every token is quantized alone. At 8192 tokens x 2560 outputs this is ~1.6x faster than one block."""
@@ -177,8 +183,8 @@ def linear_dynamic(x: torch.Tensor, bits: int, weight: torch.Tensor, w_scale: to
     x2 = x.reshape(-1, x.shape[-1])
     rows = max(BLOCK_MIN_ROWS, BLOCK_OUTPUTS // n)
     if x2.shape[0] <= rows:
-        return linear(quantize_dynamic(x, bits, clip=clip), weight, w_scale, bias, zw, colsum)
-    out = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x.device)
+        return linear(quantize_dynamic(x, bits, clip=clip), weight, w_scale, bias, zw, colsum, out_dtype=out_dtype)
+    out = torch.empty(x2.shape[0], n, dtype=out_dtype, device=x.device)
     for r0 in range(0, x2.shape[0], rows):
         linear(quantize_dynamic(x2[r0:r0 + rows], bits, clip=clip), weight, w_scale, bias, zw, colsum, out=out[r0:r0 + rows])
     return out.view(*x.shape[:-1], n)
@@ -193,7 +199,8 @@ class ConvGeometry(NamedTuple):
 
 
 def linear_parts(parts: list[Act], weights: list[torch.Tensor], w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 zw: torch.Tensor | None = None, colsum: torch.Tensor | None = None) -> torch.Tensor:
+                 zw: torch.Tensor | None = None, colsum: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``linear`` of an input split along its features into ``parts`` (rows (..., K_p), each with its own ranges:
     per-group activations) and the weight blocks (N, K_p) of those features: one int8 GEMM per part, rescaled and
     summed in float. ``colsum`` (parts, N) for 8-bit inputs, ``zw`` for 8-bit weights, as in ``linear``."""
@@ -207,7 +214,7 @@ def linear_parts(parts: list[Act], weights: list[torch.Tensor], w_scale: torch.T
         terms.append((s, _rows(a.zero, a.q), r, q.shape[1]))
     if colsum is not None or zw is not None:
         _corrections(dst, terms, zw, colsum)
-    return _epilogue(dst, w_scale, bias).view(*parts[0].q.shape[:-1], weights[0].shape[0])
+    return _epilogue(dst, w_scale, bias, out_dtype).view(*parts[0].q.shape[:-1], weights[0].shape[0])
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -233,11 +240,11 @@ def _position_maps(a: Act, groups: int, need_r: bool) -> list[torch.Tensor]:
 
 def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], out_channels: int, geo: ConvGeometry,
            w_scale: torch.Tensor, bias: torch.Tensor | None, zw: torch.Tensor | None = None,
-           colsum: torch.Tensor | None = None) -> torch.Tensor:
+           colsum: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``F.conv2d`` of a quantized input split along channels into ``parts`` (each ``Act`` with q (B, C_p, H, W),
     scale and zero (B, 1, H, W) or broadcastable), with int8 weight blocks ``weight(group, part, tap) -> (out/groups,
     C_p/groups)``. ``colsum``: float (parts * taps, out), needed for 8-bit inputs; ``zw``: float (out,), for 8-bit
-    weights. Returns (B, out, Ho, Wo), contiguous.
+    weights. Returns (B, out, Ho, Wo) in ``out_dtype``, contiguous.
 
     Channels first: per tap and group, ``acc (out/groups, positions) = W_tap @ X_tap`` with ``X_tap`` the int8 input
     laid out (C, B*H*W) (a free view for one sample, an int8 copy otherwise) read at the tap's offsets."""
@@ -308,8 +315,8 @@ def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], ou
                 blk[rows].addr_(zw[rows], v[gi], alpha=-1)
     ws, bs = w_scale.view(1, -1, 1, 1), None if bias is None else bias.view(1, -1, 1, 1)
     if b == 1 and not flat_shift:  # already the output's layout
-        return _epilogue(dst.view(1, out_channels, ho, wo), ws, bs)
+        return _epilogue(dst.view(1, out_channels, ho, wo), ws, bs, out_dtype)
     image, row = (hp * wp, wp) if flat_shift else (ho * wo, wo)
     res = torch.as_strided(dst, (b, out_channels, ho, wo), (image, dst.stride(0), row, 1))
-    out = torch.empty(b, out_channels, ho, wo, dtype=torch.float32, device=device)
+    out = torch.empty(b, out_channels, ho, wo, dtype=out_dtype, device=device)
     return torch.mul(res, ws, out=out) if bs is None else torch.addcmul(bs, res, ws, out=out)
