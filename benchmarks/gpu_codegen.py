@@ -29,12 +29,16 @@ import re
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from diffusers_gac.quant import gpuexec, gpukernels
 from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402  (benchmarks/report.py)
 
 LAYERS = {  # name -> (module, input shape at latent 128, batch 2): SD 1.5's layer kinds
     "conv 3x3 320 @128": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 128, 128)),
@@ -164,7 +168,7 @@ def main() -> None:
         rows.append(("probe", "-", name, s))
     import triton
 
-    lines = [f"Command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`", "",
+    lines = [f"Command: `{report.command()}`", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; Triton {triton.__version__} compiling for "
              f"sm_{args.arch} on a machine without a GPU; {time.time() - start:.0f} s. Static PTX instructions per "
              "kernel (a loop's body counts once); inputs bfloat16, at latent 128, batch 2.", "",
@@ -172,12 +176,7 @@ def main() -> None:
              "in flight (wgmma pendings) | shared B |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {b} | {k} | {fmt(s['stores'])} | {fmt(s['loads'])} | {s['cp.async']} | {fmt(s['tensor'])} | "
               f"{s['waits']} | {s['shared']} |" for n, b, k, s in rows]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(f"# What the GPU kernels compile to\n\n{text}")
-
+    report.emit("What the GPU kernels compile to", lines, args.output)
 
 if __name__ == "__main__":
     main()

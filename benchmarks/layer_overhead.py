@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from diffusers_gac.quant import gpuexec, gpukernels, intexec
 from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402  (benchmarks/report.py)
 
 LAYERS = {  # name -> (module, input shape): SD 1.5's layer kinds, inputs of 2x4 positions or 8 tokens
     "conv 3x3 320": (lambda: nn.Conv2d(320, 320, 3, padding=1), (1, 320, 2, 4)),
@@ -118,7 +121,7 @@ def main() -> None:
         print(f"{name}: plan {times[0]:.1f} us, rebuilt {times[1]:.1f} us, float {times[2]:.1f} us", flush=True)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else "CPU, Triton launches replaced by no-ops")
-    lines = [f"Command: `python {' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])}`", "",
+    lines = [f"Command: `{report.command()}`", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {where}; torch {torch.__version__}, Triton "
              f"{gpukernels.triton.__version__}; one thread; "
              f"{'wall clock' if device.type == 'cuda' else 'process CPU time'}; us per call, the least over "
@@ -126,12 +129,7 @@ def main() -> None:
              "tokens).", "",
              "| layer (W4A4) | plan (as it runs) | plan rebuilt per call | float layer, bf16 |", "|---|---|---|---|"]
     lines += [f"| {name} | {a:.1f} | {b:.1f} | {'-' if c != c else f'{c:.1f}'} |" for name, a, b, c in rows]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(f"# Host time per quantized layer call on the GPU path\n\n{text}")
-
+    report.emit("Host time per quantized layer call on the GPU path", lines, args.output)
 
 if __name__ == "__main__":
     main()
