@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from diffusers_gac.quant import gpuexec, gpukernels
-from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402  (benchmarks/report.py)
+from layer_overhead import frozen_layer  # noqa: E402
 
 LAYERS = {  # name -> (module, input shape at latent 128, batch 2): SD 1.5's layer kinds
     "conv 3x3 320 @128": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 128, 128)),
@@ -119,15 +119,6 @@ def probe(target) -> list[tuple[str, dict]]:
                            options={"num_warps": 8, "num_stages": 4})
         out.append((f"plain GEMM {dtype}", summarize(compiled)))
     return out
-
-
-def frozen_layer(module: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
-    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-    layer = cls.from_module(module, w_bits=w_bits, a_bits=a_bits, weight_init="minmax", act_scheme="dynamic")
-    layer.freeze()
-    if not layer.set_execution("integer"):
-        raise RuntimeError(f"{module} does not take the integer layout here")
-    return layer
 
 
 def main() -> None:

@@ -54,13 +54,13 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def frozen_layer(module: nn.Module, x: torch.Tensor) -> nn.Module:
-    """A frozen W4A4 layer (dynamic per-token inputs, round-to-nearest weights) in the GPU kernels' layout."""
+def frozen_layer(module: nn.Module, w_bits: int = 4, a_bits: int = 4) -> nn.Module:
+    """A frozen layer (dynamic per-token inputs, round-to-nearest weights) in the integer kernels' layout."""
     cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-    layer = cls.from_module(module, w_bits=4, a_bits=4, weight_init="minmax", act_scheme="dynamic")
+    layer = cls.from_module(module, w_bits=w_bits, a_bits=a_bits, weight_init="minmax", act_scheme="dynamic")
     layer.freeze()
     if not layer.set_execution("integer"):
-        raise RuntimeError(f"{module} does not run the integer kernels here")
+        raise RuntimeError(f"{module} does not take the integer layout here")
     return layer
 
 
@@ -104,7 +104,7 @@ def main() -> None:
     for name, (make, shape) in LAYERS.items():
         torch.manual_seed(0)
         module = make()
-        layer = frozen_layer(copy.deepcopy(module), torch.randn(shape)).to(device)
+        layer = frozen_layer(copy.deepcopy(module)).to(device)
         half = module.to(device, torch.bfloat16)
         x = torch.randn(shape, device=device, dtype=torch.bfloat16)
         if gpuexec.gpu_plan(layer) is None:

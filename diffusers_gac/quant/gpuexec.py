@@ -61,10 +61,11 @@ def static_range(q: ActQuantizer, batch: int, device: torch.device) -> tuple[tor
 
 class GpuPlan(NamedTuple):
     """What a layer's call through the Triton kernels takes that does not depend on its input: views of the layer's
-    tensors and its integer description. Built once per layer (``gpu_plan``) and dropped whenever the layer's layout
-    is rebuilt or the layer is moved or cast (``intexec.to_integer``/``to_fake``, ``layers``' ``_apply``); a call
-    also rebuilds it if any tensor it was built from has been replaced since (as Accelerate's offloading hooks do),
-    so an eager call only reads it: the per-call host work of a step is what keeps small batches launch-bound."""
+    tensors and its integer description. Built once per layer (``gpu_plan``) and rebuilt by the call that finds any
+    tensor it was built from replaced (a new layout, a move or cast, Accelerate's offloading hooks), so an eager call
+    only reads it: the per-call host work of a step is what keeps small batches launch-bound. Leaving the integer
+    layout or moving the layer drops it (``intexec.to_fake``, ``layers``' ``_apply``), so that it holds no tensor the
+    layer let go of."""
 
     tensors: tuple  # int_weight, w_zero, w_scale, bias, colsum, zw (``gpu_run``'s arguments after x)
     ints: list[int]

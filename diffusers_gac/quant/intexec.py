@@ -177,7 +177,6 @@ def to_integer(layer: nn.Module, int4_storage: str = "packed") -> None:
     if conv:
         geometry = K.ConvGeometry((kh, kw), layer.stride, layer.padding, layer.dilation, layer.groups)
     layer._int_spec = IntSpec(conv, tuple(layer.weight_shape), parts, geometry, tuple(blocks), packed, eight)
-    gpuexec.drop_gpu_plan(layer)
     for name in ("int_weight", "int_zero", "int_zw", "int_colsum"):
         if getattr(layer, name) is not None:
             setattr(layer, name, getattr(layer, name).to(device))

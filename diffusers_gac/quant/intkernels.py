@@ -146,12 +146,14 @@ def _corrections(dst: torch.Tensor, terms: list, zw: torch.Tensor | None, colsum
         dst.addr_(v.view(-1), zw, alpha=-1)
 
 
-def _epilogue(dst: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+def _epilogue(dst: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None,
               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``dst * w_scale + bias`` in place: one pass, and no new output buffer (a fresh large buffer costs page faults
-    with glibc's default malloc: 10x the pass itself for a 1024 x 2560 float output). In another ``out_dtype`` (a
-    half-precision model's), the same float32 values are rounded once as they are written to a new tensor."""
-    out = dst if out_dtype == dst.dtype else torch.empty_like(dst, dtype=out_dtype)
+    """``dst * w_scale + bias`` into ``out``, or else in place: one pass, and no new output buffer (a fresh large
+    buffer costs page faults with glibc's default malloc: 10x the pass itself for a 1024 x 2560 float output). In
+    another ``out_dtype`` (a half-precision model's), the same float32 values are rounded once as they are written
+    to a new tensor."""
+    if out is None:
+        out = dst if out_dtype == dst.dtype else torch.empty_like(dst, dtype=out_dtype)
     return torch.mul(dst, w_scale, out=out) if bias is None else torch.addcmul(bias, dst, w_scale, out=out)
 
 
@@ -167,9 +169,7 @@ def linear(a: Act, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tens
     if colsum is not None or zw is not None:
         r = q.sum(1, keepdim=True, dtype=torch.int32).float() if zw is not None else None
         _corrections(dst, [(s, _rows(a.zero, a.q), r, q.shape[1])], zw, colsum)
-    if out is not None:
-        return torch.mul(dst, w_scale, out=out) if bias is None else torch.addcmul(bias, dst, w_scale, out=out)
-    return _epilogue(dst, w_scale, bias, out_dtype).view(*a.q.shape[:-1], weight.shape[0])
+    return _epilogue(dst, w_scale, bias, out, out_dtype).view(*a.q.shape[:-1], weight.shape[0])
 
 
 def linear_dynamic(x: torch.Tensor, bits: int, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -214,7 +214,7 @@ def linear_parts(parts: list[Act], weights: list[torch.Tensor], w_scale: torch.T
         terms.append((s, _rows(a.zero, a.q), r, q.shape[1]))
     if colsum is not None or zw is not None:
         _corrections(dst, terms, zw, colsum)
-    return _epilogue(dst, w_scale, bias, out_dtype).view(*parts[0].q.shape[:-1], weights[0].shape[0])
+    return _epilogue(dst, w_scale, bias, out_dtype=out_dtype).view(*parts[0].q.shape[:-1], weights[0].shape[0])
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -315,8 +315,7 @@ def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], ou
                 blk[rows].addr_(zw[rows], v[gi], alpha=-1)
     ws, bs = w_scale.view(1, -1, 1, 1), None if bias is None else bias.view(1, -1, 1, 1)
     if b == 1 and not flat_shift:  # already the output's layout
-        return _epilogue(dst.view(1, out_channels, ho, wo), ws, bs, out_dtype)
+        return _epilogue(dst.view(1, out_channels, ho, wo), ws, bs, out_dtype=out_dtype)
     image, row = (hp * wp, wp) if flat_shift else (ho * wo, wo)
     res = torch.as_strided(dst, (b, out_channels, ho, wo), (image, dst.stride(0), row, 1))
-    out = torch.empty(b, out_channels, ho, wo, dtype=out_dtype, device=device)
-    return torch.mul(res, ws, out=out) if bs is None else torch.addcmul(bs, res, ws, out=out)
+    return _epilogue(res, ws, bs, torch.empty(b, out_channels, ho, wo, dtype=out_dtype, device=device))
