@@ -5,8 +5,12 @@ Triton's interpreter; this script is for a machine with a CUDA GPU, and exits ea
    convolutions (3x3 padded, strided, 1x1, split inputs) and linear layers at W8A8/W4A8/W4A4 with dynamic and static
    ranges, in float32 (within 1e-5 of the output's scale, as the CPU kernels) and bfloat16 (inputs and outputs;
    within bfloat16's rounding of the output).
-2. The SD-1.5-sized UNet (random weights) at W4A4: the integer model against the fake-quant one on the GPU.
-3. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
+2. The weight storages (``int4_storage``): 4-bit weights resident as int8 or float8 carriers give outputs
+   bit-identical to packed ones, float8 ones multiplied on float8 tensor cores where the GPU has them (W4A4), on
+   layers whose sums are as large as 4-bit codes make them (every product 15 * 15, up to 5120 channels): what makes
+   float8 exact is that the tensor cores' partial sums are added into float32 every 32 channels.
+3. The SD-1.5-sized UNet (random weights) at W4A4: the integer model against the fake-quant one on the GPU.
+4. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
    ``F.conv2d``/``F.linear``.
 
     python benchmarks/gpu_check.py [--skip-unet] [--skip-sweep]
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from diffusers_gac import GACConfig
-from diffusers_gac.quant import gpukernels, intexec
+from diffusers_gac.quant import gpuexec, gpukernels, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, set_execution
 from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
 from diffusers_gac.quant.quantizers import SplitActQuantizer
@@ -86,6 +90,36 @@ def check_layers(device: str) -> int:
             failures += not ok
             print(f"W{w_bits}A{a_bits} {scheme:8s} {name:20s} fp32 err {err:.1e}  bf16 err {err_half:.1e} "
                   f"{'ok' if ok else 'FAIL'}", flush=True)
+    return failures
+
+
+def check_storages(device: str) -> int:
+    """4-bit weights kept as int8 or float8 carriers against packed ones: bit-identical outputs (every sum exact)."""
+    failures = 0
+    cases = {
+        "conv 3x3 320": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 24, 24), False),
+        "linear 1280": (lambda: nn.Linear(1280, 640), (2, 77, 1280), False),
+        # one-signed weights and inputs: zero points 0, carriers up to 15, sums up to 225 * 5120
+        "linear 5120, largest sums": (lambda: nn.Linear(5120, 256), (2, 64, 5120), True),
+    }
+    for (w_bits, a_bits), (name, (make, shape, largest)) in [(b, c) for b in ((4, 4), (4, 8)) for c in cases.items()]:
+        torch.manual_seed(0)
+        module = make()
+        x = torch.randn(shape)
+        if largest:
+            module.weight.data.uniform_(0.5, 1.0)
+            x = x.abs() + 1.0
+        layer = frozen(module, x, w_bits, a_bits, "dynamic").to(device)
+        outs, fp8 = {}, False
+        for storage in ("packed", "int8", "fp8"):
+            assert layer.set_execution("integer", storage), name
+            with torch.no_grad():
+                outs[storage] = [layer(x.to(device)).cpu(), layer(x.to(device).bfloat16()).cpu()]
+            fp8 = fp8 or (device != "cpu" and bool(gpuexec.gpu_plan(layer).ints[5]))
+        ok = all(torch.equal(a, b) for s in ("int8", "fp8") for a, b in zip(outs[s], outs["packed"]))
+        failures += not ok
+        print(f"W{w_bits}A{a_bits} {name:26s} int8 and fp8 storage == packed (float32, bfloat16): {ok}; float8 tensor "
+              f"cores: {fp8} {'ok' if ok else 'FAIL'}", flush=True)
     return failures
 
 
@@ -185,7 +219,7 @@ def main() -> None:
     print(torch.cuda.get_device_name() if device == "cuda" else "cpu", torch.__version__, "kernels available:",
           intexec.integer_kernels_available(device), flush=True)
     failures = 0
-    stages = [("layers", check_layers), ("unet", None if args.skip_unet else check_unet),
+    stages = [("layers", check_layers), ("storages", check_storages), ("unet", None if args.skip_unet else check_unet),
               ("sweep", sweep if device == "cuda" and not args.skip_sweep else None)]
     for name, stage in stages:
         if stage is None:

@@ -12,7 +12,7 @@ alignment) and compiled. Counted per kernel, in the PTX (static instructions, no
 * the shared memory the kernel asks for;
 * how many tensor-core operations stay in flight when the loop moves on (``wgmma`` waits in the TTGIR: ``pendings
   0`` waits for every one before the next step, ``1`` overlaps one with the next step's work). A plain GEMM loop
-  compiled in int8 and in float16 beside them (``probe``) shows whether that is the kernel's doing or Triton's.
+  compiled in int8, float8 and float16 beside them (``probe``) shows whether that is the kernel's doing or Triton's.
 
 It says how the code is shaped (vector widths, tensor-core use, pipelining), not how fast it runs: timing needs a
 GPU (``benchmarks/gpu_session.sh``).
@@ -48,7 +48,8 @@ LAYERS = {  # name -> (module, input shape at latent 128, batch 2): SD 1.5's lay
     "linear 320 -> 2560 x16384": (lambda: nn.Linear(320, 2560), (2, 16384, 320)),
     "linear 1280 -> 1280 x1024": (lambda: nn.Linear(1280, 1280), (2, 1024, 1280)),
 }
-BITS = [(8, 8), (4, 4)]
+# w_bits, a_bits, how 4-bit weights stay resident (int4_storage): packed (the default), int8 and float8 carriers
+BITS = [(8, 8, "packed"), (4, 4, "packed"), (4, 4, "int8"), (4, 4, "fp8")]
 PATTERN = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:st\.global|ld\.global|cp\.async\.c[ag]|cp\.async\.bulk|wgmma\.mma_async|"
                      r"mma\.sync)[\w.:]*)", re.M)
 
@@ -92,7 +93,7 @@ def fmt(d: dict) -> str:
 
 
 def probe(target) -> list[tuple[str, dict]]:
-    """A plain tiled GEMM (no gathers, no scales), int8 and float16, compiled like the layers' kernels."""
+    """A plain tiled GEMM (no gathers, no scales), int8, float8 e4m3 and float16, compiled like the layers' kernels."""
     from triton.compiler import ASTSource, compile
 
     tl = gpukernels.tl
@@ -110,7 +111,7 @@ def probe(target) -> list[tuple[str, dict]]:
         tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.float32))
 
     out = []
-    for dtype in ("i8", "fp16"):
+    for dtype in ("i8", "fp8e4nv", "fp16"):
         signature = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": "*fp32", "N": "i32", "K": "i32",
                      "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "INT": "constexpr"}
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
@@ -144,15 +145,16 @@ def main() -> None:
         torch.manual_seed(0)
         module = make()
         x = torch.randn(shape, dtype=torch.bfloat16)
-        for w_bits, a_bits in BITS:
-            layer = frozen_layer(module, w_bits, a_bits)
+        for w_bits, a_bits, storage in BITS:
+            layer = frozen_layer(module, w_bits, a_bits, storage)
+            bits = f"W{w_bits}A{a_bits}" + (f" {storage}" if storage != "packed" else "")
             calls.clear()
             with torch.no_grad():
                 gpuexec.gpu_forward(layer, x)
             for kernel, kargs, kwargs in calls:
                 s = summarize(compile_launch(kernel, kargs, kwargs, target))
-                rows.append((name, f"W{w_bits}A{a_bits}", kernel.fn.__name__, s))
-                print(f"{name} W{w_bits}A{a_bits} {kernel.fn.__name__}: stores {fmt(s['stores'])}; loads "
+                rows.append((name, bits, kernel.fn.__name__, s))
+                print(f"{name} {bits} {kernel.fn.__name__}: stores {fmt(s['stores'])}; loads "
                       f"{fmt(s['loads'])}; cp.async {s['cp.async']}; tensor cores {fmt(s['tensor'])}; shared "
                       f"{s['shared']} B; waits {s['waits']}", flush=True)
     for name, s in probe(target):

@@ -57,7 +57,7 @@ from diffusers_gac import GACConfig
 from diffusers_gac.calibration.data import CalibrationData
 from diffusers_gac.calibration.flow import observe_activation_ranges
 from diffusers_gac.quant import gpukernels, intexec
-from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers
+from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers, set_execution
 from diffusers_gac.quant.quantizers import ActQuantizer, WeightQuantizer
 from diffusers_gac.zoo import load_embedded_unet
 
@@ -77,6 +77,8 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "int_w8a8": ("integer", 8, 8),
     "int_w4a8": ("integer", 4, 8),
     "int_w4a4": ("integer", 4, 4),
+    "int_w4a4_int8": ("integer", 4, 4),  # 4-bit weights resident as int8 carriers (int4_storage, STORAGES)
+    "int_w4a4_fp8": ("integer", 4, 4),  # ... as float8 carriers: float8 tensor cores on a GPU that has them
     "auto_w4a4": ("auto", 4, 4),
     "int_w4a4_levers": ("integer", 4, 4, LEVERS),
     "int_w4a4_levers8": ("integer", 4, 4, {**LEVERS, "lowrank_bits": 8}),
@@ -93,6 +95,7 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "quanto_w4a8": ("quanto", 4, 8),
     "bnb_nf4": ("bnb-nf4", 4, None),
 }
+STORAGES = {"int_w4a4_int8": "int8", "int_w4a4_fp8": "fp8"}  # set_execution's int4_storage, else "packed"
 DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
 # Prefixes, outermost first: "compiled_" (torch.compile), "graph_" (one step captured as a CUDA graph and replayed),
@@ -251,6 +254,8 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
                                static={k: v for k, v in call.items() if not torch.is_tensor(v)})
         observe_activation_ranges(model, data, batch_size=len(data))
     freeze_model(model, kind)
+    if base in STORAGES:
+        set_execution(model, kind, STORAGES[base])
     layers = quant_layers(model).values()
     running = sum(m.execution == "integer" for m in layers)
     wanted = {"fake": 0, "integer": sum(intexec.integer_support(m) is None for m in layers)}

@@ -54,12 +54,12 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def frozen_layer(module: nn.Module, w_bits: int = 4, a_bits: int = 4) -> nn.Module:
+def frozen_layer(module: nn.Module, w_bits: int = 4, a_bits: int = 4, int4_storage: str = "packed") -> nn.Module:
     """A frozen layer (dynamic per-token inputs, round-to-nearest weights) in the integer kernels' layout."""
     cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
     layer = cls.from_module(module, w_bits=w_bits, a_bits=a_bits, weight_init="minmax", act_scheme="dynamic")
     layer.freeze()
-    if not layer.set_execution("integer"):
+    if not layer.set_execution("integer", int4_storage):
         raise RuntimeError(f"{module} does not take the integer layout here")
     return layer
 

@@ -332,7 +332,8 @@ def test_the_kernels_compile_for_hopper_to_vector_loads_and_stores(tmp_path):
     """``benchmarks/gpu_codegen.py`` compiles the kernels as Triton's JIT would for an H100/H200 (sm_90), without a
     GPU, in a process without the interpreter. An SD-sized 3x3 convolution's kernels move their bfloat16 data in
     16-byte vectors: the quantize kernel's input loads and the GEMM's output stores (a scalar ``b16`` access means
-    the compiler could not prove the addresses aligned and contiguous), and the GEMM runs on int8 wgmma."""
+    the compiler could not prove the addresses aligned and contiguous), and the GEMM runs on int8 wgmma, or on float8
+    wgmma where the 4-bit weights are resident as float8 carriers (``int4_storage="fp8"``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = tmp_path / "codegen.md"
@@ -345,10 +346,11 @@ def test_the_kernels_compile_for_hopper_to_vector_loads_and_stores(tmp_path):
         cells = [c.strip() for c in line.split("|")[1:-1]]
         if cells and cells[0] == "conv 3x3 320 @128":
             rows[(cells[1], cells[2])] = cells
-    assert set(rows) == {(b, k) for b in ("W8A8", "W4A4") for k in ("quantize_kernel", "igemm_kernel")}
+    bits_rows = ("W8A8", "W4A4", "W4A4 int8", "W4A4 fp8")
+    assert set(rows) == {(b, k) for b in bits_rows for k in ("quantize_kernel", "igemm_kernel")}
     for (bits, kernel), (_, _, _, stores, loads, _, tensor, _, _) in rows.items():
         if kernel == "quantize_kernel":
             assert "b16" not in loads and "v4.b32" in loads, (bits, loads)
         else:
             assert "b16" not in stores and "v4.b32" in stores, (bits, stores)
-            assert "wgmma.s32.s8" in tensor, (bits, tensor)
+            assert ("wgmma.f32.e4m3" if bits.endswith("fp8") else "wgmma.s32.s8") in tensor, (bits, tensor)

@@ -32,6 +32,24 @@ def triton_available() -> bool:
 
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_MAX_CHANNELS = 32768  # the quantize kernel holds a token's channels in registers
+HEADER = 6  # integers before the parts' in a call's description: conv, n, packed, rowsum, parts, fp8
+
+
+def fp8_tensor_cores(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies float8 on its tensor cores (CUDA compute capability 8.9+: Ada, Hopper and
+    later); CPU tensors take the kernels only through Triton's interpreter, which emulates them (tests)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cpu"
+
+
+def fp8_carriers(layer: nn.Module) -> bool:
+    """Whether ``layer``'s GPU call multiplies float8 e4m3 carriers: weights kept as float8 (``int4_storage="fp8"``),
+    inputs of at most 4 bits (whose carriers float8 holds exactly, as it holds 4-bit weights'), on a GPU with float8
+    tensor cores. Elsewhere the inputs are int8 and the kernel converts float8 weights to int8 in registers."""
+    return (layer.int_weight.dtype == gpukernels.FP8_DTYPE and all(p.bits <= 4 for p in input_parts(layer.input_quantizer))
+            and fp8_tensor_cores(layer.int_weight.device))
 
 
 def gpu_support(layer: nn.Module) -> str | None:
@@ -91,7 +109,8 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
         w_scale = w_scale.float()
     w_zero = layer.int_zero.reshape(-1) if spec.packed else None
     bias = None if layer.bias is None else layer.bias.detach()
-    ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), len(spec.parts)]
+    ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), len(spec.parts),
+            int(fp8_carriers(layer))]
     for p, (c0, c1) in zip(quantizers, spec.parts):
         ints += [c0, c1, p.bits]
     if spec.conv:
@@ -139,10 +158,10 @@ def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] 
 
 
 def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tuple[int, ...]:
-    conv, n, _, _, num_parts = ints[:5]
+    conv, n, _, _, num_parts, _ = ints[:HEADER]
     if not conv:
         return (*shape[:-1], n)
-    kh, kw, sh, sw, ph, pw, dh, dw = ints[5 + 3 * num_parts:]
+    kh, kw, sh, sw, ph, pw, dh, dw = ints[HEADER + 3 * num_parts:]
     return (shape[0], n, _out_size(shape[2], kh, sh, ph, dh), _out_size(shape[3], kw, sw, pw, dw))
 
 
@@ -150,9 +169,9 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
             bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
             ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
     """One layer through the Triton kernels, from ``gpu_layer_args``: the output in ``x``'s dtype."""
-    conv, n, packed, rowsum, num_parts = ints[:5]
-    parts = [ints[5 + 3 * i:8 + 3 * i] for i in range(num_parts)]
-    packed, rowsum = bool(packed), bool(rowsum)
+    conv, n, packed, rowsum, num_parts, fp8 = ints[:HEADER]
+    parts = [ints[HEADER + 3 * i:HEADER + 3 + 3 * i] for i in range(num_parts)]
+    packed, rowsum, fp8 = bool(packed), bool(rowsum), bool(fp8)
 
     def static(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if ranges[2 * i] is None else (ranges[2 * i], ranges[2 * i + 1])
@@ -161,19 +180,19 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
         (_, k, bits), = parts
         batch = x.shape[0] if x.dim() > 1 else 1
         x3 = x.reshape(batch, -1, k).transpose(1, 2)  # (B, K, tokens): tokens in row order
-        tokens = gpukernels.quantize(x3, bits, static(0), rowsum)
+        tokens = gpukernels.quantize(x3, bits, static(0), rowsum, fp8)
         m = tokens.q.shape[0]
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         geo = gpukernels.Conv(1, 1, m, 1, 1, 1, 1, 0, 0, 1, 1, 1, m)
         gpukernels.igemm([(tokens, k)], weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (0, 1, n))
         return out.view(*x.shape[:-1], n)
     b, _, h, w = x.shape
-    kh, kw, sh, sw, ph, pw, dh, dw = ints[5 + 3 * num_parts:]
+    kh, kw, sh, sw, ph, pw, dh, dw = ints[HEADER + 3 * num_parts:]
     _, _, ho, wo = gpu_output_shape(x.shape, ints)
     acts = []
     for i, (c0, c1, bits) in enumerate(parts):
         xp = x[:, c0:c1] if num_parts > 1 else x
-        acts.append((gpukernels.quantize(xp.flatten(2), bits, static(i), rowsum), c1 - c0))
+        acts.append((gpukernels.quantize(xp.flatten(2), bits, static(i), rowsum, fp8), c1 - c0))
     out = torch.empty(b, n, ho, wo, dtype=x.dtype, device=x.device)
     geo = gpukernels.Conv(b, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
     gpukernels.igemm(acts, weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (n * ho * wo, ho * wo, 1))

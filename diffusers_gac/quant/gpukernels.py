@@ -106,7 +106,7 @@ if triton is not None:
         t = tl.minimum(tl.maximum(t, -zp[:, None]), LEVELS - zp[:, None])
         if EIGHT:
             t = t + (zp[:, None] - 128.0)
-        q = t.to(tl.int8)
+        q = t.to(q_ptr.dtype.element_ty)  # int8, or float8 e4m3 (exact: |t| <= 15 for 4-bit inputs)
         row = b.to(tl.int64) * P + offs_p
         tl.store(q_ptr + row[:, None] * C + offs_c[None, :], q, mask=mask)
         tl.store(s_ptr + row, scale, mask=pmask)
@@ -116,9 +116,33 @@ if triton is not None:
             tl.store(r_ptr + row, tl.sum(tl.where(mask, t, 0.0), axis=1), mask=pmask)
 
     @triton.jit
+    def _carriers(w, FP8: tl.constexpr):
+        """Weight carriers as the tensor cores take them beside the inputs': float8 e4m3 for float8 inputs, else
+        int8 (conversions through float16, exact for the integers of 4-bit codes, |c - z| <= 15; constexpr
+        branches, one return type per compiled kernel)."""
+        if FP8:
+            if w.dtype != tl.float8e4nv:
+                w = w.to(tl.float16).to(tl.float8e4nv)
+        elif w.dtype == tl.float8e4nv:
+            w = w.to(tl.float16).to(tl.int8)
+        return w
+
+    @triton.jit
+    def _dot(a, w, acc, FP8: tl.constexpr):
+        """acc += a @ w^T: int8 into int32, or float8 into float32 with the tensor cores' partial sums added into
+        the float32 accumulator every 32 channels (no partial sum of 4-bit products exceeds 32 * 225 < 2**13, and
+        no total 2**24, so float32 holds every sum exactly)."""
+        if FP8:
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.float32, max_num_imprecise_acc=32)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        return acc
+
+    @triton.jit
     def _tap_sum(acc, q_ptr, rows, valid, w_ptr, wz, offs_n, nmask, C, WIDTH, BK: tl.constexpr,
-                 PACKED: tl.constexpr):
-        """acc += int8 rows (BM, C) @ weight block (BN, C)^T, over the channels."""
+                 PACKED: tl.constexpr, FP8: tl.constexpr):
+        """acc += rows (BM, C) @ weight block (BN, C)^T, over the channels: int8 carriers summed in int32, or
+        float8 ones (``FP8``) in float32, exactly alike."""
         offs_k = tl.arange(0, BK)
         a_row = q_ptr + rows[:, None] * C
         w_row = w_ptr + offs_n[:, None].to(tl.int64) * WIDTH
@@ -127,27 +151,27 @@ if triton is not None:
                 kk = k0 + offs_k
                 kmask = kk < WIDTH
                 w = tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-                lo = (w & 15).to(tl.int8) - wz[:, None]
-                hi = (w >> 4).to(tl.int8) - wz[:, None]
-                a_lo = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0)
+                lo = _carriers((w & 15).to(tl.int8) - wz[:, None], FP8)
+                hi = _carriers((w >> 4).to(tl.int8) - wz[:, None], FP8)
+                a_lo = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
                 a_hi = tl.load(a_row + (kk + WIDTH)[None, :], mask=valid[:, None] & ((kk + WIDTH) < C)[None, :],
-                               other=0)
-                acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
-                acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
+                               other=0.0)
+                acc = _dot(a_lo, lo, acc, FP8)
+                acc = _dot(a_hi, hi, acc, FP8)
         else:
             for k0 in range(0, C, BK):
                 kk = k0 + offs_k
                 kmask = kk < C
-                w = tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-                a = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0)
-                acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+                w = _carriers(tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0), FP8)
+                a = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+                acc = _dot(a, w, acc, FP8)
         return acc
 
     @triton.jit
     def _part(facc, q_ptr, s_ptr, z_ptr, r_ptr, C, WIDTH, w_ptr, wz, cs_ptr, zw, tap0, bi, pos, pmask, offs_n, nmask,
               N, H, W, Wo, sh, sw, ph, pw, dh, dw,
               KH: tl.constexpr, KW: tl.constexpr, PACKED: tl.constexpr, ZERO: tl.constexpr, ZW: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+              FP8: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """facc += sum over the taps of this input part of s * (int32 sums - corrections), for the output positions
         ``pos`` of sample ``bi``."""
         oh = pos // Wo
@@ -157,8 +181,9 @@ if triton is not None:
             iw = ow * sw - pw + (t % KW) * dw
             valid = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             rows = (bi.to(tl.int64) * H + ih) * W + iw
-            acc = tl.zeros((BM, BN), dtype=tl.int32)
-            acc = _tap_sum(acc, q_ptr, rows, valid, w_ptr + t * N * WIDTH, wz, offs_n, nmask, C, WIDTH, BK, PACKED)
+            acc = tl.zeros((BM, BN), dtype=tl.float32 if FP8 else tl.int32)
+            acc = _tap_sum(acc, q_ptr, rows, valid, w_ptr + t * N * WIDTH, wz, offs_n, nmask, C, WIDTH, BK, PACKED,
+                           FP8)
             f = acc.to(tl.float32)
             z = tl.zeros((BM,), dtype=tl.float32)
             if ZERO:
@@ -179,7 +204,7 @@ if triton is not None:
                      w_ptr, wz_ptr, ws_ptr, bias_ptr, cs_ptr, zw_ptr, out_ptr,
                      B, P, N, H, W, Wo, sh, sw, ph, pw, dh, dw, so_b, so_n, so_p,
                      KH: tl.constexpr, KW: tl.constexpr, PARTS: tl.constexpr, PACKED: tl.constexpr,
-                     ZERO: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ZERO: tl.constexpr, ZW: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         # a tile is BM output positions of one sample (P = Ho * Wo per sample) x BN output channels: its positions
         # are consecutive, so the compiler can prove the output addresses contiguous and store in vectors
@@ -206,11 +231,11 @@ if triton is not None:
             zw = tl.load(zw_ptr + offs_n, mask=nmask, other=0.0)
         facc = tl.zeros((BM, BN), dtype=tl.float32)
         facc = _part(facc, q0, s0, z0, r0, C0, WIDTH0, w_ptr, wz, cs_ptr, zw, 0, bi, pos, pmask, offs_n, nmask,
-                     N, H, W, Wo, sh, sw, ph, pw, dh, dw, KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
+                     N, H, W, Wo, sh, sw, ph, pw, dh, dw, KH, KW, PACKED, ZERO, ZW, FP8, BM, BN, BK)
         if PARTS == 2:
             facc = _part(facc, q1, s1, z1, r1, C1, WIDTH1, w_ptr + KH * KW * N * WIDTH0, wz, cs_ptr, zw, KH * KW,
                          bi, pos, pmask, offs_n, nmask, N, H, W, Wo, sh, sw, ph, pw, dh, dw,
-                         KH, KW, PACKED, ZERO, ZW, BM, BN, BK)
+                         KH, KW, PACKED, ZERO, ZW, FP8, BM, BN, BK)
         ws = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)
         out = facc * ws[None, :]
         if HAS_BIAS:
@@ -229,14 +254,17 @@ def _next_pow2(n: int) -> int:
 
 
 def quantize(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tensor] | None = None,
-             rowsum: bool = False) -> Tokens:
+             rowsum: bool = False, fp8: bool = False) -> Tokens:
     """Quantize ``x`` viewed as ``(B, C, P)`` (channels ``C``, tokens ``(b, p)``; any strides, any float dtype):
     a conv input ``(B, C, H, W)`` is passed as ``x.flatten(2)``, a linear input ``(M, K)`` as ``x.t()[None]``.
-    ``static``: per-sample float32 ``(scale, zero_point)`` of shape ``(B,)``; None for dynamic per-token ranges."""
+    ``static``: per-sample float32 ``(scale, zero_point)`` of shape ``(B,)``; None for dynamic per-token ranges.
+    ``fp8``: carriers in float8 e4m3 instead of int8 (inputs of at most 4 bits, whose carriers it holds exactly)."""
+    if fp8 and bits > 4:
+        raise ValueError(f"float8 carriers hold inputs of at most 4 bits exactly, not {bits}")
     b, c, p = x.shape
     tokens = b * p
     eight = bits == 8
-    q = torch.empty(tokens, c, dtype=torch.int8, device=x.device)
+    q = torch.empty(tokens, c, dtype=FP8_DTYPE if fp8 else torch.int8, device=x.device)
     scale = torch.empty(tokens, dtype=torch.float32, device=x.device)
     zero = torch.empty(tokens, dtype=torch.float32, device=x.device) if eight else None
     rsum = torch.empty(tokens, dtype=torch.float32, device=x.device) if rowsum else None
@@ -251,6 +279,7 @@ def quantize(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tenso
     return Tokens(q, scale, zero, rsum)
 
 
+FP8_DTYPE = torch.float8_e4m3fn
 CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BM, BN, BK, warps, stages), for tuning runs
 
 
@@ -283,9 +312,14 @@ def igemm(parts: list[tuple[Tokens, int]], weight: torch.Tensor, packed: bool, w
     """The layer's output into ``out`` (viewed through ``out_strides``: per sample, per output channel, per output
     position). ``parts``: one or two ``(Tokens, C)`` (a split input's parts, in order); ``weight``: the flat int8
     (or packed uint8) blocks of ``intexec``, ``w_zero`` int8 (n,) for packed codes; ``colsum`` float32
-    (parts * taps, n) for 8-bit inputs, ``zw`` float32 (n,) for 8-bit weights."""
+    (parts * taps, n) for 8-bit inputs, ``zw`` float32 (n,) for 8-bit weights. Inputs quantized to float8 carriers
+    (``quantize(..., fp8=True)``) run on float8 tensor cores (compute capability 8.9+), the weights converted in
+    registers: for weights of at most 4 bits, whose carriers float8 holds exactly."""
     if len(parts) not in (1, 2):
         raise ValueError(f"igemm takes one or two input parts, got {len(parts)}")
+    fp8 = parts[0][0].q.dtype == FP8_DTYPE
+    if fp8 and (zw is not None or any(t.q.dtype != FP8_DTYPE or t.zero is not None for t, _ in parts)):
+        raise ValueError("float8 carriers need every input part in float8 and weights of at most 4 bits")
     positions = geo.out_h * geo.out_w  # per sample
     m = geo.batch * positions
     (t0, c0), (t1, c1) = parts[0], parts[-1]
@@ -302,5 +336,5 @@ def igemm(parts: list[tuple[Tokens, int]], weight: torch.Tensor, packed: bool, w
         geo.batch, positions, n, geo.height, geo.width, geo.out_w, geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw,
         *out_strides,
         KH=geo.kh, KW=geo.kw, PARTS=len(parts), PACKED=packed, ZERO=eight_in, ZW=zw is not None,
-        HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+        HAS_BIAS=bias is not None, FP8=fp8, BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
     return out

@@ -10,8 +10,10 @@ A frozen layer (``layers.py``) runs in one of two modes:
       int_weight   the weight blocks, one per (group, input part, kernel tap), each (out/groups, in_part) row-major,
                    concatenated flat. w_bits <= 4: two codes per byte (``intkernels.pack_int4``), unpacked to int8 per
                    call (``int4_storage="packed"``, the default: 0.5 byte per weight resident) or kept as int8
-                   ``c - z`` (``int4_storage="int8"``: 1 byte per weight, no unpacking). 5-7 bits: int8 ``c - z``.
-                   8 bits: int8 ``c - 128``.
+                   ``c - z`` (``int4_storage="int8"``: 1 byte per weight, no unpacking) or as float8 e4m3 ``c - z``
+                   (``int4_storage="fp8"``, exact: 1 byte per weight; on GPUs with float8 tensor cores, inputs of
+                   at most 4 bits then multiply them as float8, which Triton pipelines where it waits for each int8
+                   step; converted to int8 elsewhere). 5-7 bits: int8 ``c - z``. 8 bits: int8 ``c - 128``.
       int_zero     int8 (out, 1): the weight zero points, subtracted while unpacking (packed 4-bit only)
       int_zw       float (out,): ``z - 128`` of 8-bit weights (their correction term)
       int_colsum   float (parts * taps, out): sums of the weight carriers per segment, for 8-bit inputs
@@ -35,11 +37,12 @@ from torch import nn
 
 from . import gpuexec
 from . import intkernels as K
+from .gpukernels import FP8_DTYPE
 from .packing import pack_codes, unpack_codes
 from ..denoisers import HALF_DTYPES
 from .quantizers import ActQuantizer, SplitActQuantizer, input_parts
 
-INT4_STORAGES = ("packed", "int8")
+INT4_STORAGES = ("packed", "int8", "fp8")
 
 
 class IntSpec(NamedTuple):
@@ -138,6 +141,19 @@ def _zero_points(layer: nn.Module) -> torch.Tensor:
     return layer.weight_quantizer.zero_point.reshape(-1).to(torch.int16)
 
 
+def storage_for(w_bits: int, int4_storage: str) -> str:
+    """The layout ``int4_storage`` gives weights of ``w_bits`` bits: above 4 bits always int8 carriers."""
+    return int4_storage if w_bits <= 4 else "int8"
+
+
+def layout_storage(layer: nn.Module) -> str | None:
+    """The storage the layer's integer layout holds (``INT4_STORAGES``), or None if it holds none (or its weight
+    was cast to a dtype no storage has, e.g. by ``model.to(torch.bfloat16)``: the layout is then rebuilt)."""
+    if layer.execution != "integer":
+        return None
+    return {torch.uint8: "packed", torch.int8: "int8", FP8_DTYPE: "fp8"}.get(layer.int_weight.dtype)
+
+
 def to_integer(layer: nn.Module, int4_storage: str = "packed") -> None:
     """Replace ``packed_weight`` by the integer layout (see the module docstring); exact and reversible."""
     codes = _codes4d(layer, unpack_codes(layer.packed_weight, layer.codes_per_channel, layer.w_bits)).to(torch.int16)
@@ -147,7 +163,8 @@ def to_integer(layer: nn.Module, int4_storage: str = "packed") -> None:
     og = out // groups
     zp = _zero_points(layer)
     eight = layer.w_bits == 8
-    packed = layer.w_bits <= 4 and int4_storage == "packed"
+    storage = storage_for(layer.w_bits, int4_storage)
+    packed = storage == "packed"
     carrier = codes - (128 if eight else zp.view(-1, 1, 1, 1))  # int8-exact, see intkernels
     parts = _parts(layer)
     stored, blocks, colsums, offset = [], [], [], 0
@@ -166,6 +183,8 @@ def to_integer(layer: nn.Module, int4_storage: str = "packed") -> None:
             for j in range(kw):
                 colsums.append(carrier[:, c0:c1, i, j].sum(1))
     flat = torch.cat(stored)
+    if storage == "fp8":
+        flat = flat.to(torch.float16).to(FP8_DTYPE)  # |c - z| <= 15: exact
     device = layer.packed_weight.device
     del layer.packed_weight
     layer.register_buffer("int_weight", flat.view(torch.uint8) if packed else flat, persistent=False)
@@ -188,6 +207,8 @@ def _block(layer: nn.Module, index: int, cols: int) -> torch.Tensor:
     spec = layer._int_spec
     offset, rows, width = spec.blocks[index]
     data = layer.int_weight[offset:offset + rows * width].view(rows, width)
+    if data.is_floating_point():  # float8 carriers (or any float cast of them: small integers, exact)
+        return data.to(torch.float16).to(torch.int8)
     if not spec.packed:
         return data
     group = index // (len(spec.parts) * _taps(spec))

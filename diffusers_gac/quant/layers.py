@@ -203,8 +203,7 @@ class QuantLayerMixin:
                 or (self._integer_auto and not intexec.integer_pays_off(self, device))):
             intexec.to_fake(self)
             return False
-        packed = self._integer_storage == "packed" and self.w_bits <= 4
-        if self.execution != "integer" or self._int_spec.packed != packed:
+        if intexec.layout_storage(self) != intexec.storage_for(self.w_bits, self._integer_storage):
             intexec.to_fake(self)
             intexec.to_integer(self, self._integer_storage)
         return True
