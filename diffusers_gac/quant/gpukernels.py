@@ -22,6 +22,13 @@ Two kernels per layer call:
   memory. The output is written in the layout asked for (``(B, N, Ho, Wo)`` for a convolution, rows for a linear
   layer) and dtype.
 
+Float8 (``int4_storage="fp8"``): 4-bit weights resident as float8 e4m3 carriers, and inputs of at most 4 bits
+quantized to float8 e4m3 too, multiply on float8 tensor cores (Ada, Hopper) with the same results: e4m3 holds every
+integer up to 16, the tensor cores' partial sums are added into the float32 accumulator every 32 channels (each under
+32 * 225 < 2**13) and no tap's sum reaches 2**24. Why: Triton (3.9) keeps a float8 ``wgmma`` in flight while the next
+step's copies are issued, where it waits for each int8 one; with weights unpacked in registers it waits either way,
+hence float8 weights resident rather than packed ones converted (``benchmarks/gpu_codegen.py`` shows both).
+
 Zero-point corrections (8-bit inputs or weights; see ``intkernels``) are applied per tap, in the kernel:
 ``acc - z * colsum[n] - zw[n] * (r - C * z)`` with ``z`` the token's zero offset, ``r`` its carriers' sum.
 
@@ -117,13 +124,9 @@ if triton is not None:
 
     @triton.jit
     def _carriers(w, FP8: tl.constexpr):
-        """Weight carriers as the tensor cores take them beside the inputs': float8 e4m3 for float8 inputs, else
-        int8 (conversions through float16, exact for the integers of 4-bit codes, |c - z| <= 15; constexpr
-        branches, one return type per compiled kernel)."""
-        if FP8:
-            if w.dtype != tl.float8e4nv:
-                w = w.to(tl.float16).to(tl.float8e4nv)
-        elif w.dtype == tl.float8e4nv:
+        """Weight carriers as the tensor cores take them: float8 weights beside int8 inputs go to int8 (through
+        float16: exact for the integers of 4-bit codes, |c - z| <= 15); a constexpr branch."""
+        if not FP8 and w.dtype == tl.float8e4nv:
             w = w.to(tl.float16).to(tl.int8)
         return w
 
@@ -151,8 +154,8 @@ if triton is not None:
                 kk = k0 + offs_k
                 kmask = kk < WIDTH
                 w = tl.load(w_row + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-                lo = _carriers((w & 15).to(tl.int8) - wz[:, None], FP8)
-                hi = _carriers((w >> 4).to(tl.int8) - wz[:, None], FP8)
+                lo = (w & 15).to(tl.int8) - wz[:, None]
+                hi = (w >> 4).to(tl.int8) - wz[:, None]
                 a_lo = tl.load(a_row + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
                 a_hi = tl.load(a_row + (kk + WIDTH)[None, :], mask=valid[:, None] & ((kk + WIDTH) < C)[None, :],
                                other=0.0)
@@ -312,14 +315,15 @@ def igemm(parts: list[tuple[Tokens, int]], weight: torch.Tensor, packed: bool, w
     """The layer's output into ``out`` (viewed through ``out_strides``: per sample, per output channel, per output
     position). ``parts``: one or two ``(Tokens, C)`` (a split input's parts, in order); ``weight``: the flat int8
     (or packed uint8) blocks of ``intexec``, ``w_zero`` int8 (n,) for packed codes; ``colsum`` float32
-    (parts * taps, n) for 8-bit inputs, ``zw`` float32 (n,) for 8-bit weights. Inputs quantized to float8 carriers
-    (``quantize(..., fp8=True)``) run on float8 tensor cores (compute capability 8.9+), the weights converted in
-    registers: for weights of at most 4 bits, whose carriers float8 holds exactly."""
+    (parts * taps, n) for 8-bit inputs, ``zw`` float32 (n,) for 8-bit weights. ``weight`` may be float8 carriers
+    (``int4_storage="fp8"``, weights of at most 4 bits): with inputs quantized to float8 too (``quantize(...,
+    fp8=True)``, at most 4 bits) the products run on float8 tensor cores (compute capability 8.9+), summed in float32,
+    exactly; with int8 inputs the weights are converted to int8 in registers."""
     if len(parts) not in (1, 2):
         raise ValueError(f"igemm takes one or two input parts, got {len(parts)}")
     fp8 = parts[0][0].q.dtype == FP8_DTYPE
-    if fp8 and (zw is not None or any(t.q.dtype != FP8_DTYPE or t.zero is not None for t, _ in parts)):
-        raise ValueError("float8 carriers need every input part in float8 and weights of at most 4 bits")
+    if fp8 and (weight.dtype != FP8_DTYPE or any(t.q.dtype != FP8_DTYPE for t, _ in parts)):
+        raise ValueError("float8 inputs need float8 weights (int4_storage='fp8') and every input part in float8")
     positions = geo.out_h * geo.out_w  # per sample
     m = geo.batch * positions
     (t0, c0), (t1, c1) = parts[0], parts[-1]
