@@ -91,6 +91,23 @@ def test_float8_needs_float8_tensor_cores(monkeypatch):
         gpukernels.quantize(torch.randn(1, 4, 3), 8, fp8=True)
 
 
+def test_float8_storage_is_int8_where_no_tensor_cores_multiply_float8(monkeypatch):
+    """On the CPU (its own kernels are int8 GEMMs; float8 there only under Triton's interpreter) ``"fp8"`` holds int8
+    carriers, the same bytes without a conversion per call; moved to a device with float8 tensor cores, float8."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11)
+    layer = _frozen(nn.Conv2d(12, 8, 3, padding=1), x, 4, 4, "dynamic")
+    with torch.no_grad():
+        assert layer.set_execution("integer", "packed")
+        reference = layer(x)
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert layer.set_execution("integer", "fp8") and layer.int_weight.dtype == torch.int8
+        assert torch.equal(layer(x), reference)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        layer.float()  # a move or cast decides the layout again for where the layer is
+    assert layer.int_weight.dtype == FP8 and intexec.layout_storage(layer) == "fp8"
+
+
 def test_int4_storage_names_the_choices():
     layer = _frozen(nn.Linear(8, 4), torch.randn(3, 8), 4, 4, "dynamic")
     with pytest.raises(ValueError, match="int4_storage.*fp8"):

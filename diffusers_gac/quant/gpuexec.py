@@ -15,6 +15,7 @@ channels in registers): those run the fake-quant reference (``gpu_support``). No
 annotations`` here: the custom op's schema is read from its annotations.
 """
 
+import os
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -36,20 +37,21 @@ HEADER = 6  # integers before the parts' in a call's description: conv, n, packe
 
 
 def fp8_tensor_cores(device: torch.device | str) -> bool:
-    """Whether ``device`` multiplies float8 on its tensor cores (CUDA compute capability 8.9+: Ada, Hopper and
-    later); CPU tensors take the kernels only through Triton's interpreter, which emulates them (tests)."""
+    """Whether ``device`` multiplies float8 on its tensor cores: CUDA compute capability 8.9+ (Ada, Hopper and
+    later). CPU tensors take the GPU kernels only through Triton's interpreter (``TRITON_INTERPRET=1``, the tests),
+    which emulates float8; the CPU's own kernels are int8 ones."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu"
+    return device.type == "cpu" and triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fp8_carriers(layer: nn.Module) -> bool:
-    """Whether ``layer``'s GPU call multiplies float8 e4m3 carriers: weights kept as float8 (``int4_storage="fp8"``),
-    inputs of at most 4 bits (whose carriers float8 holds exactly, as it holds 4-bit weights'), on a GPU with float8
-    tensor cores. Elsewhere the inputs are int8 and the kernel converts float8 weights to int8 in registers."""
-    return (layer.int_weight.dtype == gpukernels.FP8_DTYPE and all(p.bits <= 4 for p in input_parts(layer.input_quantizer))
-            and fp8_tensor_cores(layer.int_weight.device))
+    """Whether ``layer``'s GPU call multiplies float8 e4m3 carriers: weights held as float8 (``int4_storage="fp8"``,
+    on a device with float8 tensor cores) and inputs of at most 4 bits (whose carriers float8 holds exactly, as it
+    holds 4-bit weights'). With wider inputs the kernel converts the float8 weights to int8 in registers."""
+    return (layer.int_weight.dtype == gpukernels.FP8_DTYPE
+            and all(p.bits <= 4 for p in input_parts(layer.input_quantizer)))
 
 
 def gpu_support(layer: nn.Module) -> str | None:

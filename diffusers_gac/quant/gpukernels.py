@@ -25,9 +25,10 @@ Two kernels per layer call:
 Float8 (``int4_storage="fp8"``): 4-bit weights resident as float8 e4m3 carriers, and inputs of at most 4 bits
 quantized to float8 e4m3 too, multiply on float8 tensor cores (Ada, Hopper) with the same results: e4m3 holds every
 integer up to 16, the tensor cores' partial sums are added into the float32 accumulator every 32 channels (each under
-32 * 225 < 2**13) and no tap's sum reaches 2**24. Why: Triton (3.9) keeps a float8 ``wgmma`` in flight while the next
-step's copies are issued, where it waits for each int8 one; with weights unpacked in registers it waits either way,
-hence float8 weights resident rather than packed ones converted (``benchmarks/gpu_codegen.py`` shows both).
+32 * 225 < 2**13) and no tap's sum reaches 2**24 (at most ``gpuexec.GPU_MAX_CHANNELS`` channels). Why: Triton (3.9) keeps a
+float8 ``wgmma`` in flight while the next step's copies are issued, where it waits for each int8 one
+(``benchmarks/gpu_codegen.py``); an operand built in registers (unpacked from packed codes) is waited for either way,
+hence float8 weights resident rather than packed ones converted per call.
 
 Zero-point corrections (8-bit inputs or weights; see ``intkernels``) are applied per tap, in the kernel:
 ``acc - z * colsum[n] - zw[n] * (r - C * z)`` with ``z`` the token's zero offset, ``r`` its carriers' sum.

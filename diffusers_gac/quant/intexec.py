@@ -10,10 +10,10 @@ A frozen layer (``layers.py``) runs in one of two modes:
       int_weight   the weight blocks, one per (group, input part, kernel tap), each (out/groups, in_part) row-major,
                    concatenated flat. w_bits <= 4: two codes per byte (``intkernels.pack_int4``), unpacked to int8 per
                    call (``int4_storage="packed"``, the default: 0.5 byte per weight resident) or kept as int8
-                   ``c - z`` (``int4_storage="int8"``: 1 byte per weight, no unpacking) or as float8 e4m3 ``c - z``
-                   (``int4_storage="fp8"``, exact: 1 byte per weight; on GPUs with float8 tensor cores, inputs of
-                   at most 4 bits then multiply them as float8, which Triton pipelines where it waits for each int8
-                   step; converted to int8 elsewhere). 5-7 bits: int8 ``c - z``. 8 bits: int8 ``c - 128``.
+                   ``c - z`` (``int4_storage="int8"``: 1 byte per weight, no unpacking) or, on GPUs with float8
+                   tensor cores, as float8 e4m3 ``c - z`` (``int4_storage="fp8"``, exact: 1 byte per weight; inputs
+                   of at most 4 bits then multiply them as float8, which Triton pipelines where it waits for each
+                   int8 step; int8 carriers on other devices). 5-7 bits: int8 ``c - z``. 8 bits: int8 ``c - 128``.
       int_zero     int8 (out, 1): the weight zero points, subtracted while unpacking (packed 4-bit only)
       int_zw       float (out,): ``z - 128`` of 8-bit weights (their correction term)
       int_colsum   float (parts * taps, out): sums of the weight carriers per segment, for 8-bit inputs
@@ -141,9 +141,13 @@ def _zero_points(layer: nn.Module) -> torch.Tensor:
     return layer.weight_quantizer.zero_point.reshape(-1).to(torch.int16)
 
 
-def storage_for(w_bits: int, int4_storage: str) -> str:
-    """The layout ``int4_storage`` gives weights of ``w_bits`` bits: above 4 bits always int8 carriers."""
-    return int4_storage if w_bits <= 4 else "int8"
+def storage_for(w_bits: int, int4_storage: str, device: torch.device | str) -> str:
+    """The layout ``int4_storage`` gives weights of ``w_bits`` bits on ``device``: above 4 bits always int8
+    carriers; float8 ones only where the tensor cores multiply float8 (``gpuexec.fp8_tensor_cores``), int8 ones
+    (the same bytes, without a conversion per call) elsewhere."""
+    if w_bits > 4 or (int4_storage == "fp8" and not gpuexec.fp8_tensor_cores(device)):
+        return "int8"
+    return int4_storage
 
 
 def layout_storage(layer: nn.Module) -> str | None:
@@ -163,7 +167,7 @@ def to_integer(layer: nn.Module, int4_storage: str = "packed") -> None:
     og = out // groups
     zp = _zero_points(layer)
     eight = layer.w_bits == 8
-    storage = storage_for(layer.w_bits, int4_storage)
+    storage = storage_for(layer.w_bits, int4_storage, layer.packed_weight.device)
     packed = storage == "packed"
     carrier = codes - (128 if eight else zp.view(-1, 1, 1, 1))  # int8-exact, see intkernels
     parts = _parts(layer)

@@ -203,7 +203,7 @@ class QuantLayerMixin:
                 or (self._integer_auto and not intexec.integer_pays_off(self, device))):
             intexec.to_fake(self)
             return False
-        if intexec.layout_storage(self) != intexec.storage_for(self.w_bits, self._integer_storage):
+        if intexec.layout_storage(self) != intexec.storage_for(self.w_bits, self._integer_storage, device):
             intexec.to_fake(self)
             intexec.to_integer(self, self._integer_storage)
         return True
