@@ -137,6 +137,8 @@ def main() -> None:
     target = GPUTarget("cuda", args.arch, 32)
     start = time.time()
     calls = []
+    # the layers are laid out as on the target GPU (float8 weights where it has float8 tensor cores), on CPU tensors
+    gpuexec.fp8_tensor_cores = lambda device: args.arch >= 89
     gpukernels.quantize_kernel = Catch(gpukernels.quantize_kernel, calls)
     gpukernels.igemm_kernel = Catch(gpukernels.igemm_kernel, calls)
     rows = []
