@@ -319,7 +319,7 @@ def test_bad_option_values_fail_clearly(tiny_unet):
     freeze_model(tiny_unet)
     with pytest.raises(ValueError, match=r"execution must be one of 'auto', 'integer', 'fake', got 'fast'"):
         set_execution(tiny_unet, "fast")
-    with pytest.raises(ValueError, match=r"int4_storage must be one of 'packed', 'int8', got 'nibbles'"):
+    with pytest.raises(ValueError, match=r"int4_storage must be one of 'packed', 'int8', 'fp8', got 'nibbles'"):
         set_execution(tiny_unet, "integer", int4_storage="nibbles")
 
 
