@@ -236,7 +236,8 @@ def set_execution(model: nn.Module, execution: str = "auto", int4_storage: str =
     (``model.to("cuda")``) it runs the reference, and moved back, the kernels again. ``int4_storage``: how weights of
     4 bits or fewer stay resident in integer mode, ``"packed"`` (two per byte, unpacked per call), ``"int8"`` (one
     per byte) or ``"fp8"`` (one per byte, as float8 on GPUs with float8 tensor cores, which multiply inputs of at
-    most 4 bits as float8, exactly; int8 elsewhere; experimental, see ``intexec``). Checkpoints and results do not depend on the mode beyond float rounding (docs/index.md, Inference)."""
+    most 4 bits as float8, exactly; int8 elsewhere; experimental, see ``intexec``). Checkpoints and results do not
+    depend on the mode beyond float rounding (docs/index.md, Inference)."""
     check_choice("execution", execution, EXECUTIONS)
     check_choice("int4_storage", int4_storage, intexec.INT4_STORAGES)
     chosen: dict[str, list[str]] = {"integer": [], "fake": []}

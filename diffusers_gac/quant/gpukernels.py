@@ -25,10 +25,10 @@ Two kernels per layer call:
 Float8 (``int4_storage="fp8"``): 4-bit weights resident as float8 e4m3 carriers, and inputs of at most 4 bits
 quantized to float8 e4m3 too, multiply on float8 tensor cores (Ada, Hopper) with the same results: e4m3 holds every
 integer up to 16, the tensor cores' partial sums are added into the float32 accumulator every 32 channels (each under
-32 * 225 < 2**13) and no tap's sum reaches 2**24 (at most ``gpuexec.GPU_MAX_CHANNELS`` channels). Why: Triton (3.9) keeps a
-float8 ``wgmma`` in flight while the next step's copies are issued, where it waits for each int8 one
-(``benchmarks/gpu_codegen.py``); an operand built in registers (unpacked from packed codes) is waited for either way,
-hence float8 weights resident rather than packed ones converted per call.
+32 * 225 < 2**13) and no tap's sum reaches 2**24 (at most ``gpuexec.GPU_MAX_CHANNELS`` channels). Why: Triton (3.9)
+keeps a float8 ``wgmma`` in flight while the next step's copies are issued, where it waits for each int8 one
+(``benchmarks/gpu_codegen.py``); an operand built in registers (unpacked from packed codes) is waited for either
+way, hence float8 weights resident rather than packed ones converted per call.
 
 Zero-point corrections (8-bit inputs or weights; see ``intkernels``) are applied per tap, in the kernel:
 ``acc - z * colsum[n] - zw[n] * (r - C * z)`` with ``z`` the token's zero offset, ``r`` its carriers' sum.
@@ -52,10 +52,13 @@ try:  # ships with CUDA builds of torch; without it the package still imports, a
 except Exception:  # noqa: BLE001  (a missing or broken install alike)
     triton = tl = None
 
+FP8_DTYPE = torch.float8_e4m3fn  # float8 carriers (int4_storage="fp8")
+
+
 class Tokens(NamedTuple):
     """A quantized activation, token-major: ``value[t, c] = scale[t] * (q[t, c] - zero[t])``."""
 
-    q: torch.Tensor  # int8 (tokens, C), contiguous
+    q: torch.Tensor  # int8 or float8 (tokens, C), contiguous
     scale: torch.Tensor  # float32 (tokens,)
     zero: torch.Tensor | None  # float32 (tokens,), 8-bit inputs only
     rowsum: torch.Tensor | None  # float32 (tokens,): sum of q over C, when 8-bit weights need it
@@ -283,7 +286,6 @@ def quantize(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tenso
     return Tokens(q, scale, zero, rsum)
 
 
-FP8_DTYPE = torch.float8_e4m3fn
 CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None  # (BM, BN, BK, warps, stages), for tuning runs
 
 
