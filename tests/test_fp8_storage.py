@@ -7,6 +7,7 @@ That the tensor cores' partial sums are exact on a real GPU is ``benchmarks/gpu_
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 from diffusers_gac.quant import gpuexec, gpukernels, intexec
 
 pytest.importorskip("triton")  # without a GPU, conftest.py has chosen Triton's interpreter
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the GPU kernels on CPU tensors through Triton's interpreter")
 
 from test_integer import _frozen, one_thread  # noqa: E402, F401  (a frozen layer with observed ranges; autouse)
 
