@@ -7,6 +7,7 @@ an output by 1e-3 to 1e-2 of it). The same checks on a real GPU: ``python benchm
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -354,3 +355,26 @@ def test_the_kernels_compile_for_hopper_to_vector_loads_and_stores(tmp_path):
         else:
             assert "b16" not in stores and "v4.b32" in stores, (bits, stores)
             assert ("wgmma.f32.e4m3" if bits.endswith("fp8") else "wgmma.s32.s8") in tensor, (bits, tensor)
+
+
+def test_the_gpu_session_script_fits_one_call_and_names_real_variants():
+    """``benchmarks/gpu_session.sh`` runs only on a lent GPU, in one call of at most 10 minutes: its steps' limits
+    leave room for the start, and every variant it asks ``inference_speed.py`` for exists (a typo would cost a GPU
+    session's table)."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", " ")
+    limits = [int(m) for m in re.findall(r"^\s*step (\d+) ", text, re.M)]
+    assert len(limits) >= 6 and sum(limits) <= 590, limits
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import inference_speed
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    lists = re.findall(r"--variants ([\w ]+?) +--", text)
+    assert len(lists) == sum(1 for line in text.splitlines() if "$speed" in line and "step" in line)
+    names = {name for group in lists for name in group.split()}
+    assert {"bf16_int_w4a4_fp8", "graph_bf16_int_w4a4_int8", "compiled_bf16_int_w8a8"} <= names
+    for name in names:
+        inference_speed.variant_name(name)  # raises on an unknown variant
+    with pytest.raises(Exception, match="unknown variant"):
+        inference_speed.variant_name("bf16_int_w4a4_fp9")
