@@ -115,7 +115,7 @@ def check_storages(device: str) -> int:
             assert layer.set_execution("integer", storage), name
             with torch.no_grad():
                 outs[storage] = [layer(x.to(device)).cpu(), layer(x.to(device).bfloat16()).cpu()]
-            fp8 = fp8 or (device != "cpu" and bool(gpuexec.gpu_plan(layer).ints[5]))
+            fp8 = fp8 or (device != "cpu" and gpuexec.fp8_carriers(layer))
         ok = all(torch.equal(a, b) for s in ("int8", "fp8") for a, b in zip(outs[s], outs["packed"]))
         failures += not ok
         print(f"W{w_bits}A{a_bits} {name:26s} int8 and fp8 storage == packed (float32, bfloat16): {ok}; float8 tensor "

@@ -33,7 +33,7 @@ def triton_available() -> bool:
 
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_MAX_CHANNELS = 32768  # the quantize kernel holds a token's channels in registers
-HEADER = 6  # integers before the parts' in a call's description: conv, n, packed, rowsum, parts, fp8
+HEADER = 5  # integers before the parts' in a call's description: conv, n, packed, rowsum, parts
 
 
 def fp8_tensor_cores(device: torch.device | str) -> bool:
@@ -46,12 +46,15 @@ def fp8_tensor_cores(device: torch.device | str) -> bool:
     return device.type == "cpu" and triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _fp8_call(weight: torch.Tensor, bits: list[int]) -> bool:
+    return weight.dtype == gpukernels.FP8_DTYPE and max(bits) <= 4
+
+
 def fp8_carriers(layer: nn.Module) -> bool:
     """Whether ``layer``'s GPU call multiplies float8 e4m3 carriers: weights held as float8 (``int4_storage="fp8"``,
     on a device with float8 tensor cores) and inputs of at most 4 bits (whose carriers float8 holds exactly, as it
     holds 4-bit weights'). With wider inputs the kernel converts the float8 weights to int8 in registers."""
-    return (layer.int_weight.dtype == gpukernels.FP8_DTYPE
-            and all(p.bits <= 4 for p in input_parts(layer.input_quantizer)))
+    return _fp8_call(layer.int_weight, [p.bits for p in input_parts(layer.input_quantizer)])
 
 
 def gpu_support(layer: nn.Module) -> str | None:
@@ -111,8 +114,7 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
         w_scale = w_scale.float()
     w_zero = layer.int_zero.reshape(-1) if spec.packed else None
     bias = None if layer.bias is None else layer.bias.detach()
-    ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), len(spec.parts),
-            int(fp8_carriers(layer))]
+    ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), len(spec.parts)]
     for p, (c0, c1) in zip(quantizers, spec.parts):
         ints += [c0, c1, p.bits]
     if spec.conv:
@@ -160,7 +162,7 @@ def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] 
 
 
 def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tuple[int, ...]:
-    conv, n, _, _, num_parts, _ = ints[:HEADER]
+    conv, n, _, _, num_parts = ints[:HEADER]
     if not conv:
         return (*shape[:-1], n)
     kh, kw, sh, sw, ph, pw, dh, dw = ints[HEADER + 3 * num_parts:]
@@ -171,9 +173,9 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
             bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
             ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
     """One layer through the Triton kernels, from ``gpu_layer_args``: the output in ``x``'s dtype."""
-    conv, n, packed, rowsum, num_parts, fp8 = ints[:HEADER]
+    conv, n, packed, rowsum, num_parts = ints[:HEADER]
     parts = [ints[HEADER + 3 * i:HEADER + 3 + 3 * i] for i in range(num_parts)]
-    packed, rowsum, fp8 = bool(packed), bool(rowsum), bool(fp8)
+    packed, rowsum, fp8 = bool(packed), bool(rowsum), _fp8_call(weight, [bits for _, _, bits in parts])
 
     def static(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if ranges[2 * i] is None else (ranges[2 * i], ranges[2 * i + 1])

@@ -167,7 +167,8 @@ def to_integer(layer: nn.Module, int4_storage: str = "packed") -> None:
     og = out // groups
     zp = _zero_points(layer)
     eight = layer.w_bits == 8
-    storage = storage_for(layer.w_bits, int4_storage, layer.packed_weight.device)
+    device = layer.packed_weight.device
+    storage = storage_for(layer.w_bits, int4_storage, device)
     packed = storage == "packed"
     carrier = codes - (128 if eight else zp.view(-1, 1, 1, 1))  # int8-exact, see intkernels
     parts = _parts(layer)
@@ -189,7 +190,6 @@ def to_integer(layer: nn.Module, int4_storage: str = "packed") -> None:
     flat = torch.cat(stored)
     if storage == "fp8":
         flat = flat.to(torch.float16).to(FP8_DTYPE)  # |c - z| <= 15: exact
-    device = layer.packed_weight.device
     del layer.packed_weight
     layer.register_buffer("int_weight", flat.view(torch.uint8) if packed else flat, persistent=False)
     layer.register_buffer("int_zero", zp.to(torch.int8).view(-1, 1) if packed else None, persistent=False)
