@@ -9,19 +9,30 @@ Under ``torch.compile`` the layer calls ``integer_layer``, the custom op ``diffu
 ``gpu_run``, which keeps the layer inside the compiled graph (no graph break; with ``mode="reduce-overhead"`` the
 step can replay as one CUDA graph); its fake implementation gives the output's shape for tracing.
 
+A layer set to ``"auto"`` has a second path on a GPU: ``dense_run`` (``gpudense``), the fake-quant reference in two
+fused kernels and PyTorch's dense half-precision GEMM, which needs no more memory resident (the weight is
+dequantized per call into a temporary). For each input shape it sees, the layer times both paths once and keeps the
+faster (``choose_path``), so a layer where the integer kernels do not pay runs as fast as dense half precision can
+with its input quantized. Under ``torch.compile`` a layer takes the integer kernels (the custom op).
+
 The GPU kernels serve every layer the integer path serves (``intexec.integer_support``) except grouped convolutions
 and layers with more than ``GPU_MAX_CHANNELS`` input channels in a part (the quantize kernel holds a token's
 channels in registers): those run the fake-quant reference (``gpu_support``). No ``from __future__ import
 annotations`` here: the custom op's schema is read from its annotations.
 """
 
+import functools
+import logging
 import os
+import time
 from typing import List, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import gpukernels
+from ..checks import check_choice
+from . import gpudense, gpukernels
 from .intkernels import _out_size
 from .quantizers import ActQuantizer, input_parts
 
@@ -33,6 +44,8 @@ def triton_available() -> bool:
 
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_MAX_CHANNELS = 32768  # the quantize kernel holds a token's channels in registers
+logger = logging.getLogger(__name__)
+
 HEADER = 5  # integers before the parts' in a call's description: conv, n, packed, rowsum, parts
 
 
@@ -95,6 +108,8 @@ class GpuPlan(NamedTuple):
     quantizers: tuple[ActQuantizer, ...]  # per input part
     static: bool  # some part has static or timestep ranges, read per call (they depend on the batch)
     sources: tuple[int, ...]  # where the layer's tensors lived when it was built (``_sources``)
+    paths: dict  # "auto" layers: the path chosen per input (shape, dtype) (``choose_path``)
+    biases: dict  # the bias cast to an input dtype, for the dense path
 
 
 def _sources(layer: nn.Module) -> tuple[int, ...]:
@@ -122,7 +137,7 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
         ints += [kh, kw, sh, sw, ph, pw, dh, dw]
     static = any(p.scheme != "dynamic" for p in quantizers)
     return GpuPlan((layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw), ints, quantizers, static,
-                   _sources(layer))
+                   _sources(layer), {}, {})
 
 
 def _ranges(plan: GpuPlan, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -169,6 +184,11 @@ def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tu
     return (shape[0], n, _out_size(shape[2], kh, sh, ph, dh), _out_size(shape[3], kw, sw, pw, dw))
 
 
+def _static(ranges: list[torch.Tensor | None], i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Input part ``i``'s static (scale, zero point) per sample from ``_ranges``' list, or None if dynamic."""
+    return None if ranges[2 * i] is None else (ranges[2 * i], ranges[2 * i + 1])
+
+
 def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
             bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
             ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
@@ -177,14 +197,11 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
     parts = [ints[HEADER + 3 * i:HEADER + 3 + 3 * i] for i in range(num_parts)]
     packed, rowsum, fp8 = bool(packed), bool(rowsum), _fp8_call(weight, [bits for _, _, bits in parts])
 
-    def static(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if ranges[2 * i] is None else (ranges[2 * i], ranges[2 * i + 1])
-
     if not conv:
         (_, k, bits), = parts
         batch = x.shape[0] if x.dim() > 1 else 1
         x3 = x.reshape(batch, -1, k).transpose(1, 2)  # (B, K, tokens): tokens in row order
-        tokens = gpukernels.quantize(x3, bits, static(0), rowsum, fp8)
+        tokens = gpukernels.quantize(x3, bits, _static(ranges, 0), rowsum, fp8)
         m = tokens.q.shape[0]
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         geo = gpukernels.Conv(1, 1, m, 1, 1, 1, 1, 0, 0, 1, 1, 1, m)
@@ -196,20 +213,132 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
     acts = []
     for i, (c0, c1, bits) in enumerate(parts):
         xp = x[:, c0:c1] if num_parts > 1 else x
-        acts.append((gpukernels.quantize(xp.flatten(2), bits, static(i), rowsum, fp8), c1 - c0))
+        acts.append((gpukernels.quantize(xp.flatten(2), bits, _static(ranges, i), rowsum, fp8), c1 - c0))
     out = torch.empty(b, n, ho, wo, dtype=x.dtype, device=x.device)
     geo = gpukernels.Conv(b, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
     gpukernels.igemm(acts, weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (n * ho * wo, ho * wo, 1))
     return out
 
 
+def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
+              ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
+    """One layer on the dense path (``gpudense``), from ``gpu_layer_args`` like ``gpu_run``: the input fake-quantized
+    and the weight dequantized (into a temporary) in ``x``'s dtype, then PyTorch's conv/linear: the fake-quant
+    reference's output, from the integer layout."""
+    conv, n, packed, _, num_parts = ints[:HEADER]
+    parts = [ints[HEADER + 3 * i:HEADER + 3 + 3 * i] for i in range(num_parts)]
+    geometry = ints[HEADER + 3 * num_parts:]
+    taps = geometry[0] * geometry[1] if conv else 1
+    w = torch.empty((n, parts[-1][1], *geometry[:2]), dtype=x.dtype, device=x.device)
+    offset = 0
+    for c0, c1, _ in parts:
+        gpudense.dequantize(weight[offset:], bool(packed), w_zero, w_scale, zw, w, (c0, c1), taps)
+        offset += taps * n * ((c1 - c0 + 1) // 2 if packed else c1 - c0)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if not conv:
+        (_, k, bits), = parts
+        batch = x.shape[0] if x.dim() > 1 else 1
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        gpudense.fake_quantize(x.reshape(batch, -1, k).transpose(1, 2), out.view(batch, -1, k).transpose(1, 2),
+                               bits, _static(ranges, 0))
+        return F.linear(out, w.view(n, k), bias)
+    out = torch.empty_like(x)
+    for i, (c0, c1, bits) in enumerate(parts):
+        gpudense.fake_quantize(x[:, c0:c1].flatten(2), out[:, c0:c1].flatten(2), bits, _static(ranges, i))
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    return F.conv2d(out, w, bias, (sh, sw), (ph, pw), (dh, dw))
+
+
+PATHS = {"integer": gpu_run, "dense": dense_run}
+_clock = time.perf_counter
+
+
+def time_paths(runs: dict, device: torch.device, rounds: int = 3, calls: int = 3) -> dict[str, float]:
+    """Seconds per call of each of ``runs`` (name: a function of no arguments): one call each first (compiles,
+    caches), then ``rounds`` rounds of ``calls`` calls each, the paths taking turns, the least round counted; the
+    device synchronized around each round, so a round's time includes the host's work (what bounds a small eager
+    call) and the GPU's."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, run in runs.items():
+            _synchronize(device)
+            start = _clock()
+            for _ in range(calls):
+                run()
+            _synchronize(device)
+            best[name] = min(best[name], (_clock() - start) / calls)
+    return best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose_path(layer: nn.Module, plan: GpuPlan, args: tuple) -> str:
+    """The path (``PATHS``) an ``"auto"`` layer takes for the call ``args`` (``gpu_run``'s): the faster of the two
+    on this input's shape and dtype, timed on the first such call and remembered in the plan (a move, cast or new
+    layout builds a new plan, and times again), unless ``pin_path`` pinned one. While a CUDA graph is being captured
+    nothing can be timed: an input not seen before then takes the integer kernels."""
+    x = args[0]
+    if layer._gpu_path is not None:
+        return layer._gpu_path
+    key = (tuple(x.shape), x.dtype)
+    path = plan.paths.get(key)
+    if path is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "integer"
+        seconds = time_paths({name: functools.partial(run, *args) for name, run in PATHS.items()}, x.device)
+        path = plan.paths[key] = min(seconds, key=seconds.get)
+        logger.debug("auto: %s for input %s %s (%s)", path, tuple(x.shape), x.dtype,
+                     ", ".join(f"{name} {1e6 * s:.0f} us" for name, s in seconds.items()))
+    return path
+
+
+def pin_path(model: nn.Module, path: str | None) -> int:
+    """Run every ``"auto"`` layer of ``model`` on ``path`` (``PATHS``) on a GPU, untimed; None: choose by timing
+    again. For benchmarks and tests. Returns how many quantized layers it set."""
+    if path is not None:
+        check_choice("path", path, tuple(PATHS))
+    layers = [m for m in model.modules() if hasattr(m, "_integer_auto")]
+    for layer in layers:
+        layer._gpu_path = path
+    return len(layers)
+
+
+def chosen_paths(model: nn.Module) -> dict[str, int]:
+    """How many choices of each path ``model``'s ``"auto"`` layers have made on a GPU (one per layer and input shape
+    and dtype seen), by path name."""
+    counts = dict.fromkeys(PATHS, 0)
+    for m in model.modules():
+        plan = m.__dict__.get("_gpu_plan")
+        for path in (plan.paths.values() if plan else ()):
+            counts[path] += 1
+    return counts
+
+
 def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output through the Triton kernels (``gpukernels``), in ``x``'s dtype; None where they do not
-    serve the call (see ``gpu_support``). Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
+    serve the call (see ``gpu_support``). A layer set to ``"auto"`` takes the faster of the integer kernels and the
+    dense path for each input shape (``choose_path``). Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
     if x.dtype not in GPU_DTYPES:
         return None
     plan = gpu_plan(layer)
-    return None if plan is None else gpu_run(x, *plan.tensors, _ranges(plan, x), plan.ints)
+    if plan is None:
+        return None
+    args = (x, *plan.tensors, _ranges(plan, x), plan.ints)
+    if not layer._integer_auto or choose_path(layer, plan, args) == "integer":
+        return gpu_run(*args)
+    bias = plan.tensors[3]
+    if bias is not None and bias.dtype != x.dtype:  # cast once per dtype, not per call
+        bias = plan.biases.get(x.dtype)
+        if bias is None:
+            bias = plan.biases[x.dtype] = plan.tensors[3].to(x.dtype)
+    return dense_run(*args[:4], bias, *args[5:])
 
 
 @torch.library.custom_op("diffusers_gac::integer_layer", mutates_args=())

@@ -90,6 +90,23 @@ if triton is not None:
         odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
         return tl.where((r - v == 0.5) & odd, r - 1.0, r)
 
+    @triton.jit
+    def _token_codes(x, ss_ptr, sz_ptr, b, offs_p, LEVELS: tl.constexpr, STATIC: tl.constexpr):
+        """Per token (a row of ``x``, float32 (tokens, channels), masked entries 0): the codes minus the zero point
+        ``t`` (``q - z``, in ``[-z, LEVELS - z]``), the scale and the zero point, as ``ActQuantizer`` computes them:
+        dynamic ranges ``[min(x, 0), max(x, 0)]`` (masked entries lie inside already), or sample ``b``'s static
+        scale and zero point."""
+        if STATIC:
+            scale = tl.load(ss_ptr + b + offs_p * 0)
+            zp = tl.load(sz_ptr + b + offs_p * 0)
+        else:
+            lo = tl.minimum(tl.min(x, axis=1), 0.0)
+            hi = tl.maximum(tl.max(x, axis=1), 0.0)
+            scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(hi.shape, LEVELS, tl.float32)), 1e-8)  # the library's smallest scale
+            zp = _rint(tl.math.div_rn(-lo, scale))
+        t = _rint(tl.math.div_rn(x, scale[:, None]))
+        return tl.minimum(tl.maximum(t, -zp[:, None]), LEVELS - zp[:, None]), scale, zp
+
     # every size and stride is specialized on (divisibility by 16, or 1): without it the loads of the input and the
     # stores of the codes cannot be proven aligned and contiguous, and go one element at a time
     @triton.jit
@@ -105,16 +122,7 @@ if triton is not None:
         mask = pmask[:, None] & (offs_c[None, :] < C)
         src = x_ptr + b.to(tl.int64) * stride_b + offs_p[:, None].to(tl.int64) * stride_p + offs_c[None, :] * stride_c
         x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        if STATIC:
-            scale = tl.load(ss_ptr + b + offs_p * 0)
-            zp = tl.load(sz_ptr + b + offs_p * 0)
-        else:  # masked entries are 0, inside [min(x, 0), max(x, 0)] already
-            lo = tl.minimum(tl.min(x, axis=1), 0.0)
-            hi = tl.maximum(tl.max(x, axis=1), 0.0)
-            scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(hi.shape, LEVELS, tl.float32)), 1e-8)  # the library's smallest scale
-            zp = _rint(tl.math.div_rn(-lo, scale))
-        t = _rint(tl.math.div_rn(x, scale[:, None]))
-        t = tl.minimum(tl.maximum(t, -zp[:, None]), LEVELS - zp[:, None])
+        t, scale, zp = _token_codes(x, ss_ptr, sz_ptr, b, offs_p, LEVELS, STATIC)
         if EIGHT:
             t = t + (zp[:, None] - 128.0)
         q = t.to(q_ptr.dtype.element_ty)  # int8, or float8 e4m3 (exact: |t| <= 15 for 4-bit inputs)

@@ -78,7 +78,9 @@ class QuantLayerMixin:
     frozen: bool
     execution: str = "fake"  # frozen layers: "fake" (dequantize, float op) or "integer" (int8 GEMMs; intexec.py)
     _integer_storage: str | None = None  # integer execution asked for, with this int4 storage (set_execution)
-    _integer_auto: bool = False  # ... by "auto": decided per device (intexec.integer_pays_off)
+    _integer_auto: bool = False  # ... by "auto": decided per device (intexec.integer_pays_off) and, on a GPU, per
+    # input shape between the integer kernels and the dense path (gpuexec.choose_path) ...
+    _gpu_path: str | None = None  # ... unless pinned to one of them (gpuexec.pin_path)
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
                     act_groups: int, channel_dim: int, split: int | None, group_size: int | None = None,

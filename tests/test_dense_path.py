@@ -1,0 +1,214 @@
+"""The dense path of ``"auto"`` layers on a GPU (``quant/gpudense.py``, ``gpuexec.dense_run``) and the per-shape
+choice between it and the integer kernels (``gpuexec.choose_path``), on CPU tensors through Triton's interpreter.
+
+The dense path is the fake-quant reference computed from the integer layout: in float32 its outputs are the
+reference's bit for bit. In half precision they differ only where Triton's interpreter rounds float32 to bfloat16
+toward zero (a GPU rounds to nearest, as PyTorch does; ``benchmarks/gpu_check.py`` checks there).
+"""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from diffusers_gac import GACConfig
+from diffusers_gac.quant import gpuexec, intexec
+from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers, set_execution
+from diffusers_gac.zoo import load_embedded_unet
+
+pytest.importorskip("triton")  # without a GPU, conftest.py has chosen Triton's interpreter
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the GPU kernels on CPU tensors through Triton's interpreter")
+
+from tiny_models import digits_call  # noqa: E402
+from test_integer import _frozen, one_thread  # noqa: E402, F401  (a frozen layer with observed ranges; autouse)
+
+LAYERS = {
+    "conv 3x3 padded": (lambda: nn.Conv2d(12, 8, 3, padding=1), (2, 12, 9, 11), None),
+    "conv 2x3 stride (2, 1) dilated, no bias": (
+        lambda: nn.Conv2d(12, 8, (2, 3), stride=(2, 1), dilation=(1, 2), bias=False), (2, 12, 9, 11), None),
+    "conv 1x1": (lambda: nn.Conv2d(12, 8, 1), (2, 12, 9, 11), None),
+    "conv 3x3 split input": (lambda: nn.Conv2d(14, 6, 3, padding=1), (2, 14, 7, 6), 5),
+    "linear, odd K": (lambda: nn.Linear(33, 7), (2, 5, 33), None),
+}
+
+
+def _layer(kind, w_bits=4, a_bits=4, scheme="dynamic", seed=0):
+    make, shape, split = LAYERS[kind]
+    torch.manual_seed(seed)
+    x = (torch.randn(shape) + 0.4) * torch.linspace(0.2, 3, shape[-1])  # zero points and uneven tokens matter
+    return _frozen(make(), x, w_bits, a_bits, scheme, split=split), x
+
+
+def _dense(layer, x, storage="packed"):
+    """The reference's output and the dense path's, from the integer layout ``storage``."""
+    with torch.no_grad():
+        reference = layer(x)
+        assert layer.set_execution("integer", storage)
+        plan = gpuexec.gpu_plan(layer)
+        out = gpuexec.dense_run(x, *plan.tensors, gpuexec._ranges(plan, x), plan.ints)
+        layer.set_execution("fake")
+    return reference, out
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (8, 8), (4, 8), (3, 6)])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_dense_path_is_the_reference_bit_for_bit(kind, w_bits, a_bits):
+    layer, x = _layer(kind, w_bits, a_bits)
+    reference, out = _dense(layer, x)
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("scheme", ["static", "timestep"])
+@pytest.mark.parametrize("kind", ["conv 3x3 split input", "linear, odd K"])
+def test_dense_path_takes_static_and_per_timestep_ranges(kind, scheme):
+    layer, x = _layer(kind, 4, 4, scheme)
+    reference, out = _dense(layer, x)
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_dense_path_reads_every_storage(storage, w_bits):
+    """int8 and float8 carriers (``int4_storage``; 8-bit weights are int8 ``c - 128`` whatever it says)."""
+    layer, x = _layer("conv 3x3 split input", w_bits, 4)
+    reference, out = _dense(layer, x, storage)
+    assert torch.equal(out, reference)
+
+
+def test_dense_path_on_strided_inputs():
+    layer, x = _layer("conv 3x3 padded")
+    reference, out = _dense(layer, x.to(memory_format=torch.channels_last))
+    assert torch.equal(out, reference)
+    linear = _frozen(nn.Linear(20, 4), torch.randn(6, 40)[:, ::2], 4, 4, "dynamic")
+    xl = torch.randn(6, 40)[:, ::2]  # stride 2 along the features
+    reference, out = _dense(linear, xl)
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_path_in_half_precision(dtype):
+    """float16: the reference bit for bit. bfloat16: within the interpreter's rounding toward zero of the
+    dequantized input and weight (one unit in the last place each), where a GPU rounds to nearest like PyTorch."""
+    layer, x = _layer("conv 3x3 padded")
+    layer.bias.data = layer.bias.data.to(dtype)
+    reference, out = _dense(layer, x.to(dtype))
+    assert out.dtype == dtype
+    if dtype == torch.float16:
+        assert torch.equal(out, reference)
+    else:
+        bound = 4 * torch.finfo(dtype).eps * reference.float().abs().max()
+        assert (out.float() - reference.float()).abs().max() <= bound
+        assert not torch.equal(out, reference)  # the interpreter's rounding is seen: the comparison is not vacuous
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """``gpuexec.time_paths`` replaced by given seconds per path (``timings["seconds"]``), counting its calls; and
+    ``"auto"`` holding every layer's integer layout, as on a GPU (on the CPU it depends on the layer's width)."""
+    monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)
+    state = {"seconds": {"integer": 2.0, "dense": 1.0}, "calls": 0}
+
+    def fake(runs, device, rounds=3, calls=3):
+        assert set(runs) == set(gpuexec.PATHS) and device.type == "cpu"
+        state["calls"] += 1
+        return dict(state["seconds"])
+
+    monkeypatch.setattr(gpuexec, "time_paths", fake)
+    return state
+
+
+def _runs(monkeypatch):
+    """Which path each GPU call ran."""
+    ran = []
+    for name, run in dict(gpuexec.PATHS).items():
+        monkeypatch.setitem(gpuexec.PATHS, name, run)
+        monkeypatch.setattr(gpuexec, {"integer": "gpu_run", "dense": "dense_run"}[name],
+                            lambda *args, _name=name, _run=run: ran.append(_name) or _run(*args))
+    return ran
+
+
+def test_auto_runs_the_faster_path_per_input_shape_and_remembers_it(timings, monkeypatch):
+    ran = _runs(monkeypatch)
+    layer, x = _layer("conv 3x3 padded")
+    with torch.no_grad():
+        reference = layer(x)
+        assert layer.set_execution("auto")
+        plan = gpuexec.gpu_plan(layer)
+        out = gpuexec.gpu_forward(layer, x)
+        assert timings["calls"] == 1 and ran == ["dense"] and torch.equal(out, reference)
+        gpuexec.gpu_forward(layer, x)
+        assert timings["calls"] == 1 and ran == ["dense"] * 2  # remembered: not timed again
+        timings["seconds"] = {"integer": 1.0, "dense": 2.0}
+        small = gpuexec.gpu_forward(layer, x[:1])  # a new shape: timed, and here the integer kernels win
+        assert timings["calls"] == 2 and ran[-1] == "integer"
+        assert (small - reference[:1]).abs().max() <= 1e-5 * reference.abs().max()
+        assert gpuexec.chosen_paths(layer) == {"integer": 1, "dense": 1}
+        assert gpuexec.gpu_plan(layer) is plan
+        assert layer.set_execution("auto", "int8")  # a new layout, a new plan: timed again
+        gpuexec.gpu_forward(layer, x)
+        assert timings["calls"] == 3 and ran[-1] == "integer"
+
+
+def test_explicit_integer_execution_and_pinned_paths_are_never_timed(timings, monkeypatch):
+    ran = _runs(monkeypatch)
+    layer, x = _layer("linear, odd K")
+    with torch.no_grad():
+        assert layer.set_execution("integer")
+        gpuexec.gpu_forward(layer, x)
+        assert ran == ["integer"]
+        assert layer.set_execution("auto")
+        assert gpuexec.pin_path(layer, "integer") == 1
+        gpuexec.gpu_forward(layer, x)
+        gpuexec.pin_path(layer, "dense")
+        gpuexec.gpu_forward(layer, x)
+        assert ran == ["integer", "integer", "dense"] and timings["calls"] == 0
+        gpuexec.pin_path(layer, None)
+        gpuexec.gpu_forward(layer, x)
+        assert timings["calls"] == 1 and ran[-1] == "dense"
+    with pytest.raises(ValueError, match="path must be one of 'integer', 'dense'"):
+        gpuexec.pin_path(layer, "fast")
+
+
+def test_time_paths_warms_each_path_then_keeps_its_least_round(monkeypatch):
+    """Each path's first call (compiles) is not counted; rounds alternate between paths; seconds are per call."""
+    clock = [0.0]
+    monkeypatch.setattr(gpuexec, "_clock", lambda: clock[0])
+    costs = {"integer": [5.0, 3.0, 2.0, 4.0] + [2.0] * 8, "dense": [9.0, 1.0, 6.0, 1.5] + [1.0] * 8}
+    order = []
+
+    def run(name):
+        order.append(name)
+        clock[0] += costs[name].pop(0)
+
+    seconds = gpuexec.time_paths({name: (lambda n=name: run(n)) for name in costs}, torch.device("cpu"), rounds=2,
+                                 calls=2)
+    assert order == ["integer", "dense"] + ["integer"] * 2 + ["dense"] * 2 + ["integer"] * 2 + ["dense"] * 2
+    assert seconds == {"integer": min(3 + 2, 4 + 2) / 2, "dense": min(1 + 6, 1.5 + 1) / 2}
+
+
+def test_a_whole_model_on_auto_matches_the_reference_on_the_dense_path(monkeypatch, timings):
+    """The embedded digits UNet at W4A4 with ``"auto"``, every layer routed to the GPU path as on a GPU (CPU tensors,
+    Triton's interpreter): pinned to the dense path it computes the reference's output bit for bit; timed, each
+    layer takes the path its timing favours, and the output is the integer kernels' where they win."""
+    model = load_embedded_unet("digits")
+    convert_model(model, GACConfig(w_bits=4, a_bits=4, weight_init="minmax"))
+    freeze_model(model, "fake")
+    call = digits_call()
+    with torch.no_grad():
+        reference = model(**call).sample
+        integer = set_execution(model, "auto")["integer"]
+        assert len(integer) >= 20
+        monkeypatch.setattr(intexec, "forward",
+                            lambda layer, x: gpuexec.gpu_forward(layer, x) if intexec._ready(layer, x) else None)
+        gpuexec.pin_path(model, "dense")
+        assert torch.equal(model(**call).sample, reference)
+        gpuexec.pin_path(model, None)
+        timings["seconds"] = {"integer": 1.0, "dense": 2.0}
+        out = model(**call).sample
+    assert timings["calls"] == len(integer)  # one shape per layer in one forward
+    assert gpuexec.chosen_paths(model) == {"integer": len(integer), "dense": 0}
+    assert ((out - reference).norm() / reference.norm()).item() <= 1e-4
+    assert all(m._integer_auto for m in quant_layers(model).values() if m.execution == "integer")
