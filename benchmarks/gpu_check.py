@@ -9,8 +9,12 @@ Triton's interpreter; this script is for a machine with a CUDA GPU, and exits ea
    bit-identical to packed ones, float8 ones multiplied on float8 tensor cores where the GPU has them (W4A4), on
    layers whose sums are as large as 4-bit codes make them (every product 15 * 15, up to 5120 channels): what makes
    float8 exact is that the tensor cores' partial sums are added into float32 every 32 channels.
-3. The SD-1.5-sized UNet (random weights) at W4A4: the integer model against the fake-quant one on the GPU.
-4. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
+3. The dense path of ``"auto"`` layers (``gpuexec.dense_run``: the input fake-quantized and the weight dequantized by
+   Triton kernels, then PyTorch's conv/linear) against the reference on the GPU, float32 and bfloat16: the same
+   values reach the same dense op, so the outputs should be bit-identical; and what ``"auto"`` chooses, timing both
+   paths, on SD-sized layers.
+4. The SD-1.5-sized UNet (random weights) at W4A4: the integer model against the fake-quant one on the GPU.
+5. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
    ``F.conv2d``/``F.linear``.
 
     python benchmarks/gpu_check.py [--skip-unet] [--skip-sweep]
@@ -123,6 +127,56 @@ def check_storages(device: str) -> int:
     return failures
 
 
+def check_dense(device: str) -> int:
+    """The dense path against the reference, both on the GPU (same inputs to the same dense op: bit-identical
+    expected; within the dtype's rounding accepted), then ``"auto"``'s timed choice on SD-sized layers."""
+    if device != "cuda":
+        print("the dense path runs on CUDA GPUs only: nothing to check here")
+        return 0
+    failures = 0
+    cases = {
+        "conv 3x3 pad": (lambda: nn.Conv2d(96, 80, 3, padding=1), (2, 96, 17, 19), None),
+        "conv 3x3 split": (lambda: nn.Conv2d(128, 64, 3, padding=1), (2, 128, 12, 12), 80),
+        "linear odd K": (lambda: nn.Linear(75, 40), (5, 7, 75), None),
+    }
+    for (w_bits, a_bits), (name, (make, shape, split)) in [(b, c) for b in ((4, 4), (8, 8)) for c in cases.items()]:
+        torch.manual_seed(0)
+        x = torch.randn(shape) + 0.3
+        layer = frozen(make(), x, w_bits, a_bits, "dynamic", split).to(device)
+        results = []
+        for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):
+            xd = x.to(device, dtype)
+            with torch.no_grad():
+                layer.set_execution("fake")
+                ref = layer(xd)
+                assert layer.set_execution("auto") and gpuexec.pin_path(layer, "dense")
+                out = layer(xd)
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            results.append((dtype, torch.equal(out, ref), err, err <= bound and out.dtype == dtype))
+        ok = all(r[3] for r in results)
+        failures += not ok
+        print(f"W{w_bits}A{a_bits} dense {name:16s} " + "  ".join(
+            f"{str(d)[6:]}: identical {same}, err {err:.1e}" for d, same, err, _ in results)
+            + f" {'ok' if ok else 'FAIL'}", flush=True)
+    sizes = {"conv 3x3 320 @64": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 64, 64)),
+             "conv 3x3 1280 @16": (lambda: nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 16, 16)),
+             "linear 640 -> 5120 @1024": (lambda: nn.Linear(640, 5120), (2, 1024, 640))}
+    for name, (make, shape) in sizes.items():
+        torch.manual_seed(0)
+        layer = frozen(make(), torch.randn(shape), 4, 4, "dynamic").to(device).bfloat16()
+        assert layer.set_execution("auto")
+        x = torch.randn(shape, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            plan = gpuexec.gpu_plan(layer)
+            args = (x, *plan.tensors, gpuexec._ranges(plan, x), plan.ints)
+            seconds = gpuexec.time_paths({p: (lambda run=run: run(*args)) for p, run in gpuexec.PATHS.items()},
+                                         x.device)
+            layer(x)
+        print(f"auto W4A4 {name:26s} bf16: " + ", ".join(f"{p} {1e6 * s:.0f} us" for p, s in seconds.items())
+              + f"; chose {[p for p, n in gpuexec.chosen_paths(layer).items() if n]}", flush=True)
+    return failures
+
+
 def check_unet(device: str) -> int:
     """The SD-sized W4A4 UNet at latent 32: integer on the GPU against integer on the CPU (exact int32 sums on both;
     only float rounding differs) and against the fake-quant reference."""
@@ -219,7 +273,7 @@ def main() -> None:
     print(torch.cuda.get_device_name() if device == "cuda" else "cpu", torch.__version__, "kernels available:",
           intexec.integer_kernels_available(device), flush=True)
     failures = 0
-    stages = [("layers", check_layers), ("storages", check_storages), ("unet", None if args.skip_unet else check_unet),
+    stages = [("layers", check_layers), ("storages", check_storages), ("dense", check_dense), ("unet", None if args.skip_unet else check_unet),
               ("sweep", sweep if device == "cuda" and not args.skip_sweep else None)]
     for name, stage in stages:
         if stage is None:

@@ -2,14 +2,16 @@
 # The GPU measurements the CUDA integer path still owes (docs/results/inference_speed_cuda.md), in one call of at
 # most 10 minutes on a machine with a CUDA GPU: each step has its own time limit, so a step that runs long (a slow
 # compile) leaves the others' results. Every step writes its log and table under $OUT (default gpu_out/).
-#   1. layer checks, the weight storages' exactness (float8 included) and the SD-sized UNet against the reference
+#   1. layer checks, the weight storages' exactness (float8 included), the dense path of "auto" against the
+#      reference and its timed choice on SD-sized layers, and the SD-sized UNet against the reference
 #      (benchmarks/gpu_check.py, no tile sweep)
 #   2. host time per layer call, integer layers against bf16 ones (benchmarks/layer_overhead.py), and what the
 #      kernels compile to with that machine's Triton (benchmarks/gpu_codegen.py, a 3x3 convolution)
 #   3. eager and CUDA-graph steps at latent 128 and 64, batch 2, 1 and 4 (the table of issue 19, item 3)
-#   4. W4A4 with its 4-bit weights resident packed, as int8 and as float8 carriers (int4_storage), eager and as CUDA
-#      graphs, at latent 128 and 64, batch 2 and 1: a step of its own, so that its new kernel variants compiling
-#      cannot cost step 3 its table
+#   4. W4A4's paths: weights resident packed, as int8 and as float8 carriers (int4_storage), the dense path, and
+#      "auto" choosing per layer between the integer kernels and the dense path, eager and as CUDA graphs, at latent
+#      128 and 64, batch 2 and 1: a step of its own, so that its new kernel variants compiling cannot cost step 3
+#      its table
 #   5. torch.compile of bf16 and of the integer W4A4/W8A8 models at latent 128, batch 2 (the goal's size)
 #   6. torchao's int8 dynamic quantization compiled, the same size (its compile was the slow one before)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh
@@ -29,19 +31,19 @@ step() {  # step LIMIT_S NAME COMMAND...
     tail -n 4 "$out/$name.log"
 }
 
-step 55 check python benchmarks/gpu_check.py --skip-sweep
-step 40 overhead python benchmarks/layer_overhead.py --device cuda --calls 500 --rounds 5 \
+step 65 check python benchmarks/gpu_check.py --skip-sweep
+step 30 overhead python benchmarks/layer_overhead.py --device cuda --calls 500 --rounds 5 \
     --output "$out/layer_overhead_cuda.md"
 arch=$(python -c "import torch; major, minor = torch.cuda.get_device_capability(); print(10 * major + minor)")
-step 40 codegen python benchmarks/gpu_codegen.py --arch "$arch" --layers "conv 3x3 320 @128" \
+step 30 codegen python benchmarks/gpu_codegen.py --arch "$arch" --layers "conv 3x3 320 @128" \
     --output "$out/gpu_codegen.md"
-step 170 eager $speed --latents 128 64 --batch 2 1 4 --variants fp32 bf16 bf16_fake_w4a4 bf16_int_w8a8 \
-    bf16_int_w4a8 bf16_int_w4a4 bf16_auto_w4a4 graph_bf16 graph_bf16_int_w8a8 graph_bf16_int_w4a4 bf16_bnb_nf4 \
+step 150 eager $speed --latents 128 64 --batch 2 1 4 --variants fp32 bf16 bf16_fake_w4a4 bf16_int_w8a8 \
+    bf16_int_w4a8 bf16_int_w4a4 graph_bf16 graph_bf16_int_w8a8 graph_bf16_int_w4a4 bf16_bnb_nf4 \
     --output "$out/cuda.md"
-step 80 storage $speed --latents 128 64 --batch 2 1 --variants bf16 bf16_int_w4a4 bf16_int_w4a4_int8 \
-    bf16_int_w4a4_fp8 graph_bf16 graph_bf16_int_w4a4 graph_bf16_int_w4a4_int8 graph_bf16_int_w4a4_fp8 \
-    --output "$out/cuda_storage.md"
-step 130 compiled $speed --latents 128 --batch 2 --variants bf16 compiled_bf16 compiled_bf16_int_w8a8 \
+step 125 paths $speed --latents 128 64 --batch 2 1 --variants bf16 bf16_int_w4a4 bf16_int_w4a4_int8 \
+    bf16_int_w4a4_fp8 bf16_dense_w4a4 bf16_auto_w4a4 graph_bf16 graph_bf16_int_w4a4 graph_bf16_int_w4a4_fp8 \
+    graph_bf16_auto_w4a4 --output "$out/cuda_paths.md"
+step 125 compiled $speed --latents 128 --batch 2 --variants bf16 compiled_bf16 compiled_bf16_int_w8a8 \
     compiled_bf16_int_w4a4 --output "$out/cuda_compiled.md"
-step 70 torchao $speed --latents 128 --batch 2 --variants bf16 compiled_bf16_torchao_w8a8 \
+step 65 torchao $speed --latents 128 --batch 2 --variants bf16 compiled_bf16_torchao_w8a8 \
     --output "$out/cuda_torchao.md"

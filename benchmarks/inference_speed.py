@@ -56,7 +56,7 @@ from torch import nn
 from diffusers_gac import GACConfig
 from diffusers_gac.calibration.data import CalibrationData
 from diffusers_gac.calibration.flow import observe_activation_ranges
-from diffusers_gac.quant import gpukernels, intexec
+from diffusers_gac.quant import gpuexec, gpukernels, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers, set_execution
 from diffusers_gac.quant.quantizers import ActQuantizer, WeightQuantizer
 from diffusers_gac.zoo import load_embedded_unet
@@ -80,6 +80,7 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "int_w4a4_int8": ("integer", 4, 4),  # 4-bit weights resident as int8 carriers (int4_storage, STORAGES)
     "int_w4a4_fp8": ("integer", 4, 4),  # ... as float8 carriers: float8 tensor cores on a GPU that has them
     "auto_w4a4": ("auto", 4, 4),
+    "dense_w4a4": ("auto", 4, 4),  # "auto" with every layer pinned to the dense path on a GPU (PINNED)
     "int_w4a4_levers": ("integer", 4, 4, LEVERS),
     "int_w4a4_levers8": ("integer", 4, 4, {**LEVERS, "lowrank_bits": 8}),
     "int_w4a4_g64": ("integer", 4, 4, {"act_group_size": 64}),
@@ -96,6 +97,7 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "bnb_nf4": ("bnb-nf4", 4, None),
 }
 STORAGES = {"int_w4a4_int8": "int8", "int_w4a4_fp8": "fp8"}  # set_execution's int4_storage, else "packed"
+PINNED = {"dense_w4a4": "dense"}  # gpuexec.pin_path: one path for every "auto" layer on a GPU, untimed
 DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
 # Prefixes, outermost first: "compiled_" (torch.compile), "graph_" (one step captured as a CUDA graph and replayed),
@@ -135,6 +137,7 @@ def variant_name(name: str) -> str:
 
 BUILT: dict[tuple[int, str], nn.Module] = {}  # on a GPU, variants built once and timed at every size
 SKIPPED: list[str] = []  # variants that failed to build, with why
+CHOICES: list[str] = []  # the paths "auto" variants chose on a GPU, per size
 PROFILES: list[str] = []  # --profile tables
 SD_CHANNELS = (320, 640, 1280, 1280)
 
@@ -256,6 +259,8 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
     freeze_model(model, kind)
     if base in STORAGES:
         set_execution(model, kind, STORAGES[base])
+    if base in PINNED:
+        gpuexec.pin_path(model, PINNED[base])
     layers = quant_layers(model).values()
     running = sum(m.execution == "integer" for m in layers)
     wanted = {"fake": 0, "integer": sum(intexec.integer_support(m) is None for m in layers)}
@@ -404,6 +409,12 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
         release_memory(reset_compiled=False)  # the float copies a build made and dropped
     fns = {name: forward_fn(model, call, variant_dtype(name)) for name, model in models.items()}
     outputs = {name: fn() for name, fn in fns.items()}
+    for name, model in models.items():  # an "auto" model's layers have timed their paths on this size by now
+        if split_variant(name)[1] == "auto_w4a4" and args.device.startswith("cuda"):
+            counts = gpuexec.chosen_paths(model)
+            CHOICES.append(f"{label} latent {latent} batch {batch} {name}: "
+                           + ", ".join(f"{n} {path}" for path, n in counts.items()) + " (cumulative over sizes)")
+            log(CHOICES[-1])
     reference = outputs["fp32"]  # parse_args always includes fp32
     errors = {name: ((out - reference).norm() / reference.norm()).item() for name, out in outputs.items()}
     half = outputs.get("bf16")
@@ -443,7 +454,10 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
 LEGEND = """Variants: `fake_*` dequantize the packed weight and run float ops on fake-quantized inputs (the reference);
 `int_*` run every layer with quantized inputs on the integer kernels (`execution="integer"`: int8 GEMMs through
 `torch._int_mm` on the CPU, the Triton kernels of `quant/gpukernels.py` on a CUDA GPU); `auto_w4a4` is the loading
-default (on the CPU integer kernels only for layers wide enough to gain; on a GPU every layer). Prefixes: `bf16_` is
+default (on the CPU integer kernels only for layers wide enough to gain; on a GPU, per layer and input shape, the
+faster of the integer kernels and the dense path, timed on the first step of each size), `dense_w4a4` the same with
+every layer on the dense path (the input fake-quantized and the weight dequantized per call by Triton kernels, then
+the dense half-precision conv/linear of PyTorch; GPU only). Prefixes: `bf16_` is
 the model in bfloat16 as a `torch_dtype=torch.bfloat16` load gives it (quantizer state in float32, everything else
 bfloat16; a peer built on the bfloat16 model), `graph_` one step captured as a CUDA graph and replayed (no launch
 overhead), `compiled_` `torch.compile` (compile time in "build s"; `compiled_w4a4` is `compiled_auto_w4a4`). Peers:
@@ -537,7 +551,8 @@ def write_report(rows: list[dict], args: argparse.Namespace, command: str, start
         f"Command: `{command}`", "",
         f"{machine['date']}; {where}, torch {machine['torch']}, {args.clock} clock, median of {args.rounds} "
         f"interleaved rounds; {time.perf_counter() - started:.0f} s in all{'' if final else ' (so far)'}.", "",
-        LEGEND, "", table(rows), "", *(["Not run: " + "; ".join(SKIPPED), ""] if SKIPPED else [])])
+        LEGEND, "", table(rows), "", *(["Not run: " + "; ".join(SKIPPED), ""] if SKIPPED else []),
+        *(["Paths `auto` chose (layer and input shape choices): " + "; ".join(CHOICES), ""] if CHOICES else [])])
     if final:
         print(text)
     if args.output:

@@ -373,7 +373,7 @@ def test_the_gpu_session_script_fits_one_call_and_names_real_variants():
     lists = re.findall(r"--variants ([\w ]+?) +--", text)
     assert len(lists) == sum(1 for line in text.splitlines() if "$speed" in line and "step" in line)
     names = {name for group in lists for name in group.split()}
-    assert {"bf16_int_w4a4_fp8", "graph_bf16_int_w4a4_int8", "compiled_bf16_int_w8a8"} <= names
+    assert {"bf16_int_w4a4_fp8", "bf16_dense_w4a4", "graph_bf16_auto_w4a4", "compiled_bf16_int_w8a8"} <= names
     for name in names:
         inference_speed.variant_name(name)  # raises on an unknown variant
     with pytest.raises(Exception, match="unknown variant"):
