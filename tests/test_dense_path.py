@@ -147,9 +147,14 @@ def test_auto_runs_the_faster_path_per_input_shape_and_remembers_it(timings, mon
         assert (small - reference[:1]).abs().max() <= 1e-5 * reference.abs().max()
         assert gpuexec.chosen_paths(layer) == {"integer": 1, "dense": 1}
         assert gpuexec.gpu_plan(layer) is plan
-        assert layer.set_execution("auto", "int8")  # a new layout, a new plan: timed again
+        layer.bias.data = layer.bias.data.clone()  # tensors replaced (as offloading hooks do): a new plan, ...
+        gpuexec.gpu_forward(layer, x)
+        assert gpuexec.gpu_plan(layer) is not plan
+        assert timings["calls"] == 2 and ran[-1] == "dense"  # ... the same choices
+        assert layer.set_execution("auto", "int8")  # another weight storage: timed again
         gpuexec.gpu_forward(layer, x)
         assert timings["calls"] == 3 and ran[-1] == "integer"
+        assert gpuexec.chosen_paths(layer) == {"integer": 2, "dense": 1}
 
 
 def test_explicit_integer_execution_and_pinned_paths_are_never_timed(timings, monkeypatch):

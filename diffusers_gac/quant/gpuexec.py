@@ -108,7 +108,6 @@ class GpuPlan(NamedTuple):
     quantizers: tuple[ActQuantizer, ...]  # per input part
     static: bool  # some part has static or timestep ranges, read per call (they depend on the batch)
     sources: tuple[int, ...]  # where the layer's tensors lived when it was built (``_sources``)
-    paths: dict  # "auto" layers: the path chosen per input (shape, dtype) (``choose_path``)
     biases: dict  # the bias cast to an input dtype, for the dense path
 
 
@@ -137,7 +136,7 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
         ints += [kh, kw, sh, sw, ph, pw, dh, dw]
     static = any(p.scheme != "dynamic" for p in quantizers)
     return GpuPlan((layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw), ints, quantizers, static,
-                   _sources(layer), {}, {})
+                   _sources(layer), {})
 
 
 def _ranges(plan: GpuPlan, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -279,21 +278,23 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def choose_path(layer: nn.Module, plan: GpuPlan, args: tuple) -> str:
+def choose_path(layer: nn.Module, args: tuple) -> str:
     """The path (``PATHS``) an ``"auto"`` layer takes for the call ``args`` (``gpu_run``'s): the faster of the two
-    on this input's shape and dtype, timed on the first such call and remembered in the plan (a move, cast or new
-    layout builds a new plan, and times again), unless ``pin_path`` pinned one. While a CUDA graph is being captured
-    nothing can be timed: an input not seen before then takes the integer kernels."""
-    x = args[0]
+    for this input's shape and dtype on this device and weight storage, timed on the first such call and remembered
+    by the layer (so offloading hooks that move it back and forth do not time it again), unless ``pin_path`` pinned
+    one. While a CUDA graph is being captured nothing can be timed: an input not seen before then takes the integer
+    kernels."""
+    x, weight = args[0], args[1]
     if layer._gpu_path is not None:
         return layer._gpu_path
-    key = (tuple(x.shape), x.dtype)
-    path = plan.paths.get(key)
+    key = (x.device, weight.dtype, tuple(x.shape), x.dtype)
+    paths = layer.__dict__.setdefault("_gpu_paths", {})
+    path = paths.get(key)
     if path is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return "integer"
         seconds = time_paths({name: functools.partial(run, *args) for name, run in PATHS.items()}, x.device)
-        path = plan.paths[key] = min(seconds, key=seconds.get)
+        path = paths[key] = min(seconds, key=seconds.get)
         logger.debug("auto: %s for input %s %s (%s)", path, tuple(x.shape), x.dtype,
                      ", ".join(f"{name} {1e6 * s:.0f} us" for name, s in seconds.items()))
     return path
@@ -315,8 +316,7 @@ def chosen_paths(model: nn.Module) -> dict[str, int]:
     and dtype seen), by path name."""
     counts = dict.fromkeys(PATHS, 0)
     for m in model.modules():
-        plan = m.__dict__.get("_gpu_plan")
-        for path in (plan.paths.values() if plan else ()):
+        for path in m.__dict__.get("_gpu_paths", {}).values():
             counts[path] += 1
     return counts
 
@@ -331,7 +331,7 @@ def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if plan is None:
         return None
     args = (x, *plan.tensors, _ranges(plan, x), plan.ints)
-    if not layer._integer_auto or choose_path(layer, plan, args) == "integer":
+    if not layer._integer_auto or choose_path(layer, args) == "integer":
         return gpu_run(*args)
     bias = plan.tensors[3]
     if bias is not None and bias.dtype != x.dtype:  # cast once per dtype, not per call
