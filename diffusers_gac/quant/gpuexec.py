@@ -10,10 +10,10 @@ Under ``torch.compile`` the layer calls ``integer_layer``, the custom op ``diffu
 step can replay as one CUDA graph); its fake implementation gives the output's shape for tracing.
 
 A layer set to ``"auto"`` has a second path on a GPU: ``dense_run`` (``gpudense``), the fake-quant reference in two
-fused kernels and PyTorch's dense half-precision GEMM, which needs no more memory resident (the weight is
+fused kernels and PyTorch's dense conv/linear in the input's dtype, which needs no more memory resident (the weight is
 dequantized per call into a temporary). For each input shape it sees, the layer times both paths once and keeps the
-faster (``choose_path``), so a layer where the integer kernels do not pay runs as fast as dense half precision can
-with its input quantized. Under ``torch.compile`` a layer takes the integer kernels (the custom op).
+faster (``choose_path``), so a layer where the integer kernels do not pay runs as fast as the GPU's dense GEMMs
+can with its input quantized. Under ``torch.compile`` a layer takes the integer kernels (the custom op).
 
 The GPU kernels serve every layer the integer path serves (``intexec.integer_support``) except grouped convolutions
 and layers with more than ``GPU_MAX_CHANNELS`` input channels in a part (the quantize kernel holds a token's
@@ -36,6 +36,8 @@ from . import gpudense, gpukernels
 from .intkernels import _out_size
 from .quantizers import ActQuantizer, input_parts
 
+logger = logging.getLogger(__name__)
+
 
 def triton_available() -> bool:
     """Whether Triton is installed (it ships with CUDA builds of torch)."""
@@ -44,8 +46,6 @@ def triton_available() -> bool:
 
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_MAX_CHANNELS = 32768  # the quantize kernel holds a token's channels in registers
-logger = logging.getLogger(__name__)
-
 HEADER = 5  # integers before the parts' in a call's description: conv, n, packed, rowsum, parts
 
 
@@ -278,22 +278,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def choose_path(layer: nn.Module, args: tuple) -> str:
-    """The path (``PATHS``) an ``"auto"`` layer takes for the call ``args`` (``gpu_run``'s): the faster of the two
-    for this input's shape and dtype on this device and weight storage, timed on the first such call and remembered
-    by the layer (so offloading hooks that move it back and forth do not time it again), unless ``pin_path`` pinned
-    one. While a CUDA graph is being captured nothing can be timed: an input not seen before then takes the integer
-    kernels."""
-    x, weight = args[0], args[1]
+def choose_path(layer: nn.Module, calls: dict[str, tuple]) -> str:
+    """The path an ``"auto"`` layer takes for a call, given each path's arguments (``PATHS``: the integer kernels'
+    and the dense path's, ``gpu_run``'s): the faster of the two for this input's shape and dtype on this device and
+    weight storage, timed on the first such call and remembered by the layer (so offloading hooks that move it back
+    and forth do not time it again), unless ``pin_path`` pinned one. While a CUDA graph is being captured nothing can
+    be timed: an input not seen before then takes the integer kernels."""
     if layer._gpu_path is not None:
         return layer._gpu_path
+    x, weight = calls["integer"][:2]
     key = (x.device, weight.dtype, tuple(x.shape), x.dtype)
     paths = layer.__dict__.setdefault("_gpu_paths", {})
     path = paths.get(key)
     if path is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return "integer"
-        seconds = time_paths({name: functools.partial(run, *args) for name, run in PATHS.items()}, x.device)
+        seconds = time_paths({name: functools.partial(run, *calls[name]) for name, run in PATHS.items()}, x.device)
         path = paths[key] = min(seconds, key=seconds.get)
         logger.debug("auto: %s for input %s %s (%s)", path, tuple(x.shape), x.dtype,
                      ", ".join(f"{name} {1e6 * s:.0f} us" for name, s in seconds.items()))
@@ -331,14 +331,21 @@ def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if plan is None:
         return None
     args = (x, *plan.tensors, _ranges(plan, x), plan.ints)
-    if not layer._integer_auto or choose_path(layer, args) == "integer":
+    if not layer._integer_auto:
         return gpu_run(*args)
+    calls = {"integer": args, "dense": (*args[:4], _bias_in(plan, x.dtype), *args[5:])}
+    path = choose_path(layer, calls)
+    return PATHS[path](*calls[path])
+
+
+def _bias_in(plan: GpuPlan, dtype: torch.dtype) -> torch.Tensor | None:
+    """The layer's bias in ``dtype`` (the dense path's op takes it so), cast once per dtype rather than per call."""
     bias = plan.tensors[3]
-    if bias is not None and bias.dtype != x.dtype:  # cast once per dtype, not per call
-        bias = plan.biases.get(x.dtype)
-        if bias is None:
-            bias = plan.biases[x.dtype] = plan.tensors[3].to(x.dtype)
-    return dense_run(*args[:4], bias, *args[5:])
+    if bias is None or bias.dtype == dtype:
+        return bias
+    if dtype not in plan.biases:
+        plan.biases[dtype] = bias.to(dtype)
+    return plan.biases[dtype]
 
 
 @torch.library.custom_op("diffusers_gac::integer_layer", mutates_args=())
