@@ -22,13 +22,13 @@ annotations`` here: the custom op's schema is read from its annotations.
 """
 
 import functools
-import logging
 import os
 import time
 from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils import logging
 from torch import nn
 
 from ..checks import check_choice
@@ -36,7 +36,7 @@ from . import gpudense, gpukernels
 from .intkernels import _out_size
 from .quantizers import ActQuantizer, input_parts
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 def triton_available() -> bool:
@@ -278,6 +278,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@functools.cache
+def _announce_timing() -> None:
+    """Say once per process why a first call is slow."""
+    logger.info("execution='auto' on a GPU: each quantized layer times its integer kernels against its dense path on "
+                "the first call of each input shape, so that call is slower; later calls take the faster path")
+
+
 def choose_path(layer: nn.Module, calls: dict[str, tuple]) -> str:
     """The path an ``"auto"`` layer takes for a call, given each path's arguments (``PATHS``: the integer kernels'
     and the dense path's, ``gpu_run``'s): the faster of the two for this input's shape and dtype on this device and
@@ -293,6 +300,7 @@ def choose_path(layer: nn.Module, calls: dict[str, tuple]) -> str:
     if path is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return "integer"
+        _announce_timing()
         seconds = time_paths({name: functools.partial(run, *calls[name]) for name, run in PATHS.items()}, x.device)
         path = paths[key] = min(seconds, key=seconds.get)
         logger.debug("auto: %s for input %s %s (%s)", path, tuple(x.shape), x.dtype,

@@ -184,8 +184,9 @@ class QuantLayerMixin:
     @torch.no_grad()
     def set_execution(self, execution: str, int4_storage: str = "packed") -> bool:
         """Run this frozen layer as ``"fake"`` quantization or on the ``"integer"`` kernels, or let the device decide
-        (``"auto"``: integer where ``intexec.integer_pays_off`` says the kernels gain); returns whether it runs
-        integer now. A layer the kernels do not serve stays fake (``intexec.integer_support``); one on a device
+        (``"auto"``: integer where ``intexec.integer_pays_off`` says the kernels gain, and on a GPU, per input
+        shape, the faster of the integer kernels and the dense path, ``gpuexec.choose_path``); returns whether it
+        holds the integer layout now. A layer the kernels do not serve stays fake (``intexec.integer_support``); one on a device
         without them runs fake until it is moved to one with them (``_apply``), and ``"auto"`` is decided again
         for the device it is moved to."""
         check_choice("execution", execution, ("fake", "integer", "auto"))
