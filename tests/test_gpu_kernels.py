@@ -18,7 +18,7 @@ from torch import nn
 
 from diffusers_gac import GACConfig
 from diffusers_gac.quant import gpuexec, gpukernels, intexec, intkernels
-from diffusers_gac.quant.convert import convert_model, freeze_model
+from diffusers_gac.quant.convert import convert_model, freeze_model, set_execution
 from diffusers_gac.quant.layers import QuantConv2d
 from diffusers_gac.zoo import load_embedded_unet
 
@@ -143,6 +143,32 @@ def test_grouped_convolution_falls_back_on_the_gpu_path():
     assert gpuexec.gpu_support(layer) == "grouped convolution"
     assert gpuexec.gpu_forward(layer, x) is None
     assert gpuexec.gpu_forward(layer, x.double()) is None  # a dtype the kernels do not take
+
+
+@pytest.mark.parametrize("execution", ["integer", "auto"])
+def test_layers_the_gpu_kernels_refuse_hold_the_packed_layout_on_a_gpu(monkeypatch, execution):
+    """On a GPU (its device and kernels faked here), a layer the Triton kernels do not serve runs the reference from
+    the packed codes (a few ops a call) rather than from the integer layout (which rebuilds the codes block by block
+    at every call), and says so: ``set_execution`` counts it as fake. The CPU kernels keep serving it on the CPU."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    grouped = _frozen(nn.Conv2d(8, 8, 3, padding=1, groups=2), x, 4, 4, "dynamic")
+    plain = _frozen(nn.Conv2d(8, 8, 3, padding=1), x, 4, 4, "dynamic")
+    model = nn.Sequential(grouped, plain)
+    with torch.no_grad():
+        expected = [grouped(x), plain(x)]
+        monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)
+        assert set_execution(model, execution) == {"integer": ["0", "1"], "fake": []}  # the CPU: both
+        monkeypatch.setattr(intexec, "layer_device", lambda layer: torch.device("cuda"))
+        monkeypatch.setattr(intexec, "integer_kernels_available", lambda device: True)
+        assert set_execution(model, execution) == {"integer": ["1"], "fake": ["0"]}
+        assert grouped.execution == "fake" and hasattr(grouped, "packed_weight") and plain.execution == "integer"
+        assert torch.equal(grouped(x), expected[0])
+        assert grouped._integer_storage is not None  # still asked for: back on the CPU it runs integer again
+        monkeypatch.undo()
+        monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)
+        grouped._apply(lambda t: t)
+        assert grouped.execution == "integer"
 
 
 def test_integer_kernels_available_by_device(monkeypatch):

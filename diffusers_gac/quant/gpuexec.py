@@ -17,7 +17,7 @@ can with its input quantized. Under ``torch.compile`` a layer takes the integer 
 
 The GPU kernels serve every layer the integer path serves (``intexec.integer_support``) except grouped convolutions
 and layers with more than ``GPU_MAX_CHANNELS`` input channels in a part (the quantize kernel holds a token's
-channels in registers): those run the fake-quant reference (``gpu_support``). No ``from __future__ import
+channels in registers): those run the fake-quant reference from the packed layout (``gpu_support``). No ``from __future__ import
 annotations`` here: the custom op's schema is read from its annotations.
 """
 
@@ -71,7 +71,8 @@ def fp8_carriers(layer: nn.Module) -> bool:
 
 
 def gpu_support(layer: nn.Module) -> str | None:
-    """Why the GPU kernels do not serve ``layer`` (it runs the reference there), or None if they do."""
+    """Why the GPU kernels do not serve ``layer`` (in its integer layout), or None if they do. On a GPU such a layer
+    goes back to the packed layout and runs the reference (``layers``' ``_sync_execution``)."""
     spec = layer._int_spec
     if spec.conv and spec.geometry.groups != 1:
         return "grouped convolution"
