@@ -193,6 +193,22 @@ def test_time_paths_warms_each_path_then_keeps_its_least_round(monkeypatch):
     assert seconds == {"integer": min(3 + 2, 4 + 2) / 2, "dense": min(1 + 6, 1.5 + 1) / 2}
 
 
+def test_a_path_that_fails_loses_the_choice_with_a_warning(monkeypatch, caplog):
+    """The dense path failing on some GPU (a kernel that does not compile there, say) costs the layer that path,
+    not the forward pass; if every path fails, the error is raised."""
+    monkeypatch.setattr(gpuexec, "_clock", lambda: 0.0)
+
+    def broken():
+        raise RuntimeError("no such kernel")
+
+    with caplog.at_level("WARNING", logger=gpuexec.__name__):
+        seconds = gpuexec.time_paths({"integer": lambda: None, "dense": broken}, torch.device("cpu"))
+    assert seconds == {"integer": 0.0, "dense": float("inf")}
+    assert "the dense path failed on this input (RuntimeError: no such kernel)" in caplog.text
+    with pytest.raises(RuntimeError, match="no such kernel"):
+        gpuexec.time_paths({"integer": broken, "dense": broken}, torch.device("cpu"))
+
+
 def test_a_whole_model_on_auto_matches_the_reference_on_the_dense_path(monkeypatch, timings):
     """The embedded digits UNet at W4A4 with ``"auto"``, every layer routed to the GPU path as on a GPU (CPU tensors,
     Triton's interpreter): pinned to the dense path it computes the reference's output bit for bit; timed, each

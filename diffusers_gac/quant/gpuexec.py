@@ -259,12 +259,24 @@ def time_paths(runs: dict, device: torch.device, rounds: int = 3, calls: int = 3
     """Seconds per call of each of ``runs`` (name: a function of no arguments): one call each first (compiles,
     caches), then ``rounds`` rounds of ``calls`` calls each, the paths taking turns, the least round counted; the
     device synchronized around each round, so a round's time includes the host's work (what bounds a small eager
-    call) and the GPU's."""
-    for run in runs.values():
-        run()
+    call) and the GPU's. A path whose first call raises is timed as infinite, with a warning (the others still
+    run); if every path raises, the first one's error is raised."""
+    failed = {}
+    for name, run in runs.items():
+        try:
+            run()
+        except Exception as err:  # noqa: BLE001  (a path that cannot run here loses the choice, and says why)
+            failed[name] = err
+    if len(failed) == len(runs):
+        raise next(iter(failed.values()))
+    for name, err in failed.items():
+        logger.warning(f"execution='auto': the {name} path failed on this input ({type(err).__name__}: {err}); "
+                       "the layer takes another")
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
         for name, run in runs.items():
+            if name in failed:
+                continue
             _synchronize(device)
             start = _clock()
             for _ in range(calls):
