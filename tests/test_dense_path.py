@@ -15,6 +15,8 @@ from torch import nn
 from diffusers_gac import GACConfig
 from diffusers_gac.quant import gpuexec, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers, set_execution
+from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
+from diffusers_gac.quant.quantizers import input_parts
 from diffusers_gac.zoo import load_embedded_unet
 
 pytest.importorskip("triton")  # without a GPU, conftest.py has chosen Triton's interpreter
@@ -102,6 +104,64 @@ def test_dense_path_in_half_precision(dtype):
         bound = 4 * torch.finfo(dtype).eps * reference.float().abs().max()
         assert (out.float() - reference.float()).abs().max() <= bound
         assert not torch.equal(out, reference)  # the interpreter's rounding is seen: the comparison is not vacuous
+
+
+def _lever_layer(kind, group_size=None, clip=None, a_bits=4, smoothing=False):
+    """A frozen W4 layer with dynamic ranges per group of ``group_size`` channels and/or clipped by ``clip``."""
+    make, shape, split = LAYERS[kind]
+    torch.manual_seed(0)
+    x = (torch.randn(shape) + 0.4) * torch.linspace(0.2, 3, shape[-1])
+    module = make()
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    layer = cls.from_module(module, w_bits=4, a_bits=a_bits, weight_init="minmax", act_scheme="dynamic", split=split,
+                            group_size=group_size, clipping=clip is not None)
+    layer.freeze()
+    for q in input_parts(layer.input_quantizer):
+        if clip is not None:
+            q.clip.fill_(clip)
+    return layer, x
+
+
+@pytest.mark.parametrize("a_bits", [4, 8])
+@pytest.mark.parametrize("kind", ["conv 3x3 padded", "conv 3x3 split input", "linear, odd K"])
+def test_clipped_ranges_on_both_gpu_paths(kind, a_bits):
+    """``act_clipping``: the quantize kernels shrink each token's range by the layer's ratio, as the quantizer does."""
+    layer, x = _lever_layer(kind, clip=0.6, a_bits=a_bits)
+    reference, dense = _dense(layer, x)
+    assert torch.equal(dense, reference)
+    with torch.no_grad():
+        assert layer.set_execution("integer") and gpuexec.gpu_support(layer) is None
+        integer = gpuexec.gpu_forward(layer, x)
+        for q in input_parts(layer.input_quantizer):
+            q.clip.fill_(1.0)
+        unclipped = gpuexec.gpu_forward(layer, x)
+    assert (integer - reference).abs().max() <= 1e-5 * reference.abs().max()
+    assert (unclipped - reference).abs().max() > 1e-3 * reference.abs().max()  # the ratio is read, not assumed
+
+
+@pytest.mark.parametrize("kind,group_size", [("conv 3x3 padded", 4), ("conv 3x3 split input", 3),
+                                             ("conv 1x1", 6), ("linear, odd K", 11)])
+def test_per_group_ranges_run_the_dense_path(kind, group_size):
+    """``act_group_size``: the integer kernels do not take ranges per channel group, the dense path does (one
+    launch per run of equal groups), whatever the layer's execution: the reference bit for bit."""
+    layer, x = _lever_layer(kind, group_size=group_size, clip=0.8)
+    reference, dense = _dense(layer, x)
+    assert torch.equal(dense, reference)
+    with torch.no_grad():
+        assert layer.set_execution("integer")
+        assert gpuexec.gpu_support(layer) == "activation ranges per channel group (act_group_size)"
+        assert gpuexec.dense_support(layer) is None
+        assert torch.equal(gpuexec.gpu_forward(layer, x), reference)
+        assert gpuexec.gpu_layer_args(layer, x) is None  # compiled: the reference, traced
+
+
+def test_runs_merge_equal_channel_groups_only():
+    dynamic, clip = [None, None, None], torch.tensor(0.5)
+    parts = [[0, 4, 4], [4, 8, 4], [8, 12, 4], [12, 14, 4], [14, 16, 4], [16, 20, 4], [20, 24, 8]]
+    ranges = dynamic * 5 + [None, None, clip] + dynamic
+    assert gpuexec._runs(parts, ranges) == [(0, 3, 4, 4), (3, 2, 2, 4), (5, 1, 4, 4), (6, 1, 4, 8)]
+    static = [torch.ones(2), torch.zeros(2), None]
+    assert gpuexec._runs([[0, 4, 4], [4, 8, 4]], static * 2) == [(0, 1, 4, 4), (1, 1, 4, 4)]
 
 
 @pytest.fixture

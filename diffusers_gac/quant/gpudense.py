@@ -17,76 +17,87 @@ from .gpukernels import _cdiv, _next_pow2, _token_codes, tl, triton
 
 if triton is not None:
     @triton.jit
-    def fake_quantize_kernel(x_ptr, o_ptr, ss_ptr, sz_ptr, C, P, stride_b, stride_c, stride_p,
-                             so_b, so_c, so_p, LEVELS: tl.constexpr, STATIC: tl.constexpr,
+    def fake_quantize_kernel(x_ptr, o_ptr, ss_ptr, sz_ptr, clip_ptr, G, C, P, stride_b, stride_g, stride_c, stride_p,
+                             so_b, so_g, so_c, so_p, LEVELS: tl.constexpr, STATIC: tl.constexpr, CLIP: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         pid_p = tl.program_id(0)
-        b = tl.program_id(1)
+        b = tl.program_id(1) // G
+        g = (tl.program_id(1) % G).to(tl.int64)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_c = tl.arange(0, BLOCK_C)
         mask = (offs_p < P)[:, None] & (offs_c[None, :] < C)
         p64 = offs_p[:, None].to(tl.int64)
-        x = tl.load(x_ptr + b.to(tl.int64) * stride_b + p64 * stride_p + offs_c[None, :] * stride_c, mask=mask,
-                    other=0.0).to(tl.float32)
-        t, scale, _ = _token_codes(x, ss_ptr, sz_ptr, b, offs_p, LEVELS, STATIC)
-        dst = o_ptr + b.to(tl.int64) * so_b + p64 * so_p + offs_c[None, :] * so_c
+        src = x_ptr + b.to(tl.int64) * stride_b + g * stride_g + p64 * stride_p + offs_c[None, :] * stride_c
+        x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        t, scale, _ = _token_codes(x, ss_ptr, sz_ptr, clip_ptr, b, offs_p, LEVELS, STATIC, CLIP)
+        dst = o_ptr + b.to(tl.int64) * so_b + g * so_g + p64 * so_p + offs_c[None, :] * so_c
         tl.store(dst, (t * scale[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def dequantize_kernel(w_ptr, wz_ptr, ws_ptr, zw_ptr, o_ptr, N, C, WIDTH, c0, so_n, so_c, so_t,
-                          PACKED: tl.constexpr, ZW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def dequantize_kernel(w_ptr, wz_ptr, ws_ptr, zw_ptr, o_ptr, N, C, WIDTH, c0, so_n, so_c,
+                          TAPS: tl.constexpr, PACKED: tl.constexpr, ZW: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        tap = tl.program_id(2)
+        block = tl.program_id(2)  # (channel group, tap): the blocks of one part, or of its channel groups, in order
+        tap = block % TAPS
+        first = c0 + (block // TAPS) * C  # the group's first channel
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_k = pid_k * BK + tl.arange(0, BK)
         nmask = offs_n < N
         mask = nmask[:, None] & (offs_k < WIDTH)[None, :]
-        block = w_ptr + tap.to(tl.int64) * N * WIDTH + offs_n[:, None].to(tl.int64) * WIDTH
+        rows = w_ptr + block.to(tl.int64) * N * WIDTH + offs_n[:, None].to(tl.int64) * WIDTH
         scale = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)[:, None]
-        dst = o_ptr + offs_n[:, None].to(tl.int64) * so_n + tap * so_t
+        dst = o_ptr + offs_n[:, None].to(tl.int64) * so_n + tap
         if PACKED:  # WIDTH = ceil(C/2) bytes: low nibble channel j, high nibble channel j + WIDTH
-            w = tl.load(block + offs_k[None, :], mask=mask, other=0)
+            w = tl.load(rows + offs_k[None, :], mask=mask, other=0)
             wz = tl.load(wz_ptr + offs_n, mask=nmask, other=0)[:, None]
             lo = ((w & 15).to(tl.int8) - wz).to(tl.float32) * scale
             hi = ((w >> 4).to(tl.int8) - wz).to(tl.float32) * scale
-            tl.store(dst + (c0 + offs_k)[None, :] * so_c, lo.to(o_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + (c0 + WIDTH + offs_k)[None, :] * so_c, hi.to(o_ptr.dtype.element_ty),
+            tl.store(dst + (first + offs_k)[None, :] * so_c, lo.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + (first + WIDTH + offs_k)[None, :] * so_c, hi.to(o_ptr.dtype.element_ty),
                      mask=mask & (offs_k + WIDTH < C)[None, :])
         else:  # carriers: int8 or float8 (small integers: exact through float16) c - z, or c - 128 for 8 bits
-            w = tl.load(block + offs_k[None, :], mask=mask, other=0.0)
+            w = tl.load(rows + offs_k[None, :], mask=mask, other=0.0)
             v = w.to(tl.float16).to(tl.float32) if w.dtype == tl.float8e4nv else w.to(tl.float32)
             if ZW:
                 v = v - tl.load(zw_ptr + offs_n, mask=nmask, other=0.0)[:, None]
-            tl.store(dst + (c0 + offs_k)[None, :] * so_c, (v * scale).to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + (first + offs_k)[None, :] * so_c, (v * scale).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def fake_quantize(x: torch.Tensor, out: torch.Tensor, bits: int,
-                  static: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Write ``x`` fake-quantized per token into ``out``, both viewed as ``(B, C, P)`` (any strides; ``out`` in the
-    dtype wanted): the codes of ``gpukernels.quantize`` (float32 ranges and divisions), dequantized in float32 and
-    rounded once to ``out``'s dtype, as ``ActQuantizer`` does. ``static``: per-sample ``(scale, zero_point)``."""
-    b, c, p = x.shape
+                  static: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Write ``x`` fake-quantized per token into ``out``, both viewed as ``(B, C, P)`` or, for ranges per group of
+    ``C`` channels, ``(B, G, C, P)`` (any strides; ``out`` in the dtype wanted): the codes of
+    ``gpukernels.quantize`` (float32 ranges and divisions), dequantized in float32 and rounded once to ``out``'s
+    dtype, as ``ActQuantizer`` does. ``static``: per-sample ``(scale, zero_point)``; ``clip``: the ratio dynamic
+    ranges shrink by."""
+    if x.dim() == 3:
+        x, out = x.unsqueeze(1), out.unsqueeze(1)
+    b, g, c, p = x.shape
     block_c = _next_pow2(c)
     block_p = max(1, min(64, 8192 // block_c))
     ss, sz = static if static is not None else (x, x)  # unread without STATIC
-    fake_quantize_kernel[(_cdiv(p, block_p), b)](
-        x, out, ss, sz, c, p, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        LEVELS=2**bits - 1, STATIC=static is not None, BLOCK_P=block_p, BLOCK_C=block_c,
+    fake_quantize_kernel[(_cdiv(p, block_p), b * g)](
+        x, out, ss, sz, clip if clip is not None else x, g, c, p, *x.stride(), *out.stride(),
+        LEVELS=2**bits - 1, STATIC=static is not None, CLIP=clip is not None, BLOCK_P=block_p, BLOCK_C=block_c,
         num_warps=4 if block_c * block_p <= 4096 else 8)
     return out
 
 
 def dequantize(blocks: torch.Tensor, packed: bool, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
-               zw: torch.Tensor | None, out: torch.Tensor, part: tuple[int, int], taps: int) -> None:
-    """Write the weight of one input part (channels ``part = (c0, c1)``) into ``out`` ((N, C[, kh, kw]),
-    contiguous), ``scale * (c - z)`` in float32 rounded once to ``out``'s dtype, as ``dequantized_weight`` computes it.
-    ``blocks``: the part's ``taps`` blocks of ``intexec``'s layout, from the first one's start (packed 4-bit codes
-    with int8 zero points ``w_zero``, or int8/float8 carriers, minus ``zw`` for 8-bit weights)."""
-    c0, c1 = part
+               zw: torch.Tensor | None, out: torch.Tensor, first: int, channels: int, taps: int,
+               groups: int = 1) -> None:
+    """Write the weight of ``groups`` consecutive input parts of ``channels`` channels each, from channel ``first``,
+    into ``out`` ((N, C[, kh, kw]), contiguous): ``scale * (c - z)`` in float32 rounded once to ``out``'s dtype, as
+    ``dequantized_weight`` computes it. ``blocks``: the parts' ``groups * taps`` blocks of ``intexec``'s layout
+    (part-major, then tap), from the first one's start: packed 4-bit codes with int8 zero points ``w_zero``, or
+    int8/float8 carriers, minus ``zw`` for 8-bit weights."""
     n = out.shape[0]
-    width = (c1 - c0 + 1) // 2 if packed else c1 - c0
+    width = (channels + 1) // 2 if packed else channels
     bk = min(128, _next_pow2(width))
-    dequantize_kernel[(_cdiv(n, 64), _cdiv(width, bk), taps)](
-        blocks, w_zero if packed else w_scale, w_scale, zw if zw is not None else w_scale, out, n, c1 - c0, width,
-        c0, out.stride(0), out.stride(1), 1, PACKED=packed, ZW=zw is not None, BN=64, BK=bk, num_warps=4)
+    dequantize_kernel[(_cdiv(n, 64), _cdiv(width, bk), groups * taps)](
+        blocks, w_zero if packed else w_scale, w_scale, zw if zw is not None else w_scale, out, n, channels, width,
+        first, out.stride(0), out.stride(1), TAPS=taps, PACKED=packed, ZW=zw is not None, BN=64, BK=bk,
+        num_warps=4)

@@ -34,7 +34,7 @@ from torch import nn
 from ..checks import check_choice
 from . import gpudense, gpukernels
 from .intkernels import _out_size
-from .quantizers import ActQuantizer, input_parts
+from .quantizers import ActQuantizer, input_parts, part_quantizers
 
 logger = logging.get_logger(__name__)
 
@@ -70,19 +70,23 @@ def fp8_carriers(layer: nn.Module) -> bool:
     return _fp8_call(layer.int_weight, [p.bits for p in input_parts(layer.input_quantizer)])
 
 
-def gpu_support(layer: nn.Module) -> str | None:
-    """Why the GPU kernels do not serve ``layer`` (in its integer layout), or None if they do. On a GPU such a layer
-    goes back to the packed layout and runs the reference (``layers``' ``_sync_execution``)."""
-    spec = layer._int_spec
-    if spec.conv and spec.geometry.groups != 1:
+def dense_support(layer: nn.Module) -> str | None:
+    """Why no GPU path serves ``layer`` (neither the integer kernels nor the dense one), or None if one does. On a
+    GPU such a layer goes back to the packed layout and runs the reference (``layers``' ``_sync_execution``)."""
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return "grouped convolution"
-    if max(c1 - c0 for c0, c1 in spec.parts) > GPU_MAX_CHANNELS:
+    if max(c1 - c0 for _, c0, c1 in part_quantizers(layer)) > GPU_MAX_CHANNELS:
         return f"more than {GPU_MAX_CHANNELS} input channels"
-    if any(q.clip is not None for q in input_parts(layer.input_quantizer)):
-        return "clipped activation ranges (act_clipping)"
-    if len(spec.parts) != len(input_parts(layer.input_quantizer)):
-        return "activation ranges per channel group (act_group_size)"
     return None
+
+
+def gpu_support(layer: nn.Module) -> str | None:
+    """Why the GPU's integer kernels do not serve ``layer``, or None if they do. The layers the dense path serves
+    apart from them (activation ranges per channel group) run it whatever their execution (``gpu_forward``)."""
+    reason = dense_support(layer)
+    if reason is None and len(part_quantizers(layer)) != len(input_parts(layer.input_quantizer)):
+        reason = "activation ranges per channel group (act_group_size)"
+    return reason
 
 
 def static_range(q: ActQuantizer, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -106,8 +110,9 @@ class GpuPlan(NamedTuple):
 
     tensors: tuple  # int_weight, w_zero, w_scale, bias, colsum, zw (``gpu_run``'s arguments after x)
     ints: list[int]
-    quantizers: tuple[ActQuantizer, ...]  # per input part
+    quantizers: tuple[ActQuantizer, ...]  # per input part (a channel group of per-group ranges is a part)
     static: bool  # some part has static or timestep ranges, read per call (they depend on the batch)
+    integer: bool  # the integer kernels serve the layer (else only the dense path does)
     sources: tuple[int, ...]  # where the layer's tensors lived when it was built (``_sources``)
     biases: dict  # the bias cast to an input dtype, for the dense path
 
@@ -122,7 +127,7 @@ def _sources(layer: nn.Module) -> tuple[int, ...]:
 
 
 def _build_plan(layer: nn.Module) -> GpuPlan:
-    quantizers = tuple(input_parts(layer.input_quantizer))
+    quantizers = tuple(q for q, _, _ in part_quantizers(layer))
     spec = layer._int_spec
     w_scale = layer.weight_quantizer.scale.reshape(-1)
     if w_scale.dtype != torch.float32:
@@ -137,18 +142,17 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
         ints += [kh, kw, sh, sw, ph, pw, dh, dw]
     static = any(p.scheme != "dynamic" for p in quantizers)
     return GpuPlan((layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw), ints, quantizers, static,
-                   _sources(layer), {})
+                   gpu_support(layer) is None, _sources(layer), {})
 
 
 def _ranges(plan: GpuPlan, x: torch.Tensor) -> list[torch.Tensor | None]:
-    """Per input part, the static (scale, zero point) per sample of this call, or two Nones for dynamic ranges."""
-    if not plan.static:
-        return [None, None] * len(plan.quantizers)
+    """Per input part, three entries: the static (scale, zero point) per sample of this call (two Nones for dynamic
+    ranges), and the clipping ratio of dynamic ones (``act_clipping``; None without)."""
     batch = x.shape[0] if x.dim() > 1 else 1
     ranges = []
     for p in plan.quantizers:
-        static = static_range(p, batch, x.device)
-        ranges += [None, None] if static is None else list(static)
+        static = static_range(p, batch, x.device) if plan.static else None
+        ranges += [None, None, p.clip] if static is None else [*static, None]
     return ranges
 
 
@@ -156,7 +160,7 @@ def gpu_plan(layer: nn.Module) -> GpuPlan | None:
     """The layer's cached ``GpuPlan``, built on first use; None where the GPU kernels do not serve it."""
     plan = layer.__dict__.get("_gpu_plan")
     if plan is None or plan and plan.sources != _sources(layer):
-        plan = _build_plan(layer) if gpu_support(layer) is None else False
+        plan = _build_plan(layer) if dense_support(layer) is None else False
         layer._gpu_plan = plan
     return plan or None
 
@@ -186,7 +190,7 @@ def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tu
 
 def _static(ranges: list[torch.Tensor | None], i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Input part ``i``'s static (scale, zero point) per sample from ``_ranges``' list, or None if dynamic."""
-    return None if ranges[2 * i] is None else (ranges[2 * i], ranges[2 * i + 1])
+    return None if ranges[3 * i] is None else (ranges[3 * i], ranges[3 * i + 1])
 
 
 def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
@@ -201,7 +205,7 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
         (_, k, bits), = parts
         batch = x.shape[0] if x.dim() > 1 else 1
         x3 = x.reshape(batch, -1, k).transpose(1, 2)  # (B, K, tokens): tokens in row order
-        tokens = gpukernels.quantize(x3, bits, _static(ranges, 0), rowsum, fp8)
+        tokens = gpukernels.quantize(x3, bits, _static(ranges, 0), rowsum, fp8, ranges[2])
         m = tokens.q.shape[0]
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         geo = gpukernels.Conv(1, 1, m, 1, 1, 1, 1, 0, 0, 1, 1, 1, m)
@@ -213,11 +217,27 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
     acts = []
     for i, (c0, c1, bits) in enumerate(parts):
         xp = x[:, c0:c1] if num_parts > 1 else x
-        acts.append((gpukernels.quantize(xp.flatten(2), bits, _static(ranges, i), rowsum, fp8), c1 - c0))
+        acts.append((gpukernels.quantize(xp.flatten(2), bits, _static(ranges, i), rowsum, fp8, ranges[3 * i + 2]),
+                     c1 - c0))
     out = torch.empty(b, n, ho, wo, dtype=x.dtype, device=x.device)
     geo = gpukernels.Conv(b, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
     gpukernels.igemm(acts, weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (n * ho * wo, ho * wo, 1))
     return out
+
+
+def _runs(parts: list[list[int]], ranges: list[torch.Tensor | None]) -> list[tuple[int, int, int, int]]:
+    """The input parts as runs of equal ones, ``(first part, count, channels each, bits)``: the channel groups of
+    per-group ranges (dynamic, same bits, same clipping) are one run, which one kernel launch serves."""
+    runs = []
+    for i, (c0, c1, bits) in enumerate(parts):
+        if runs and ranges[3 * i] is None:
+            j, count, width, b = runs[-1]
+            if (ranges[3 * j] is None and width == c1 - c0 and b == bits and ranges[3 * j + 2] is ranges[3 * i + 2]
+                    and parts[j][0] + count * width == c0):
+                runs[-1] = (j, count + 1, width, b)
+                continue
+        runs.append((i, 1, c1 - c0, bits))
+    return runs
 
 
 def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
@@ -225,28 +245,33 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
               ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
     """One layer on the dense path (``gpudense``), from ``gpu_layer_args`` like ``gpu_run``: the input fake-quantized
     and the weight dequantized (into a temporary) in ``x``'s dtype, then PyTorch's conv/linear: the fake-quant
-    reference's output, from the integer layout."""
+    reference's output, from the integer layout. Two launches per run of equal input parts (``_runs``)."""
     conv, n, packed, _, num_parts = ints[:HEADER]
     parts = [ints[HEADER + 3 * i:HEADER + 3 + 3 * i] for i in range(num_parts)]
     geometry = ints[HEADER + 3 * num_parts:]
     taps = geometry[0] * geometry[1] if conv else 1
+    runs = _runs(parts, ranges)
     w = torch.empty((n, parts[-1][1], *geometry[:2]), dtype=x.dtype, device=x.device)
     offset = 0
-    for c0, c1, _ in parts:
-        gpudense.dequantize(weight[offset:], bool(packed), w_zero, w_scale, zw, w, (c0, c1), taps)
-        offset += taps * n * ((c1 - c0 + 1) // 2 if packed else c1 - c0)
+    for first, count, width, _ in runs:
+        gpudense.dequantize(weight[offset:], bool(packed), w_zero, w_scale, zw, w, parts[first][0], width, taps, count)
+        offset += count * taps * n * ((width + 1) // 2 if packed else width)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if not conv:
-        (_, k, bits), = parts
+    if conv:  # (B, C, H, W) -> per run (B, groups, channels each, H * W)
+        out = torch.empty_like(x)
+        xv, ov = x.flatten(2), out.flatten(2)
+    else:  # (..., K) -> (B, K, tokens)
         batch = x.shape[0] if x.dim() > 1 else 1
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        gpudense.fake_quantize(x.reshape(batch, -1, k).transpose(1, 2), out.view(batch, -1, k).transpose(1, 2),
-                               bits, _static(ranges, 0))
-        return F.linear(out, w.view(n, k), bias)
-    out = torch.empty_like(x)
-    for i, (c0, c1, bits) in enumerate(parts):
-        gpudense.fake_quantize(x[:, c0:c1].flatten(2), out[:, c0:c1].flatten(2), bits, _static(ranges, i))
+        xv, ov = x.reshape(batch, -1, x.shape[-1]).transpose(1, 2), out.view(batch, -1, x.shape[-1]).transpose(1, 2)
+    for first, count, width, bits in runs:
+        c0 = parts[first][0]
+        span = slice(c0, c0 + count * width)
+        gpudense.fake_quantize(xv[:, span].unflatten(1, (count, width)), ov[:, span].unflatten(1, (count, width)),
+                               bits, _static(ranges, first), ranges[3 * first + 2])
+    if not conv:
+        return F.linear(out, w, bias)
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
     return F.conv2d(out, w, bias, (sh, sw), (ph, pw), (dh, dw))
 
@@ -352,8 +377,10 @@ def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if plan is None:
         return None
     args = (x, *plan.tensors, _ranges(plan, x), plan.ints)
-    if not layer._integer_auto:
+    if plan.integer and not layer._integer_auto:
         return gpu_run(*args)
+    if not plan.integer:
+        return dense_run(*args[:4], _bias_in(plan, x.dtype), *args[5:])
     calls = {"integer": args, "dense": (*args[:4], _bias_in(plan, x.dtype), *args[5:])}
     path = choose_path(layer, calls)
     return PATHS[path](*calls[path])

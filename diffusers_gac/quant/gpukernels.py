@@ -91,17 +91,23 @@ if triton is not None:
         return tl.where((r - v == 0.5) & odd, r - 1.0, r)
 
     @triton.jit
-    def _token_codes(x, ss_ptr, sz_ptr, b, offs_p, LEVELS: tl.constexpr, STATIC: tl.constexpr):
+    def _token_codes(x, ss_ptr, sz_ptr, clip_ptr, b, offs_p, LEVELS: tl.constexpr, STATIC: tl.constexpr,
+                     CLIP: tl.constexpr):
         """Per token (a row of ``x``, float32 (tokens, channels), masked entries 0): the codes minus the zero point
         ``t`` (``q - z``, in ``[-z, LEVELS - z]``), the scale and the zero point, as ``ActQuantizer`` computes them:
-        dynamic ranges ``[min(x, 0), max(x, 0)]`` (masked entries lie inside already), or sample ``b``'s static
-        scale and zero point."""
+        dynamic ranges ``[min(x, 0), max(x, 0)]`` (masked entries lie inside already), times the clipping ratio at
+        ``clip_ptr`` with ``CLIP`` (positive: ``min(a, 0) * c == min(a * c, 0)``, as the quantizer clips), or sample
+        ``b``'s static scale and zero point."""
         if STATIC:
             scale = tl.load(ss_ptr + b + offs_p * 0)
             zp = tl.load(sz_ptr + b + offs_p * 0)
         else:
             lo = tl.minimum(tl.min(x, axis=1), 0.0)
             hi = tl.maximum(tl.max(x, axis=1), 0.0)
+            if CLIP:
+                ratio = tl.load(clip_ptr + offs_p * 0)
+                lo = lo * ratio
+                hi = hi * ratio
             scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(hi.shape, LEVELS, tl.float32)), 1e-8)  # the library's smallest scale
             zp = _rint(tl.math.div_rn(-lo, scale))
         t = _rint(tl.math.div_rn(x, scale[:, None]))
@@ -110,10 +116,10 @@ if triton is not None:
     # every size and stride is specialized on (divisibility by 16, or 1): without it the loads of the input and the
     # stores of the codes cannot be proven aligned and contiguous, and go one element at a time
     @triton.jit
-    def quantize_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, ss_ptr, sz_ptr,
+    def quantize_kernel(x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, ss_ptr, sz_ptr, clip_ptr,
                         C, P, stride_b, stride_c, stride_p,
                         LEVELS: tl.constexpr, EIGHT: tl.constexpr, STATIC: tl.constexpr, ROWSUM: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                        CLIP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         pid_p = tl.program_id(0)
         b = tl.program_id(1)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -122,7 +128,7 @@ if triton is not None:
         mask = pmask[:, None] & (offs_c[None, :] < C)
         src = x_ptr + b.to(tl.int64) * stride_b + offs_p[:, None].to(tl.int64) * stride_p + offs_c[None, :] * stride_c
         x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        t, scale, zp = _token_codes(x, ss_ptr, sz_ptr, b, offs_p, LEVELS, STATIC)
+        t, scale, zp = _token_codes(x, ss_ptr, sz_ptr, clip_ptr, b, offs_p, LEVELS, STATIC, CLIP)
         if EIGHT:
             t = t + (zp[:, None] - 128.0)
         q = t.to(q_ptr.dtype.element_ty)  # int8, or float8 e4m3 (exact: |t| <= 15 for 4-bit inputs)
@@ -269,11 +275,12 @@ def _next_pow2(n: int) -> int:
 
 
 def quantize(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tensor] | None = None,
-             rowsum: bool = False, fp8: bool = False) -> Tokens:
+             rowsum: bool = False, fp8: bool = False, clip: torch.Tensor | None = None) -> Tokens:
     """Quantize ``x`` viewed as ``(B, C, P)`` (channels ``C``, tokens ``(b, p)``; any strides, any float dtype):
     a conv input ``(B, C, H, W)`` is passed as ``x.flatten(2)``, a linear input ``(M, K)`` as ``x.t()[None]``.
     ``static``: per-sample float32 ``(scale, zero_point)`` of shape ``(B,)``; None for dynamic per-token ranges.
-    ``fp8``: carriers in float8 e4m3 instead of int8 (inputs of at most 4 bits, whose carriers it holds exactly)."""
+    ``fp8``: carriers in float8 e4m3 instead of int8 (inputs of at most 4 bits, whose carriers it holds exactly).
+    ``clip``: a float32 scalar tensor, the ratio dynamic ranges shrink by (``act_clipping``)."""
     if fp8 and bits > 4:
         raise ValueError(f"float8 carriers hold inputs of at most 4 bits exactly, not {bits}")
     b, c, p = x.shape
@@ -287,9 +294,9 @@ def quantize(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tenso
     block_p = max(1, min(64, 8192 // block_c))
     ss, sz = static if static is not None else (scale, scale)
     quantize_kernel[(_cdiv(p, block_p), b)](
-        x, q, scale, zero if eight else scale, rsum if rowsum else scale, ss, sz,
+        x, q, scale, zero if eight else scale, rsum if rowsum else scale, ss, sz, clip if clip is not None else scale,
         c, p, x.stride(0), x.stride(1), x.stride(2),
-        LEVELS=2**bits - 1, EIGHT=eight, STATIC=static is not None, ROWSUM=rowsum,
+        LEVELS=2**bits - 1, EIGHT=eight, STATIC=static is not None, ROWSUM=rowsum, CLIP=clip is not None,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4 if block_c * block_p <= 4096 else 8)
     return Tokens(q, scale, zero, rsum)
 

@@ -40,7 +40,7 @@ from . import intkernels as K
 from .gpukernels import FP8_DTYPE
 from .packing import pack_codes, unpack_codes
 from ..denoisers import HALF_DTYPES
-from .quantizers import ActQuantizer, SplitActQuantizer, input_parts
+from .quantizers import ActQuantizer, SplitActQuantizer, input_parts, part_quantizers
 
 INT4_STORAGES = ("packed", "int8", "fp8")
 
@@ -113,21 +113,6 @@ def integer_support(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.Conv2d) and layer.groups != 1 and len(_parts(layer)) > 1:
         return "activation ranges per channel group with groups"
     return None
-
-
-def part_quantizers(layer: nn.Module) -> list[tuple[ActQuantizer, int, int]]:
-    """The input's parts, each quantized with one range per token: ``(quantizer, first channel, end)`` in channel
-    order. The two halves of a split input, each cut into groups of ``act_group_size`` channels where that applies
-    (``ActQuantizer.channel_groups``): per-group ranges are per-token ranges of each group."""
-    cin = layer.weight_shape[1]
-    q = layer.input_quantizer
-    base = [(q.first, 0, int(q.split)), (q.second, int(q.split), cin)] if isinstance(q, SplitActQuantizer) else [
-        (q, 0, cin)]
-    parts = []
-    for quantizer, c0, c1 in base:
-        g = quantizer.channel_groups(c1 - c0) if quantizer.scheme == "dynamic" else c1 - c0
-        parts += [(quantizer, a, a + g) for a in range(c0, c1, g)]
-    return parts
 
 
 def _parts(layer: nn.Module) -> tuple[tuple[int, int], ...]:

@@ -187,7 +187,7 @@ class QuantLayerMixin:
         (``"auto"``: integer where ``intexec.integer_pays_off`` says the kernels gain, and on a GPU, per input
         shape, the faster of the integer kernels and the dense path, ``gpuexec.choose_path``); returns whether it
         holds the integer layout now. A layer the kernels do not serve stays fake (``intexec.integer_support``, and
-        on a GPU ``gpuexec.gpu_support``); one on a device without them runs fake until it is moved to one with them
+        on a GPU ``gpuexec.dense_support``); one on a device without them runs fake until it is moved to one with them
         (``_apply``), and ``"auto"`` is decided again for the device it is moved to."""
         check_choice("execution", execution, ("fake", "integer", "auto"))
         check_choice("int4_storage", int4_storage, intexec.INT4_STORAGES)
@@ -203,17 +203,15 @@ class QuantLayerMixin:
         this device) and the device has the kernels."""
         device = intexec.layer_device(self)
         if (self._integer_storage is None or not intexec.integer_kernels_available(device)
+                # no GPU path serves it: the reference from the packed codes (from the integer layout it would
+                # rebuild the codes block by block at every call)
+                or (device.type != "cpu" and gpuexec.dense_support(self) is not None)
                 or (self._integer_auto and not intexec.integer_pays_off(self, device))):
             intexec.to_fake(self)
             return False
         if intexec.layout_storage(self) != intexec.storage_for(self.w_bits, self._integer_storage, device):
             intexec.to_fake(self)
             intexec.to_integer(self, self._integer_storage)
-        if device.type != "cpu" and gpuexec.gpu_support(self) is not None:
-            # the GPU kernels do not serve it: the reference from the packed codes is the faster fallback (from the
-            # integer layout it would rebuild the codes block by block at every call)
-            intexec.to_fake(self)
-            return False
         return True
 
     def _apply(self, fn, recurse=True):

@@ -314,6 +314,22 @@ def input_parts(q: "ActQuantizer | SplitActQuantizer") -> list[ActQuantizer]:
     return [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
 
 
+def part_quantizers(layer: nn.Module) -> list[tuple[ActQuantizer, int, int]]:
+    """A quantized layer's input parts, each quantized with one range per token: ``(quantizer, first channel, end)``
+    in channel order. The two halves of a split input, each cut into groups of ``act_group_size`` channels where that
+    applies (``ActQuantizer.channel_groups``): per-group ranges are per-token ranges of each group. Reads no tensor
+    (a split's size from ``SplitActQuantizer.channels``), so tracing it costs no graph break."""
+    cin = layer.weight_shape[1]
+    q = layer.input_quantizer
+    base = [(q.first, 0, q.channels), (q.second, q.channels, cin)] if isinstance(q, SplitActQuantizer) else [
+        (q, 0, cin)]
+    parts = []
+    for quantizer, c0, c1 in base:
+        g = quantizer.channel_groups(c1 - c0) if quantizer.scheme == "dynamic" else c1 - c0
+        parts += [(quantizer, a, a + g) for a in range(c0, c1, g)]
+    return parts
+
+
 class TimestepContext:
     """Holds the timestep group of every sample of the current call (shared by the ``timestep``-scheme quantizers)."""
 
