@@ -42,10 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference_speed import model_inputs, sd_unet, to_half  # noqa: E402
 
 
-def frozen(module: nn.Module, x: torch.Tensor, w_bits: int, a_bits: int, scheme: str, split: int | None = None):
+def frozen(module: nn.Module, x: torch.Tensor, w_bits: int, a_bits: int, scheme: str, split: int | None = None,
+           **levers):
+    """``levers``: ``group_size`` and ``clipping`` (then every range is clipped to 0.7 of itself)."""
     cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
     layer = cls.from_module(module, w_bits=w_bits, a_bits=a_bits, weight_init="minmax", act_scheme=scheme,
-                            split=split)
+                            split=split, **levers)
     q = layer.input_quantizer
     qs = [q.first, q.second] if isinstance(q, SplitActQuantizer) else [q]
     for p in qs:
@@ -54,6 +56,9 @@ def frozen(module: nn.Module, x: torch.Tensor, w_bits: int, a_bits: int, scheme:
     for p in qs:
         p.finish_observing()
     layer.freeze()
+    for p in qs:
+        if p.clip is not None:
+            p.clip.fill_(0.7)
     return layer
 
 
@@ -138,11 +143,15 @@ def check_dense(device: str) -> int:
         "conv 3x3 pad": (lambda: nn.Conv2d(96, 80, 3, padding=1), (2, 96, 17, 19), None),
         "conv 3x3 split": (lambda: nn.Conv2d(128, 64, 3, padding=1), (2, 128, 12, 12), 80),
         "linear odd K": (lambda: nn.Linear(75, 40), (5, 7, 75), None),
+        "conv 3x3 split, clipped ranges per group of 16": (lambda: nn.Conv2d(128, 64, 3, padding=1), (2, 128, 12, 12),
+                                                            80),
+        "linear, clipped ranges": (lambda: nn.Linear(320, 64), (2, 77, 320), None),
     }
     for (w_bits, a_bits), (name, (make, shape, split)) in [(b, c) for b in ((4, 4), (8, 8)) for c in cases.items()]:
         torch.manual_seed(0)
         x = torch.randn(shape) + 0.3
-        layer = frozen(make(), x, w_bits, a_bits, "dynamic", split).to(device)
+        levers = {"group_size": 16 if "group" in name else None, "clipping": "clipped" in name}
+        layer = frozen(make(), x, w_bits, a_bits, "dynamic", split, **levers).to(device)
         results = []
         for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):
             xd = x.to(device, dtype)
@@ -153,10 +162,17 @@ def check_dense(device: str) -> int:
                 out = layer(xd)
             err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             results.append((dtype, torch.equal(out, ref), err, err <= bound and out.dtype == dtype))
+            if "clipped" in name and "group" not in name:  # the integer kernels clip too
+                with torch.no_grad():
+                    gpuexec.pin_path(layer, "integer")
+                    out = layer(xd)
+                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                results.append((dtype, "integer", err, err <= (bound if dtype == torch.float32 else 2 ** -6)))
         ok = all(r[3] for r in results)
         failures += not ok
         print(f"W{w_bits}A{a_bits} dense {name:16s} " + "  ".join(
-            f"{str(d)[6:]}: identical {same}, err {err:.1e}" for d, same, err, _ in results)
+            f"{str(d)[6:]}: {'integer kernels' if same == 'integer' else f'identical {same}'}, err {err:.1e}"
+            for d, same, err, _ in results)
             + f" {'ok' if ok else 'FAIL'}", flush=True)
     sizes = {"conv 3x3 320 @64": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 64, 64)),
              "conv 3x3 1280 @16": (lambda: nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 16, 16)),
