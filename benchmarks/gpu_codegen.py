@@ -6,6 +6,9 @@ called on the GPU path with CPU tensors and their kernel launches are caught ins
 specialised exactly as Triton's JIT would specialise it (its own binder: the same constants, divisibility and
 alignment) and compiled. Counted per kernel, in the PTX (static instructions, not executions):
 
+The dense path of ``execution="auto"`` (``quant/gpudense.py``: its input fake-quantization and weight
+dequantization kernels; its GEMM is PyTorch's) is compiled for each layer too (rows ``W4A4 dense``).
+
 * global stores by width (``st.global.b16`` is one bfloat16 at a time, ``.v4.b32`` 16 bytes at a time);
 * global loads, asynchronous copies to shared memory (``cp.async``), and the tensor-core instructions (``wgmma``
   on Hopper, ``mma`` on Ampere);
@@ -28,13 +31,14 @@ import os
 import re
 import sys
 import time
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffusers_gac.quant import gpuexec, gpukernels
+from diffusers_gac.quant import gpudense, gpuexec, gpukernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402  (benchmarks/report.py)
@@ -141,18 +145,25 @@ def main() -> None:
     gpuexec.fp8_tensor_cores = lambda device: args.arch >= 89
     gpukernels.quantize_kernel = Catch(gpukernels.quantize_kernel, calls)
     gpukernels.igemm_kernel = Catch(gpukernels.igemm_kernel, calls)
+    gpudense.fake_quantize_kernel = Catch(gpudense.fake_quantize_kernel, calls)
+    gpudense.dequantize_kernel = Catch(gpudense.dequantize_kernel, calls)
+    gpuexec.F = types.SimpleNamespace(conv2d=lambda *a: None, linear=lambda *a: None)  # the dense op is PyTorch's
     rows = []
     for name in args.layers:
         make, shape = LAYERS[name]
         torch.manual_seed(0)
         module = make()
         x = torch.randn(shape, dtype=torch.bfloat16)
-        for w_bits, a_bits, storage in BITS:
-            layer = frozen_layer(module, w_bits, a_bits, storage)
+        for w_bits, a_bits, storage in BITS + [(4, 4, "dense")]:
+            layer = frozen_layer(module, w_bits, a_bits, "packed" if storage == "dense" else storage)
             bits = f"W{w_bits}A{a_bits}" + (f" {storage}" if storage != "packed" else "")
             calls.clear()
             with torch.no_grad():
-                gpuexec.gpu_forward(layer, x)
+                if storage == "dense":  # the dense path of "auto" (its two kernels; the GEMM is PyTorch's)
+                    plan = gpuexec.gpu_plan(layer)
+                    gpuexec.dense_run(x, *plan.tensors, gpuexec._ranges(plan, x), plan.ints)
+                else:
+                    gpuexec.gpu_forward(layer, x)
             for kernel, kargs, kwargs in calls:
                 s = summarize(compile_launch(kernel, kargs, kwargs, target))
                 rows.append((name, bits, kernel.fn.__name__, s))

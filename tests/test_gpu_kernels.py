@@ -360,7 +360,8 @@ def test_the_kernels_compile_for_hopper_to_vector_loads_and_stores(tmp_path):
     GPU, in a process without the interpreter. An SD-sized 3x3 convolution's kernels move their bfloat16 data in
     16-byte vectors: the quantize kernel's input loads and the GEMM's output stores (a scalar ``b16`` access means
     the compiler could not prove the addresses aligned and contiguous), and the GEMM runs on int8 wgmma, or on float8
-    wgmma where the 4-bit weights are resident as float8 carriers (``int4_storage="fp8"``)."""
+    wgmma where the 4-bit weights are resident as float8 carriers (``int4_storage="fp8"``); the dense path's kernels
+    store whole vectors too."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = tmp_path / "codegen.md"
@@ -374,9 +375,13 @@ def test_the_kernels_compile_for_hopper_to_vector_loads_and_stores(tmp_path):
         if cells and cells[0] == "conv 3x3 320 @128":
             rows[(cells[1], cells[2])] = cells
     bits_rows = ("W8A8", "W4A4", "W4A4 int8", "W4A4 fp8")
-    assert set(rows) == {(b, k) for b in bits_rows for k in ("quantize_kernel", "igemm_kernel")}
+    dense = {("W4A4 dense", "fake_quantize_kernel"), ("W4A4 dense", "dequantize_kernel")}
+    assert set(rows) == {(b, k) for b in bits_rows for k in ("quantize_kernel", "igemm_kernel")} | dense
     for (bits, kernel), (_, _, _, stores, loads, _, tensor, _, _) in rows.items():
-        if kernel == "quantize_kernel":
+        if bits == "W4A4 dense":  # the dense path's kernels write whole vectors (the dequantized weight's rows too)
+            assert "b16" not in stores and "v4.b32" in stores, (kernel, stores)
+            assert kernel == "dequantize_kernel" or ("b16" not in loads and "v4.b32" in loads), (kernel, loads)
+        elif kernel == "quantize_kernel":
             assert "b16" not in loads and "v4.b32" in loads, (bits, loads)
         else:
             assert "b16" not in stores and "v4.b32" in stores, (bits, stores)

@@ -34,35 +34,35 @@ if triton is not None:
         tl.store(dst, (t * scale[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def dequantize_kernel(w_ptr, wz_ptr, ws_ptr, zw_ptr, o_ptr, N, C, WIDTH, c0, so_n, so_c,
+    def dequantize_kernel(w_ptr, wz_ptr, ws_ptr, zw_ptr, o_ptr, N, C, WIDTH, E, start, so_n,
                           TAPS: tl.constexpr, PACKED: tl.constexpr, ZW: tl.constexpr, BN: tl.constexpr,
-                          BK: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        block = tl.program_id(2)  # (channel group, tap): the blocks of one part, or of its channel groups, in order
-        tap = block % TAPS
-        first = c0 + (block // TAPS) * C  # the group's first channel
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        offs_k = pid_k * BK + tl.arange(0, BK)
+                          BE: tl.constexpr):
+        # a tile is BN output channels x BE consecutive elements of their (channels x taps) rows from ``start``: the
+        # stores are contiguous runs; the loads gather each element's byte from its (channel group, tap) block
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        offs_e = tl.program_id(1) * BE + tl.arange(0, BE)
         nmask = offs_n < N
-        mask = nmask[:, None] & (offs_k < WIDTH)[None, :]
-        rows = w_ptr + block.to(tl.int64) * N * WIDTH + offs_n[:, None].to(tl.int64) * WIDTH
-        scale = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)[:, None]
-        dst = o_ptr + offs_n[:, None].to(tl.int64) * so_n + tap
+        mask = nmask[:, None] & (offs_e < E)[None, :]
+        channel = offs_e // TAPS
+        block = (channel // C) * TAPS + offs_e % TAPS
+        k = channel % C
         if PACKED:  # WIDTH = ceil(C/2) bytes: low nibble channel j, high nibble channel j + WIDTH
-            w = tl.load(rows + offs_k[None, :], mask=mask, other=0)
-            wz = tl.load(wz_ptr + offs_n, mask=nmask, other=0)[:, None]
-            lo = ((w & 15).to(tl.int8) - wz).to(tl.float32) * scale
-            hi = ((w >> 4).to(tl.int8) - wz).to(tl.float32) * scale
-            tl.store(dst + (first + offs_k)[None, :] * so_c, lo.to(o_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + (first + WIDTH + offs_k)[None, :] * so_c, hi.to(o_ptr.dtype.element_ty),
-                     mask=mask & (offs_k + WIDTH < C)[None, :])
+            byte = tl.where(k < WIDTH, k, k - WIDTH)
+        else:
+            byte = k
+        src = w_ptr + (block.to(tl.int64) * N * WIDTH + byte)[None, :] + offs_n[:, None].to(tl.int64) * WIDTH
+        scale = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)[:, None]
+        if PACKED:
+            w = tl.load(src, mask=mask, other=0)
+            code = tl.where((k < WIDTH)[None, :], w & 15, w >> 4).to(tl.int8)
+            v = (code - tl.load(wz_ptr + offs_n, mask=nmask, other=0)[:, None]).to(tl.float32)
         else:  # carriers: int8 or float8 (small integers: exact through float16) c - z, or c - 128 for 8 bits
-            w = tl.load(rows + offs_k[None, :], mask=mask, other=0.0)
+            w = tl.load(src, mask=mask, other=0.0)
             v = w.to(tl.float16).to(tl.float32) if w.dtype == tl.float8e4nv else w.to(tl.float32)
             if ZW:
                 v = v - tl.load(zw_ptr + offs_n, mask=nmask, other=0.0)[:, None]
-            tl.store(dst + (first + offs_k)[None, :] * so_c, (v * scale).to(o_ptr.dtype.element_ty), mask=mask)
+        dst = o_ptr + offs_n[:, None].to(tl.int64) * so_n + (start + offs_e)[None, :]
+        tl.store(dst, (v * scale).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def fake_quantize(x: torch.Tensor, out: torch.Tensor, bits: int,
@@ -96,8 +96,8 @@ def dequantize(blocks: torch.Tensor, packed: bool, w_zero: torch.Tensor | None, 
     int8/float8 carriers, minus ``zw`` for 8-bit weights."""
     n = out.shape[0]
     width = (channels + 1) // 2 if packed else channels
-    bk = min(128, _next_pow2(width))
-    dequantize_kernel[(_cdiv(n, 64), _cdiv(width, bk), groups * taps)](
+    elements = groups * channels * taps  # of each output channel's row, contiguous from first * taps
+    dequantize_kernel[(_cdiv(n, 16), _cdiv(elements, 128))](
         blocks, w_zero if packed else w_scale, w_scale, zw if zw is not None else w_scale, out, n, channels, width,
-        first, out.stride(0), out.stride(1), TAPS=taps, PACKED=packed, ZW=zw is not None, BN=64, BK=bk,
+        elements, first * taps, out.stride(0), TAPS=taps, PACKED=packed, ZW=zw is not None, BN=16, BE=128,
         num_warps=4)
