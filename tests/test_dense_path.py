@@ -152,7 +152,20 @@ def test_per_group_ranges_run_the_dense_path(kind, group_size):
         assert gpuexec.gpu_support(layer) == "activation ranges per channel group (act_group_size)"
         assert gpuexec.dense_support(layer) is None
         assert torch.equal(gpuexec.gpu_forward(layer, x), reference)
-        assert gpuexec.gpu_layer_args(layer, x) is None  # compiled: the reference, traced
+
+
+def test_a_compiled_layer_only_the_dense_path_serves_is_one_dense_layer_op():
+    """Under ``torch.compile`` a layer with per-group ranges is one ``diffusers_gac::dense_layer`` op (no graph
+    break with ``fullgraph=True``), checked by ``opcheck`` and equal to the reference."""
+    layer, x = _lever_layer("conv 3x3 split input", group_size=3, clip=0.8)
+    with torch.no_grad():
+        reference = layer(x)
+        assert layer.set_execution("integer")
+        tensors, ints = gpuexec.gpu_layer_args(layer, x)
+        torch.library.opcheck(gpuexec.dense_layer, (x, *tensors, ints))
+        compiled = torch.compile(lambda t: intexec.compiled_gpu_forward(layer, t), fullgraph=True,
+                                 backend="aot_eager")(x)
+    assert torch.equal(compiled, reference)
 
 
 def test_runs_merge_equal_channel_groups_only():

@@ -171,10 +171,11 @@ def drop_gpu_plan(layer: nn.Module) -> None:
 
 
 def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] | None:
-    """The tensors and the integer description that ``gpu_run`` (and the ``diffusers_gac::integer_layer`` op) take
-    for ``layer`` called on ``x``; None where the GPU kernels do not serve the call (see ``gpu_support``). Built
-    afresh on every call (what ``torch.compile`` traces; eager calls read the cached ``gpu_plan``)."""
-    if x.dtype not in GPU_DTYPES or gpu_support(layer) is not None:
+    """The tensors and the integer description that ``gpu_run`` and ``dense_run`` (and the ``diffusers_gac``
+    ops ``integer_layer`` and ``dense_layer``) take for ``layer`` called on ``x``; None where no GPU path serves
+    the call (see ``dense_support``). Built afresh on every call (what ``torch.compile`` traces; eager calls read
+    the cached ``gpu_plan``)."""
+    if x.dtype not in GPU_DTYPES or dense_support(layer) is not None:
         return None
     plan = _build_plan(layer)
     return [*plan.tensors, _ranges(plan, x)], plan.ints
@@ -405,5 +406,18 @@ def integer_layer(x: torch.Tensor, weight: torch.Tensor, w_zero: Optional[torch.
 
 
 @integer_layer.register_fake
+def _(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec):
+    return x.new_empty(gpu_output_shape(x.shape, spec))
+
+
+@torch.library.custom_op("diffusers_gac::dense_layer", mutates_args=())
+def dense_layer(x: torch.Tensor, weight: torch.Tensor, w_zero: Optional[torch.Tensor], w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor], colsum: Optional[torch.Tensor], zw: Optional[torch.Tensor],
+                ranges: List[Optional[torch.Tensor]], spec: List[int]) -> torch.Tensor:
+    """``dense_run`` as a custom op: what a compiled model calls for a layer only the dense path serves."""
+    return dense_run(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec)
+
+
+@dense_layer.register_fake
 def _(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec):
     return x.new_empty(gpu_output_shape(x.shape, spec))

@@ -316,7 +316,7 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 # Under torch.compile the CPU kernels run as they are, outside the graph (one graph break per integer layer: the
 # compiler fuses what lies between them, and tracing their per-tap GEMM loops would cost long compiles for nothing);
-# the GPU kernels are one custom op each (gpuexec.integer_layer), inside the graph.
+# the GPU kernels are one custom op each (gpuexec.integer_layer, or dense_layer), inside the graph.
 _compiled_cpu_forward = torch.compiler.disable(forward)
 
 
@@ -328,9 +328,12 @@ def compiled_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def compiled_gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The GPU kernels as one ``diffusers_gac::integer_layer`` op, what a compiled model traces on a GPU (and on CPU
-    tensors under Triton's interpreter, in tests)."""
+    """The GPU kernels as one ``diffusers_gac::integer_layer`` op (``dense_layer`` for a layer only the dense path
+    serves), what a compiled model traces on a GPU (and on CPU tensors under Triton's interpreter, in tests)."""
     if not _ready(layer, x):
         return None
     args = gpuexec.gpu_layer_args(layer, x)
-    return None if args is None else gpuexec.integer_layer(x, *args[0], args[1])
+    if args is None:
+        return None
+    op = gpuexec.integer_layer if gpuexec.gpu_support(layer) is None else gpuexec.dense_layer
+    return op(x, *args[0], args[1])
