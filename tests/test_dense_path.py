@@ -154,7 +154,7 @@ def test_per_group_ranges_run_the_dense_path(kind, group_size):
         assert torch.equal(gpuexec.gpu_forward(layer, x), reference)
 
 
-def test_a_compiled_layer_only_the_dense_path_serves_is_one_dense_layer_op():
+def test_a_compiled_layer_only_the_dense_path_serves_is_one_dense_layer_op(monkeypatch):
     """Under ``torch.compile`` a layer with per-group ranges is one ``diffusers_gac::dense_layer`` op (no graph
     break with ``fullgraph=True``), checked by ``opcheck`` and equal to the reference."""
     layer, x = _lever_layer("conv 3x3 split input", group_size=3, clip=0.8)
@@ -166,6 +166,13 @@ def test_a_compiled_layer_only_the_dense_path_serves_is_one_dense_layer_op():
         compiled = torch.compile(lambda t: intexec.compiled_gpu_forward(layer, t), fullgraph=True,
                                  backend="aot_eager")(x)
     assert torch.equal(compiled, reference)
+    plain, x = _layer("conv 3x3 padded")
+    monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)  # "auto" as on a GPU
+    with torch.no_grad():
+        reference = plain(x)
+        assert plain.set_execution("auto", "int8") and gpuexec.pin_path(plain, "dense")
+        compiled = torch.compile(lambda t: intexec.compiled_gpu_forward(plain, t), backend="aot_eager")(x)
+    assert torch.equal(compiled, reference)  # pinned to the dense path: the reference bit for bit, compiled too
 
 
 def test_runs_merge_equal_channel_groups_only():
