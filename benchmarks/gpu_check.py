@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from diffusers_gac import GACConfig
-from diffusers_gac.quant import gpuexec, gpukernels, intexec
+from diffusers_gac.quant import gpuauto, gpuexec, gpukernels, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, set_execution
 from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
 from diffusers_gac.quant.quantizers import SplitActQuantizer
@@ -158,13 +158,13 @@ def check_dense(device: str) -> int:
             with torch.no_grad():
                 layer.set_execution("fake")
                 ref = layer(xd)
-                assert layer.set_execution("auto") and gpuexec.pin_path(layer, "dense")
+                assert layer.set_execution("auto") and gpuauto.pin_path(layer, "dense")
                 out = layer(xd)
             err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             results.append((dtype, torch.equal(out, ref), err, err <= bound and out.dtype == dtype))
             if "clipped" in name and "group" not in name:  # the integer kernels clip too
                 with torch.no_grad():
-                    gpuexec.pin_path(layer, "integer")
+                    gpuauto.pin_path(layer, "integer")
                     out = layer(xd)
                 err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                 results.append((dtype, "integer", err, err <= (bound if dtype == torch.float32 else 2 ** -6)))
@@ -185,11 +185,11 @@ def check_dense(device: str) -> int:
         with torch.no_grad():
             plan = gpuexec.gpu_plan(layer)
             args = (x, *plan.tensors, gpuexec._ranges(plan, x), plan.ints)
-            seconds = gpuexec.time_paths({p: (lambda run=run: run(*args)) for p, run in gpuexec.PATHS.items()},
+            seconds = gpuauto.time_paths({p: (lambda run=run: run(*args)) for p, run in gpuexec.PATHS.items()},
                                          x.device)
             layer(x)
         print(f"auto W4A4 {name:26s} bf16: " + ", ".join(f"{p} {1e6 * s:.0f} us" for p, s in seconds.items())
-              + f"; chose {[p for p, n in gpuexec.chosen_paths(layer).items() if n]}", flush=True)
+              + f"; chose {[p for p, n in gpuauto.chosen_paths(layer).items() if n]}", flush=True)
     return failures
 
 

@@ -56,7 +56,7 @@ from torch import nn
 from diffusers_gac import GACConfig
 from diffusers_gac.calibration.data import CalibrationData
 from diffusers_gac.calibration.flow import observe_activation_ranges
-from diffusers_gac.quant import gpuexec, gpukernels, intexec
+from diffusers_gac.quant import gpuauto, gpukernels, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers, set_execution
 from diffusers_gac.quant.quantizers import ActQuantizer, WeightQuantizer
 from diffusers_gac.zoo import load_embedded_unet
@@ -97,7 +97,7 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "bnb_nf4": ("bnb-nf4", 4, None),
 }
 STORAGES = {"int_w4a4_int8": "int8", "int_w4a4_fp8": "fp8"}  # set_execution's int4_storage, else "packed"
-PINNED = {"dense_w4a4": "dense"}  # gpuexec.pin_path: one path for every "auto" layer on a GPU, untimed
+PINNED = {"dense_w4a4": "dense"}  # gpuauto.pin_path: one path for every "auto" layer on a GPU, untimed
 DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
 # Prefixes, outermost first: "compiled_" (torch.compile), "graph_" (one step captured as a CUDA graph and replayed),
@@ -260,7 +260,7 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
     if base in STORAGES:
         set_execution(model, kind, STORAGES[base])
     if base in PINNED:
-        gpuexec.pin_path(model, PINNED[base])
+        gpuauto.pin_path(model, PINNED[base])
     layers = quant_layers(model).values()
     running = sum(m.execution == "integer" for m in layers)
     wanted = {"fake": 0, "integer": sum(intexec.integer_support(m) is None for m in layers)}
@@ -413,7 +413,7 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
     outputs = {name: fn() for name, fn in fns.items()}
     for name, model in models.items():  # an "auto" model's layers have timed their paths on this size by now
         if split_variant(name)[1] == "auto_w4a4" and args.device.startswith("cuda"):
-            counts = gpuexec.chosen_paths(model)
+            counts = gpuauto.chosen_paths(model)
             CHOICES.append(f"{label} latent {latent} batch {batch} {name}: "
                            + ", ".join(f"{n} {path}" for path, n in counts.items()) + " (cumulative over sizes)")
             log(CHOICES[-1])

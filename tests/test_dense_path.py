@@ -1,5 +1,5 @@
 """The dense path of ``"auto"`` layers on a GPU (``quant/gpudense.py``, ``gpuexec.dense_run``) and the per-shape
-choice between it and the integer kernels (``gpuexec.choose_path``), on CPU tensors through Triton's interpreter.
+choice between it and the integer kernels (``gpuauto.choose_path``), on CPU tensors through Triton's interpreter.
 
 The dense path is the fake-quant reference computed from the integer layout: in float32 its outputs are the
 reference's bit for bit. In half precision they differ only where Triton's interpreter rounds float32 to bfloat16
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from diffusers_gac import GACConfig
-from diffusers_gac.quant import gpuexec, intexec
+from diffusers_gac.quant import gpuauto, gpuexec, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers, set_execution
 from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
 from diffusers_gac.quant.quantizers import input_parts
@@ -170,7 +170,7 @@ def test_a_compiled_layer_only_the_dense_path_serves_is_one_dense_layer_op(monke
     monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)  # "auto" as on a GPU
     with torch.no_grad():
         reference = plain(x)
-        assert plain.set_execution("auto", "int8") and gpuexec.pin_path(plain, "dense")
+        assert plain.set_execution("auto", "int8") and gpuauto.pin_path(plain, "dense")
         compiled = torch.compile(lambda t: intexec.compiled_gpu_forward(plain, t), backend="aot_eager")(x)
     assert torch.equal(compiled, reference)  # pinned to the dense path: the reference bit for bit, compiled too
 
@@ -186,7 +186,7 @@ def test_runs_merge_equal_channel_groups_only():
 
 @pytest.fixture
 def timings(monkeypatch):
-    """``gpuexec.time_paths`` replaced by given seconds per path (``timings["seconds"]``), counting its calls; and
+    """``gpuauto.time_paths`` replaced by given seconds per path (``timings["seconds"]``), counting its calls; and
     ``"auto"`` holding every layer's integer layout, as on a GPU (on the CPU it depends on the layer's width)."""
     monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)
     state = {"seconds": {"integer": 2.0, "dense": 1.0}, "calls": 0}
@@ -196,7 +196,7 @@ def timings(monkeypatch):
         state["calls"] += 1
         return dict(state["seconds"])
 
-    monkeypatch.setattr(gpuexec, "time_paths", fake)
+    monkeypatch.setattr(gpuauto, "time_paths", fake)
     return state
 
 
@@ -224,7 +224,7 @@ def test_auto_runs_the_faster_path_per_input_shape_and_remembers_it(timings, mon
         small = gpuexec.gpu_forward(layer, x[:1])  # a new shape: timed, and here the integer kernels win
         assert timings["calls"] == 2 and ran[-1] == "integer"
         assert (small - reference[:1]).abs().max() <= 1e-5 * reference.abs().max()
-        assert gpuexec.chosen_paths(layer) == {"integer": 1, "dense": 1}
+        assert gpuauto.chosen_paths(layer) == {"integer": 1, "dense": 1}
         assert gpuexec.gpu_plan(layer) is plan
         layer.bias.data = layer.bias.data.clone()  # tensors replaced (as offloading hooks do): a new plan, ...
         gpuexec.gpu_forward(layer, x)
@@ -233,7 +233,7 @@ def test_auto_runs_the_faster_path_per_input_shape_and_remembers_it(timings, mon
         assert layer.set_execution("auto", "int8")  # another weight storage: timed again
         gpuexec.gpu_forward(layer, x)
         assert timings["calls"] == 3 and ran[-1] == "integer"
-        assert gpuexec.chosen_paths(layer) == {"integer": 2, "dense": 1}
+        assert gpuauto.chosen_paths(layer) == {"integer": 2, "dense": 1}
 
 
 def test_explicit_integer_execution_and_pinned_paths_are_never_timed(timings, monkeypatch):
@@ -244,22 +244,22 @@ def test_explicit_integer_execution_and_pinned_paths_are_never_timed(timings, mo
         gpuexec.gpu_forward(layer, x)
         assert ran == ["integer"]
         assert layer.set_execution("auto")
-        assert gpuexec.pin_path(layer, "integer") == 1
+        assert gpuauto.pin_path(layer, "integer") == 1
         gpuexec.gpu_forward(layer, x)
-        gpuexec.pin_path(layer, "dense")
+        gpuauto.pin_path(layer, "dense")
         gpuexec.gpu_forward(layer, x)
         assert ran == ["integer", "integer", "dense"] and timings["calls"] == 0
-        gpuexec.pin_path(layer, None)
+        gpuauto.pin_path(layer, None)
         gpuexec.gpu_forward(layer, x)
         assert timings["calls"] == 1 and ran[-1] == "dense"
     with pytest.raises(ValueError, match="path must be one of 'integer', 'dense'"):
-        gpuexec.pin_path(layer, "fast")
+        gpuauto.pin_path(layer, "fast")
 
 
 def test_time_paths_warms_each_path_then_keeps_its_least_round(monkeypatch):
     """Each path's first call (compiles) is not counted; rounds alternate between paths; seconds are per call."""
     clock = [0.0]
-    monkeypatch.setattr(gpuexec, "_clock", lambda: clock[0])
+    monkeypatch.setattr(gpuauto, "_clock", lambda: clock[0])
     costs = {"integer": [5.0, 3.0, 2.0, 4.0] + [2.0] * 8, "dense": [9.0, 1.0, 6.0, 1.5] + [1.0] * 8}
     order = []
 
@@ -267,7 +267,7 @@ def test_time_paths_warms_each_path_then_keeps_its_least_round(monkeypatch):
         order.append(name)
         clock[0] += costs[name].pop(0)
 
-    seconds = gpuexec.time_paths({name: (lambda n=name: run(n)) for name in costs}, torch.device("cpu"), rounds=2,
+    seconds = gpuauto.time_paths({name: (lambda n=name: run(n)) for name in costs}, torch.device("cpu"), rounds=2,
                                  calls=2)
     assert order == ["integer", "dense"] + ["integer"] * 2 + ["dense"] * 2 + ["integer"] * 2 + ["dense"] * 2
     assert seconds == {"integer": min(3 + 2, 4 + 2) / 2, "dense": min(1 + 6, 1.5 + 1) / 2}
@@ -276,17 +276,17 @@ def test_time_paths_warms_each_path_then_keeps_its_least_round(monkeypatch):
 def test_a_path_that_fails_loses_the_choice_with_a_warning(monkeypatch, caplog):
     """The dense path failing on some GPU (a kernel that does not compile there, say) costs the layer that path,
     not the forward pass; if every path fails, the error is raised."""
-    monkeypatch.setattr(gpuexec, "_clock", lambda: 0.0)
+    monkeypatch.setattr(gpuauto, "_clock", lambda: 0.0)
 
     def broken():
         raise RuntimeError("no such kernel")
 
-    with caplog.at_level("WARNING", logger=gpuexec.__name__):
-        seconds = gpuexec.time_paths({"integer": lambda: None, "dense": broken}, torch.device("cpu"))
+    with caplog.at_level("WARNING", logger=gpuauto.__name__):
+        seconds = gpuauto.time_paths({"integer": lambda: None, "dense": broken}, torch.device("cpu"))
     assert seconds == {"integer": 0.0, "dense": float("inf")}
     assert "the dense path failed on this input (RuntimeError: no such kernel)" in caplog.text
     with pytest.raises(RuntimeError, match="no such kernel"):
-        gpuexec.time_paths({"integer": broken, "dense": broken}, torch.device("cpu"))
+        gpuauto.time_paths({"integer": broken, "dense": broken}, torch.device("cpu"))
 
 
 def test_a_whole_model_on_auto_matches_the_reference_on_the_dense_path(monkeypatch, timings):
@@ -303,12 +303,12 @@ def test_a_whole_model_on_auto_matches_the_reference_on_the_dense_path(monkeypat
         assert len(integer) >= 20
         monkeypatch.setattr(intexec, "forward",
                             lambda layer, x: gpuexec.gpu_forward(layer, x) if intexec._ready(layer, x) else None)
-        gpuexec.pin_path(model, "dense")
+        gpuauto.pin_path(model, "dense")
         assert torch.equal(model(**call).sample, reference)
-        gpuexec.pin_path(model, None)
+        gpuauto.pin_path(model, None)
         timings["seconds"] = {"integer": 1.0, "dense": 2.0}
         out = model(**call).sample
     assert timings["calls"] == len(integer)  # one shape per layer in one forward
-    assert gpuexec.chosen_paths(model) == {"integer": len(integer), "dense": 0}
+    assert gpuauto.chosen_paths(model) == {"integer": len(integer), "dense": 0}
     assert ((out - reference).norm() / reference.norm()).item() <= 1e-4
     assert all(m._integer_auto for m in quant_layers(model).values() if m.execution == "integer")

@@ -1,7 +1,7 @@
 """The dense path of a quantized layer on a GPU, in Triton: the fake-quant reference, computed fast.
 
 What ``"auto"`` runs on a GPU where the integer kernels (``gpukernels``) lose to the GPU's own half-precision
-GEMMs (``gpuexec.choose_path``): the layer's input fake-quantized in one pass (``fake_quantize``: the same codes as
+GEMMs (``gpuauto.choose_path``): the layer's input fake-quantized in one pass (``fake_quantize``: the same codes as
 ``gpukernels.quantize``, written back dequantized in the input's dtype and layout), its weight dequantized from the
 integer layout into a temporary dense tensor (``dequantize``, one pass over the resident bytes: nothing extra stays
 resident), then the dense conv/linear of PyTorch (cuBLAS, cuDNN). That is exactly what the reference computes

@@ -12,31 +12,29 @@ step can replay as one CUDA graph); its fake implementation gives the output's s
 A layer set to ``"auto"`` has a second path on a GPU: ``dense_run`` (``gpudense``), the fake-quant reference in two
 fused kernels and PyTorch's dense conv/linear in the input's dtype, which needs no more memory resident (the weight is
 dequantized per call into a temporary). For each input shape it sees, the layer times both paths once and keeps the
-faster (``choose_path``), so a layer where the integer kernels do not pay runs as fast as the GPU's dense GEMMs
-can with its input quantized. Under ``torch.compile`` a layer takes the integer kernels (the custom op).
+faster (``gpuauto.choose_path``), so a layer where the integer kernels do not pay runs as fast as the GPU's dense
+GEMMs can with its input quantized. Compiled, a layer takes the integer kernels' op, or ``dense_layer`` (the dense
+path as a custom op) where only the dense path serves it or it was pinned to it.
 
 The GPU kernels serve every layer the integer path serves (``intexec.integer_support``) except grouped convolutions
 and layers with more than ``GPU_MAX_CHANNELS`` input channels in a part (the quantize kernel holds a token's
-channels in registers): those run the fake-quant reference from the packed layout (``gpu_support``). No ``from __future__ import
-annotations`` here: the custom op's schema is read from its annotations.
+channels in registers): those run the fake-quant reference from the packed layout (``dense_support``), and layers
+with per-group activation ranges, which run the dense path (``gpu_support``). No ``from __future__ import
+annotations`` here: the custom ops' schemas are read from their annotations.
 """
 
 import functools
 import os
-import time
 from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils import logging
 from torch import nn
 
-from ..checks import check_choice
-from . import gpudense, gpukernels
+from . import gpuauto, gpudense, gpukernels
 from .intkernels import _out_size
 from .quantizers import ActQuantizer, input_parts, part_quantizers
 
-logger = logging.get_logger(__name__)
 
 
 def triton_available() -> bool:
@@ -277,101 +275,14 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
     return F.conv2d(out, w, bias, (sh, sw), (ph, pw), (dh, dw))
 
 
-PATHS = {"integer": gpu_run, "dense": dense_run}
-_clock = time.perf_counter
-
-
-def time_paths(runs: dict, device: torch.device, rounds: int = 3, calls: int = 3) -> dict[str, float]:
-    """Seconds per call of each of ``runs`` (name: a function of no arguments): one call each first (compiles,
-    caches), then ``rounds`` rounds of ``calls`` calls each, the paths taking turns, the least round counted; the
-    device synchronized around each round, so a round's time includes the host's work (what bounds a small eager
-    call) and the GPU's. A path whose first call raises is timed as infinite, with a warning (the others still
-    run); if every path raises, the first one's error is raised."""
-    failed = {}
-    for name, run in runs.items():
-        try:
-            run()
-        except Exception as err:  # noqa: BLE001  (a path that cannot run here loses the choice, and says why)
-            failed[name] = err
-    if len(failed) == len(runs):
-        raise next(iter(failed.values()))
-    for name, err in failed.items():
-        logger.warning(f"execution='auto': the {name} path failed on this input ({type(err).__name__}: {err}); "
-                       "the layer takes another")
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):
-        for name, run in runs.items():
-            if name in failed:
-                continue
-            _synchronize(device)
-            start = _clock()
-            for _ in range(calls):
-                run()
-            _synchronize(device)
-            best[name] = min(best[name], (_clock() - start) / calls)
-    return best
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@functools.cache
-def _announce_timing() -> None:
-    """Say once per process why a first call is slow."""
-    logger.info("execution='auto' on a GPU: each quantized layer times its integer kernels against its dense path on "
-                "the first call of each input shape, so that call is slower; later calls take the faster path")
-
-
-def choose_path(layer: nn.Module, calls: dict[str, tuple]) -> str:
-    """The path an ``"auto"`` layer takes for a call, given each path's arguments (``PATHS``: the integer kernels'
-    and the dense path's, ``gpu_run``'s): the faster of the two for this input's shape and dtype on this device and
-    weight storage, timed on the first such call and remembered by the layer (so offloading hooks that move it back
-    and forth do not time it again), unless ``pin_path`` pinned one. While a CUDA graph is being captured nothing can
-    be timed: an input not seen before then takes the integer kernels."""
-    if layer._gpu_path is not None:
-        return layer._gpu_path
-    x, weight = calls["integer"][:2]
-    key = (x.device, weight.dtype, tuple(x.shape), x.dtype)
-    paths = layer.__dict__.setdefault("_gpu_paths", {})
-    path = paths.get(key)
-    if path is None:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return "integer"
-        _announce_timing()
-        seconds = time_paths({name: functools.partial(run, *calls[name]) for name, run in PATHS.items()}, x.device)
-        path = paths[key] = min(seconds, key=seconds.get)
-        logger.debug("auto: %s for input %s %s (%s)", path, tuple(x.shape), x.dtype,
-                     ", ".join(f"{name} {1e6 * s:.0f} us" for name, s in seconds.items()))
-    return path
-
-
-def pin_path(model: nn.Module, path: str | None) -> int:
-    """Run every ``"auto"`` layer of ``model`` on ``path`` (``PATHS``) on a GPU, untimed; None: choose by timing
-    again. For benchmarks and tests. Returns how many quantized layers it set."""
-    if path is not None:
-        check_choice("path", path, tuple(PATHS))
-    layers = [m for m in model.modules() if hasattr(m, "_integer_auto")]
-    for layer in layers:
-        layer._gpu_path = path
-    return len(layers)
-
-
-def chosen_paths(model: nn.Module) -> dict[str, int]:
-    """How many choices of each path ``model``'s ``"auto"`` layers have made on a GPU (one per layer and input shape
-    and dtype seen), by path name."""
-    counts = dict.fromkeys(PATHS, 0)
-    for m in model.modules():
-        for path in m.__dict__.get("_gpu_paths", {}).values():
-            counts[path] += 1
-    return counts
+PATHS = {"integer": gpu_run, "dense": dense_run}  # what an "auto" layer chooses between (gpuauto.PATHS)
 
 
 def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output through the Triton kernels (``gpukernels``), in ``x``'s dtype; None where they do not
-    serve the call (see ``gpu_support``). A layer set to ``"auto"`` takes the faster of the integer kernels and the
-    dense path for each input shape (``choose_path``). Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
+    serve the call (see ``dense_support``). A layer set to ``"auto"`` takes the faster of the integer kernels and the
+    dense path for each input shape (``gpuauto.choose_path``), one the integer kernels do not serve the dense path.
+    Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
     if x.dtype not in GPU_DTYPES:
         return None
     plan = gpu_plan(layer)
@@ -383,7 +294,8 @@ def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if not plan.integer:
         return dense_run(*args[:4], _bias_in(plan, x.dtype), *args[5:])
     calls = {"integer": args, "dense": (*args[:4], _bias_in(plan, x.dtype), *args[5:])}
-    path = choose_path(layer, calls)
+    path = gpuauto.choose_path(layer, (x, args[1]),
+                               lambda: {name: functools.partial(PATHS[name], *calls[name]) for name in PATHS})
     return PATHS[path](*calls[path])
 
 

@@ -86,7 +86,7 @@ def integer_pays_off(layer: nn.Module, device: torch.device | str = "cpu") -> bo
     """Whether ``"auto"`` runs ``layer`` on the integer kernels of ``device``. On the CPU: wide enough for int8
     GEMMs to outweigh the quantization and rescale passes (``MIN_CHANNELS``). On a GPU: always, since the integer
     layout serves both of the paths ``"auto"`` chooses between there per input shape, by timing them (the integer
-    kernels and the dense one, ``gpuexec.choose_path``); the reference from the packed layout is slower than
+    kernels and the dense one, ``gpuauto.choose_path``); the reference from the packed layout is slower than
     either."""
     if torch.device(device).type != "cpu":
         return True
