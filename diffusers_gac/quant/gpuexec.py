@@ -309,27 +309,23 @@ def _bias_in(plan: GpuPlan, dtype: torch.dtype) -> torch.Tensor | None:
     return plan.biases[dtype]
 
 
-@torch.library.custom_op("diffusers_gac::integer_layer", mutates_args=())
-def integer_layer(x: torch.Tensor, weight: torch.Tensor, w_zero: Optional[torch.Tensor], w_scale: torch.Tensor,
-                  bias: Optional[torch.Tensor], colsum: Optional[torch.Tensor], zw: Optional[torch.Tensor],
-                  ranges: List[Optional[torch.Tensor]], spec: List[int]) -> torch.Tensor:
-    """``gpu_run`` as a custom op (what a compiled model calls)."""
-    return gpu_run(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec)
-
-
-@integer_layer.register_fake
-def _(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec):
+def _fake_layer(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec):
     return x.new_empty(gpu_output_shape(x.shape, spec))
 
 
-@torch.library.custom_op("diffusers_gac::dense_layer", mutates_args=())
-def dense_layer(x: torch.Tensor, weight: torch.Tensor, w_zero: Optional[torch.Tensor], w_scale: torch.Tensor,
-                bias: Optional[torch.Tensor], colsum: Optional[torch.Tensor], zw: Optional[torch.Tensor],
-                ranges: List[Optional[torch.Tensor]], spec: List[int]) -> torch.Tensor:
-    """``dense_run`` as a custom op: what a compiled model calls for a layer only the dense path serves."""
-    return dense_run(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec)
+def _layer_op(name: str, run: str):
+    """The custom op ``diffusers_gac::<name>`` around this module's function ``run`` (``gpu_run`` or ``dense_run``,
+    looked up at each call), with a fake implementation giving the output's shape for tracing."""
+
+    def layer_op(x: torch.Tensor, weight: torch.Tensor, w_zero: Optional[torch.Tensor], w_scale: torch.Tensor,
+                 bias: Optional[torch.Tensor], colsum: Optional[torch.Tensor], zw: Optional[torch.Tensor],
+                 ranges: List[Optional[torch.Tensor]], spec: List[int]) -> torch.Tensor:
+        return globals()[run](x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec)
+
+    op = torch.library.custom_op(f"diffusers_gac::{name}", layer_op, mutates_args=())
+    op.register_fake(_fake_layer)
+    return op
 
 
-@dense_layer.register_fake
-def _(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec):
-    return x.new_empty(gpu_output_shape(x.shape, spec))
+integer_layer = _layer_op("integer_layer", "gpu_run")  # what a compiled model calls for a layer on the integer kernels
+dense_layer = _layer_op("dense_layer", "dense_run")  # ... on the dense path (only it serves the layer, or pinned)
