@@ -11,8 +11,8 @@ Triton's interpreter; this script is for a machine with a CUDA GPU, and exits ea
    float8 exact is that the tensor cores' partial sums are added into float32 every 32 channels.
 3. The dense path of ``"auto"`` layers (``gpuexec.dense_run``: the input fake-quantized and the weight dequantized by
    Triton kernels, then PyTorch's conv/linear) against the reference on the GPU, float32 and bfloat16: the same
-   values reach the same dense op, so the outputs should be bit-identical; and what ``"auto"`` chooses, timing both
-   paths, on SD-sized layers.
+   values reach the same dense op, so the outputs should be bit-identical (grouped convolutions, clipped and
+   per-group ranges included); and what ``"auto"`` chooses, timing both paths, on SD-sized layers.
 4. The SD-1.5-sized UNet (random weights) at W4A4: the integer model against the fake-quant one on the GPU.
 5. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
    ``F.conv2d``/``F.linear``.
@@ -146,11 +146,12 @@ def check_dense(device: str) -> int:
         "conv 3x3 split, clipped ranges per group of 16": (lambda: nn.Conv2d(128, 64, 3, padding=1), (2, 128, 12, 12),
                                                             80),
         "linear, clipped ranges": (lambda: nn.Linear(320, 64), (2, 77, 320), None),
+        "conv 3x3 grouped (8)": (lambda: nn.Conv2d(128, 64, 3, padding=1, groups=8), (2, 128, 12, 12), None),
     }
     for (w_bits, a_bits), (name, (make, shape, split)) in [(b, c) for b in ((4, 4), (8, 8)) for c in cases.items()]:
         torch.manual_seed(0)
         x = torch.randn(shape) + 0.3
-        levers = {"group_size": 16 if "group" in name else None, "clipping": "clipped" in name}
+        levers = {"group_size": 16 if "per group" in name else None, "clipping": "clipped" in name}
         layer = frozen(make(), x, w_bits, a_bits, "dynamic", split, **levers).to(device)
         results = []
         for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):
@@ -162,7 +163,7 @@ def check_dense(device: str) -> int:
                 out = layer(xd)
             err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             results.append((dtype, torch.equal(out, ref), err, err <= bound and out.dtype == dtype))
-            if "clipped" in name and "group" not in name:  # the integer kernels clip too
+            if "clipped" in name and "per group" not in name:  # the integer kernels clip too
                 with torch.no_grad():
                     gpuauto.pin_path(layer, "integer")
                     out = layer(xd)

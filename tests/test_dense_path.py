@@ -33,6 +33,9 @@ LAYERS = {
     "conv 1x1": (lambda: nn.Conv2d(12, 8, 1), (2, 12, 9, 11), None),
     "conv 3x3 split input": (lambda: nn.Conv2d(14, 6, 3, padding=1), (2, 14, 7, 6), 5),
     "linear, odd K": (lambda: nn.Linear(33, 7), (2, 5, 33), None),
+    "conv 3x3 in 4 groups": (lambda: nn.Conv2d(12, 8, 3, padding=1, groups=4), (2, 12, 9, 11), None),
+    "conv 3x3 depthwise, stride 2": (lambda: nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12), (2, 12, 9, 11),
+                                     None),
 }
 
 

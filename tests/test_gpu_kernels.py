@@ -135,40 +135,45 @@ def test_quantize_kernel_reproduces_the_reference_codes():
             assert torch.equal(got.zero, ref.zero.view(-1))
 
 
-def test_grouped_convolution_falls_back_on_the_gpu_path():
+def test_grouped_convolution_takes_the_dense_path_on_the_gpu():
+    """The integer kernels do not take grouped convolutions; the dense path does (the reference bit for bit)."""
     torch.manual_seed(0)
     x = torch.randn(1, 8, 6, 6)
     layer = _frozen(nn.Conv2d(8, 8, 3, padding=1, groups=2), x, 4, 4, "dynamic")
-    intexec.to_integer(layer)
-    assert gpuexec.gpu_support(layer) == "grouped convolution"
-    assert gpuexec.gpu_forward(layer, x) is None
-    assert gpuexec.gpu_forward(layer, x.double()) is None  # a dtype the kernels do not take
+    with torch.no_grad():
+        reference = layer(x)
+        intexec.to_integer(layer)
+        assert gpuexec.gpu_support(layer) == "grouped convolution" and gpuexec.dense_support(layer) is None
+        assert torch.equal(gpuexec.gpu_forward(layer, x), reference)
+        assert gpuexec.gpu_forward(layer, x.double()) is None  # a dtype the kernels do not take
 
 
 @pytest.mark.parametrize("execution", ["integer", "auto"])
 def test_layers_the_gpu_kernels_refuse_hold_the_packed_layout_on_a_gpu(monkeypatch, execution):
-    """On a GPU (its device and kernels faked here), a layer the Triton kernels do not serve runs the reference from
-    the packed codes (a few ops a call) rather than from the integer layout (which rebuilds the codes block by block
-    at every call), and says so: ``set_execution`` counts it as fake. The CPU kernels keep serving it on the CPU."""
+    """On a GPU (its device and kernels faked here), a layer no GPU path serves (a token wider than the quantize
+    kernels hold) runs the reference from the packed codes (a few ops a call) rather than from the integer layout
+    (which rebuilds the codes block by block at every call), and says so: ``set_execution`` counts it as fake. The
+    CPU kernels keep serving it on the CPU."""
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 6, 6)
-    grouped = _frozen(nn.Conv2d(8, 8, 3, padding=1, groups=2), x, 4, 4, "dynamic")
+    x, wide_x = torch.randn(2, 8, 6, 6), torch.randn(2, gpuexec.GPU_MAX_CHANNELS + 1)
+    wide = _frozen(nn.Linear(gpuexec.GPU_MAX_CHANNELS + 1, 2), wide_x, 4, 4, "dynamic")  # more than a token holds
     plain = _frozen(nn.Conv2d(8, 8, 3, padding=1), x, 4, 4, "dynamic")
-    model = nn.Sequential(grouped, plain)
+    model = nn.Sequential(wide, plain)
     with torch.no_grad():
-        expected = [grouped(x), plain(x)]
+        expected = wide(wide_x)
         monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)
         assert set_execution(model, execution) == {"integer": ["0", "1"], "fake": []}  # the CPU: both
         monkeypatch.setattr(intexec, "layer_device", lambda layer: torch.device("cuda"))
         monkeypatch.setattr(intexec, "integer_kernels_available", lambda device: True)
         assert set_execution(model, execution) == {"integer": ["1"], "fake": ["0"]}
-        assert grouped.execution == "fake" and hasattr(grouped, "packed_weight") and plain.execution == "integer"
-        assert torch.equal(grouped(x), expected[0])
-        assert grouped._integer_storage is not None  # still asked for: back on the CPU it runs integer again
+        assert wide.execution == "fake" and hasattr(wide, "packed_weight") and plain.execution == "integer"
+        assert gpuexec.dense_support(wide) == f"more than {gpuexec.GPU_MAX_CHANNELS} input channels"
+        assert torch.equal(wide(wide_x), expected)
+        assert wide._integer_storage is not None  # still asked for: back on the CPU it runs integer again
         monkeypatch.undo()
         monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)
-        grouped._apply(lambda t: t)
-        assert grouped.execution == "integer"
+        wide._apply(lambda t: t)
+        assert wide.execution == "integer"
 
 
 def test_integer_kernels_available_by_device(monkeypatch):

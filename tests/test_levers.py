@@ -168,6 +168,22 @@ def test_integer_execution_serves_every_lever(case, a_bits):
         assert torch.allclose(layer(x), fake, atol=1e-4, rtol=1e-4)
 
 
+def test_per_group_ranges_of_a_grouped_convolution_stay_on_the_reference():
+    """The quantizer groups the whole input's channels (here 16 per range over 128, one range per convolution
+    group), which the integer layout's parts (counted over a convolution group's 16 input channels) cannot express:
+    such a layer refuses the integer kernels and keeps the reference's output (it ran them, 10% off, before)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 6, 6) * torch.linspace(0.1, 4, 128).view(1, -1, 1, 1) + 0.3
+    layer = QuantConv2d.from_module(nn.Conv2d(128, 64, 3, padding=1, groups=8), w_bits=4, a_bits=4,
+                                    weight_init="minmax", act_scheme="dynamic", group_size=16)
+    layer.freeze()
+    with torch.no_grad():
+        reference = layer(x)
+        assert intexec.integer_support(layer) == "activation ranges per channel group with groups"
+        assert not layer.set_execution("integer") and layer.execution == "fake"
+        assert torch.equal(layer(x), reference)
+
+
 def test_reconstruction_refines_the_branch_factors():
     """With ``lr_lowrank`` the factors learn from the reconstruction loss (lowering it where the rounding alone
     stops); with 0 they stay the SVD's."""

@@ -34,11 +34,12 @@ if triton is not None:
         tl.store(dst, (t * scale[:, None]).to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def dequantize_kernel(w_ptr, wz_ptr, ws_ptr, zw_ptr, o_ptr, N, C, WIDTH, E, start, so_n,
+    def dequantize_kernel(w_ptr, wz_ptr, ws_ptr, zw_ptr, o_ptr, N, ROWS, C, WIDTH, E, start, so_n,
                           TAPS: tl.constexpr, PACKED: tl.constexpr, ZW: tl.constexpr, BN: tl.constexpr,
                           BE: tl.constexpr):
         # a tile is BN output channels x BE consecutive elements of their (channels x taps) rows from ``start``: the
-        # stores are contiguous runs; the loads gather each element's byte from its (channel group, tap) block
+        # stores are contiguous runs; the loads gather each element's byte from its (channel group, tap) block, in
+        # the blocks of the output channel's convolution group (ROWS output channels each; N without groups)
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         offs_e = tl.program_id(1) * BE + tl.arange(0, BE)
         nmask = offs_n < N
@@ -50,7 +51,8 @@ if triton is not None:
             byte = tl.where(k < WIDTH, k, k - WIDTH)
         else:
             byte = k
-        src = w_ptr + (block.to(tl.int64) * N * WIDTH + byte)[None, :] + offs_n[:, None].to(tl.int64) * WIDTH
+        row_block = (offs_n // ROWS).to(tl.int64) * (E // C) * ROWS * WIDTH + (offs_n % ROWS).to(tl.int64) * WIDTH
+        src = w_ptr + (block.to(tl.int64) * ROWS * WIDTH + byte)[None, :] + row_block[:, None]
         scale = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)[:, None]
         if PACKED:
             w = tl.load(src, mask=mask, other=0)
@@ -88,16 +90,17 @@ def fake_quantize(x: torch.Tensor, out: torch.Tensor, bits: int,
 
 def dequantize(blocks: torch.Tensor, packed: bool, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
                zw: torch.Tensor | None, out: torch.Tensor, first: int, channels: int, taps: int,
-               groups: int = 1) -> None:
+               groups: int = 1, rows: int | None = None) -> None:
     """Write the weight of ``groups`` consecutive input parts of ``channels`` channels each, from channel ``first``,
     into ``out`` ((N, C[, kh, kw]), contiguous): ``scale * (c - z)`` in float32 rounded once to ``out``'s dtype, as
     ``dequantized_weight`` computes it. ``blocks``: the parts' ``groups * taps`` blocks of ``intexec``'s layout
-    (part-major, then tap), from the first one's start: packed 4-bit codes with int8 zero points ``w_zero``, or
-    int8/float8 carriers, minus ``zw`` for 8-bit weights."""
+    (part-major, then tap), from the first one's start, each ``rows`` output channels (a grouped convolution's
+    ``N / groups``: its blocks repeat per convolution group; default N): packed 4-bit codes with int8 zero points
+    ``w_zero``, or int8/float8 carriers, minus ``zw`` for 8-bit weights."""
     n = out.shape[0]
     width = (channels + 1) // 2 if packed else channels
     elements = groups * channels * taps  # of each output channel's row, contiguous from first * taps
     dequantize_kernel[(_cdiv(n, 16), _cdiv(elements, 128))](
-        blocks, w_zero if packed else w_scale, w_scale, zw if zw is not None else w_scale, out, n, channels, width,
-        elements, first * taps, out.stride(0), TAPS=taps, PACKED=packed, ZW=zw is not None, BN=16, BE=128,
+        blocks, w_zero if packed else w_scale, w_scale, zw if zw is not None else w_scale, out, n, rows or n, channels,
+        width, elements, first * taps, out.stride(0), TAPS=taps, PACKED=packed, ZW=zw is not None, BN=16, BE=128,
         num_warps=4)

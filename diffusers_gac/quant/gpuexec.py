@@ -16,10 +16,10 @@ faster (``gpuauto.choose_path``), so a layer where the integer kernels do not pa
 GEMMs can with its input quantized. Compiled, a layer takes the integer kernels' op, or ``dense_layer`` (the dense
 path as a custom op) where only the dense path serves it or it was pinned to it.
 
-The GPU kernels serve every layer the integer path serves (``intexec.integer_support``) except grouped convolutions
-and layers with more than ``GPU_MAX_CHANNELS`` input channels in a part (the quantize kernel holds a token's
-channels in registers): those run the fake-quant reference from the packed layout (``dense_support``), and layers
-with per-group activation ranges, which run the dense path (``gpu_support``). No ``from __future__ import
+The integer kernels serve every layer the integer path serves (``intexec.integer_support``) except grouped
+convolutions and layers with per-group activation ranges, which run the dense path (``gpu_support``); layers with
+more than ``GPU_MAX_CHANNELS`` input channels in a part (the quantize kernels hold a token's channels in registers)
+run the fake-quant reference from the packed layout (``dense_support``). No ``from __future__ import
 annotations`` here: the custom ops' schemas are read from their annotations.
 """
 
@@ -68,20 +68,26 @@ def fp8_carriers(layer: nn.Module) -> bool:
     return _fp8_call(layer.int_weight, [p.bits for p in input_parts(layer.input_quantizer)])
 
 
+def _grouped(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and layer.groups != 1
+
+
 def dense_support(layer: nn.Module) -> str | None:
     """Why no GPU path serves ``layer`` (neither the integer kernels nor the dense one), or None if one does. On a
     GPU such a layer goes back to the packed layout and runs the reference (``layers``' ``_sync_execution``)."""
-    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-        return "grouped convolution"
-    if max(c1 - c0 for _, c0, c1 in part_quantizers(layer)) > GPU_MAX_CHANNELS:
+    widths = [c1 - c0 for _, c0, c1 in part_quantizers(layer)] + ([layer.in_channels] if _grouped(layer) else [])
+    if max(widths) > GPU_MAX_CHANNELS:  # a grouped convolution's input is quantized whole
         return f"more than {GPU_MAX_CHANNELS} input channels"
     return None
 
 
 def gpu_support(layer: nn.Module) -> str | None:
     """Why the GPU's integer kernels do not serve ``layer``, or None if they do. The layers the dense path serves
-    apart from them (activation ranges per channel group) run it whatever their execution (``gpu_forward``)."""
+    apart from them (grouped convolutions, activation ranges per channel group) run it whatever their execution
+    (``gpu_forward``)."""
     reason = dense_support(layer)
+    if reason is None and _grouped(layer):
+        reason = "grouped convolution"
     if reason is None and len(part_quantizers(layer)) != len(input_parts(layer.input_quantizer)):
         reason = "activation ranges per channel group (act_group_size)"
     return reason
@@ -136,8 +142,8 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
     for p, (c0, c1) in zip(quantizers, spec.parts):
         ints += [c0, c1, p.bits]
     if spec.conv:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw), _ = spec.geometry
-        ints += [kh, kw, sh, sw, ph, pw, dh, dw]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups = spec.geometry
+        ints += [kh, kw, sh, sw, ph, pw, dh, dw, groups]
     static = any(p.scheme != "dynamic" for p in quantizers)
     return GpuPlan((layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw), ints, quantizers, static,
                    gpu_support(layer) is None, _sources(layer), {})
@@ -183,7 +189,7 @@ def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tu
     conv, n, _, _, num_parts = ints[:HEADER]
     if not conv:
         return (*shape[:-1], n)
-    kh, kw, sh, sw, ph, pw, dh, dw = ints[HEADER + 3 * num_parts:]
+    kh, kw, sh, sw, ph, pw, dh, dw, _ = ints[HEADER + 3 * num_parts:]
     return (shape[0], n, _out_size(shape[2], kh, sh, ph, dh), _out_size(shape[3], kw, sw, pw, dw))
 
 
@@ -211,7 +217,7 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
         gpukernels.igemm([(tokens, k)], weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (0, 1, n))
         return out.view(*x.shape[:-1], n)
     b, _, h, w = x.shape
-    kh, kw, sh, sw, ph, pw, dh, dw = ints[HEADER + 3 * num_parts:]
+    kh, kw, sh, sw, ph, pw, dh, dw, _ = ints[HEADER + 3 * num_parts:]
     _, _, ho, wo = gpu_output_shape(x.shape, ints)
     acts = []
     for i, (c0, c1, bits) in enumerate(parts):
@@ -248,12 +254,13 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
     conv, n, packed, _, num_parts = ints[:HEADER]
     parts = [ints[HEADER + 3 * i:HEADER + 3 + 3 * i] for i in range(num_parts)]
     geometry = ints[HEADER + 3 * num_parts:]
-    taps = geometry[0] * geometry[1] if conv else 1
+    taps, groups = (geometry[0] * geometry[1], geometry[8]) if conv else (1, 1)
     runs = _runs(parts, ranges)
     w = torch.empty((n, parts[-1][1], *geometry[:2]), dtype=x.dtype, device=x.device)
     offset = 0
-    for first, count, width, _ in runs:
-        gpudense.dequantize(weight[offset:], bool(packed), w_zero, w_scale, zw, w, parts[first][0], width, taps, count)
+    for first, count, width, _ in runs:  # a grouped convolution: one part (its weight's in_channels / groups)
+        gpudense.dequantize(weight[offset:], bool(packed), w_zero, w_scale, zw, w, parts[first][0], width, taps, count,
+                            n // groups)
         offset += count * taps * n * ((width + 1) // 2 if packed else width)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
@@ -264,6 +271,8 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
         batch = x.shape[0] if x.dim() > 1 else 1
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         xv, ov = x.reshape(batch, -1, x.shape[-1]).transpose(1, 2), out.view(batch, -1, x.shape[-1]).transpose(1, 2)
+    if groups > 1:  # the input's channels, all of them, quantized per token like one part
+        runs = [(0, 1, x.shape[1], parts[0][2])]
     for first, count, width, bits in runs:
         c0 = parts[first][0]
         span = slice(c0, c0 + count * width)
@@ -271,8 +280,8 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
                                bits, _static(ranges, first), ranges[3 * first + 2])
     if not conv:
         return F.linear(out, w, bias)
-    kh, kw, sh, sw, ph, pw, dh, dw = geometry
-    return F.conv2d(out, w, bias, (sh, sw), (ph, pw), (dh, dw))
+    kh, kw, sh, sw, ph, pw, dh, dw, groups = geometry
+    return F.conv2d(out, w, bias, (sh, sw), (ph, pw), (dh, dw), groups)
 
 
 PATHS = {"integer": gpu_run, "dense": dense_run}  # what an "auto" layer chooses between (gpuauto.PATHS)

@@ -110,7 +110,9 @@ def integer_support(layer: nn.Module) -> str | None:
             return "split input with groups"
     if isinstance(q, SplitActQuantizer) and q.first.scheme != q.second.scheme:
         return "split input with two schemes"
-    if isinstance(layer, nn.Conv2d) and layer.groups != 1 and len(_parts(layer)) > 1:
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1 and any(
+            p.scheme == "dynamic" and p.channel_groups(layer.in_channels) != layer.in_channels for p in input_parts(q)):
+        # the quantizer groups the whole input's channels; the layout's parts count a convolution group's
         return "activation ranges per channel group with groups"
     return None
 
