@@ -264,7 +264,7 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
     layers = quant_layers(model).values()
     running = sum(m.execution == "integer" for m in layers)
     wanted = {"fake": 0, "integer": sum(intexec.integer_support(m) is None for m in layers)}
-    if any(intexec.layer_device(m).type != "cpu" for m in layers):  # a GPU also refuses some (gpuexec.gpu_support)
+    if any(intexec.layer_device(m).type != "cpu" for m in layers):  # a GPU also refuses some (gpuexec.dense_support)
         del wanted["integer"]
     if running != wanted.get(kind, running):
         raise RuntimeError(f"{name}: {running} of {wanted[kind]} layers run the integer kernels")
@@ -459,7 +459,7 @@ LEGEND = """Variants: `fake_*` dequantize the packed weight and run float ops on
 default (on the CPU integer kernels only for layers wide enough to gain; on a GPU, per layer and input shape, the
 faster of the integer kernels and the dense path, timed on the first step of each size), `dense_w4a4` the same with
 every layer on the dense path (the input fake-quantized and the weight dequantized per call by Triton kernels, then
-the dense half-precision conv/linear of PyTorch; GPU only). Prefixes: `bf16_` is
+the dense conv/linear of PyTorch in the model's dtype; GPU only). Prefixes: `bf16_` is
 the model in bfloat16 as a `torch_dtype=torch.bfloat16` load gives it (quantizer state in float32, everything else
 bfloat16; a peer built on the bfloat16 model), `graph_` one step captured as a CUDA graph and replayed (no launch
 overhead), `compiled_` `torch.compile` (compile time in "build s"; `compiled_w4a4` is `compiled_auto_w4a4`). Peers:

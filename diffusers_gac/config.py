@@ -139,9 +139,9 @@ class GACConfig(QuantizationConfigMixin):
             every layer with quantized inputs, ``quant/intexec.py``), ``"fake"`` (the fake-quant reference:
             dequantized weights, float ops) or ``"auto"`` (integer for the layers on a CPU with the kernels that are
             wide enough to gain from them, fake for the others; on a GPU, per layer and input shape the faster of
-            the integer kernels and the reference's dense half-precision path, timed on first use). Passing ``GACConfig(execution=...)`` to
-            ``from_pretrained`` of a calibrated checkpoint sets it (its other options come from the checkpoint);
-            ``diffusers_gac.set_execution(model, ...)`` changes it later.
+            the integer kernels and the reference computed densely in the input's dtype, timed on first use).
+            Passing ``GACConfig(execution=...)`` to ``from_pretrained`` of a calibrated checkpoint sets it (its
+            other options come from the checkpoint); ``diffusers_gac.set_execution(model, ...)`` changes it later.
     Written by calibration (leave unset):
         layout: the :class:`QuantizedLayout` of the calibrated model.
     """

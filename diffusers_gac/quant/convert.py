@@ -232,7 +232,7 @@ def set_execution(model: nn.Module, execution: str = "auto", int4_storage: str =
     ``"fake"``: the reference (dequantize the weight, float conv/linear on fake-quantized inputs). ``"integer"``: int8
     GEMMs (``quant/intexec.py``) for every layer with quantized inputs. ``"auto"``: ``"integer"`` for the layers wide
     enough to gain from it (``intexec.integer_pays_off``), ``"fake"`` for the others; on a GPU, per layer and input
-    shape, the faster of the integer kernels and the reference computed densely in half precision (timed on first
+    shape, the faster of the integer kernels and the reference computed densely in the input's dtype (timed on first
     use, ``gpuauto.choose_path``). Integer execution holds while a layer sits on a device with the kernels
     (``intexec.integer_kernels_available``: the CPU with oneDNN, CUDA GPUs with int8 tensor cores); moved elsewhere
     it runs the reference, and moved back, the kernels again. ``int4_storage``: how weights of

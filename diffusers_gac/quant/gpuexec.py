@@ -36,7 +36,6 @@ from .intkernels import _out_size
 from .quantizers import ActQuantizer, input_parts, part_quantizers
 
 
-
 def triton_available() -> bool:
     """Whether Triton is installed (it ships with CUDA builds of torch)."""
     return gpukernels.triton is not None
@@ -161,7 +160,7 @@ def _ranges(plan: GpuPlan, x: torch.Tensor) -> list[torch.Tensor | None]:
 
 
 def gpu_plan(layer: nn.Module) -> GpuPlan | None:
-    """The layer's cached ``GpuPlan``, built on first use; None where the GPU kernels do not serve it."""
+    """The layer's cached ``GpuPlan``, built on first use; None where no GPU path serves it (``dense_support``)."""
     plan = layer.__dict__.get("_gpu_plan")
     if plan is None or plan and plan.sources != _sources(layer):
         plan = _build_plan(layer) if dense_support(layer) is None else False
@@ -253,15 +252,14 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
     reference's output, from the integer layout. Two launches per run of equal input parts (``_runs``)."""
     conv, n, packed, _, num_parts = ints[:HEADER]
     parts = [ints[HEADER + 3 * i:HEADER + 3 + 3 * i] for i in range(num_parts)]
-    geometry = ints[HEADER + 3 * num_parts:]
-    taps, groups = (geometry[0] * geometry[1], geometry[8]) if conv else (1, 1)
+    kh, kw, sh, sw, ph, pw, dh, dw, groups = ints[HEADER + 3 * num_parts:] if conv else (1, 1, 1, 1, 0, 0, 1, 1, 1)
     runs = _runs(parts, ranges)
-    w = torch.empty((n, parts[-1][1], *geometry[:2]), dtype=x.dtype, device=x.device)
+    w = torch.empty((n, parts[-1][1], kh, kw) if conv else (n, parts[-1][1]), dtype=x.dtype, device=x.device)
     offset = 0
     for first, count, width, _ in runs:  # a grouped convolution: one part (its weight's in_channels / groups)
-        gpudense.dequantize(weight[offset:], bool(packed), w_zero, w_scale, zw, w, parts[first][0], width, taps, count,
-                            n // groups)
-        offset += count * taps * n * ((width + 1) // 2 if packed else width)
+        gpudense.dequantize(weight[offset:], bool(packed), w_zero, w_scale, zw, w, parts[first][0], width, kh * kw,
+                            count, n // groups)
+        offset += count * kh * kw * n * ((width + 1) // 2 if packed else width)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     if conv:  # (B, C, H, W) -> per run (B, groups, channels each, H * W)
@@ -280,7 +278,6 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
                                bits, _static(ranges, first), ranges[3 * first + 2])
     if not conv:
         return F.linear(out, w, bias)
-    kh, kw, sh, sw, ph, pw, dh, dw, groups = geometry
     return F.conv2d(out, w, bias, (sh, sw), (ph, pw), (dh, dw), groups)
 
 
@@ -300,9 +297,10 @@ def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     args = (x, *plan.tensors, _ranges(plan, x), plan.ints)
     if plan.integer and not layer._integer_auto:
         return gpu_run(*args)
+    dense = (*args[:4], _bias_in(plan, x.dtype), *args[5:])
     if not plan.integer:
-        return dense_run(*args[:4], _bias_in(plan, x.dtype), *args[5:])
-    calls = {"integer": args, "dense": (*args[:4], _bias_in(plan, x.dtype), *args[5:])}
+        return dense_run(*dense)
+    calls = {"integer": args, "dense": dense}
     path = gpuauto.choose_path(layer, (x, args[1]),
                                lambda: {name: functools.partial(PATHS[name], *calls[name]) for name in PATHS})
     return PATHS[path](*calls[path])
