@@ -192,12 +192,13 @@ def timings(monkeypatch):
     """``gpuauto.time_paths`` replaced by given seconds per path (``timings["seconds"]``), counting its calls; and
     ``"auto"`` holding every layer's integer layout, as on a GPU (on the CPU it depends on the layer's width)."""
     monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)
-    state = {"seconds": {"integer": 2.0, "dense": 1.0}, "calls": 0}
+    state = {"seconds": {"integer": 2.0, "dense": 1.0, "scaled": 3.0}, "calls": 0, "offered": []}
 
     def fake(runs, device, rounds=3, calls=3):
-        assert set(runs) == set(gpuexec.PATHS) and device.type == "cpu"
+        assert {"integer", "dense"} <= set(runs) <= set(gpuexec.PATHS) and device.type == "cpu"
         state["calls"] += 1
-        return dict(state["seconds"])
+        state["offered"].append(tuple(runs))
+        return {name: state["seconds"][name] for name in runs}
 
     monkeypatch.setattr(gpuauto, "time_paths", fake)
     return state
@@ -223,11 +224,11 @@ def test_auto_runs_the_faster_path_per_input_shape_and_remembers_it(timings, mon
         assert timings["calls"] == 1 and ran == ["dense"] and torch.equal(out, reference)
         gpuexec.gpu_forward(layer, x)
         assert timings["calls"] == 1 and ran == ["dense"] * 2  # remembered: not timed again
-        timings["seconds"] = {"integer": 1.0, "dense": 2.0}
+        timings["seconds"] = {"integer": 1.0, "dense": 2.0, "scaled": 0.5}  # a 3x3 convolution: no float8 path
         small = gpuexec.gpu_forward(layer, x[:1])  # a new shape: timed, and here the integer kernels win
         assert timings["calls"] == 2 and ran[-1] == "integer"
         assert (small - reference[:1]).abs().max() <= 1e-5 * reference.abs().max()
-        assert gpuauto.chosen_paths(layer) == {"integer": 1, "dense": 1}
+        assert gpuauto.chosen_paths(layer) == {"integer": 1, "dense": 1, "scaled": 0}
         assert gpuexec.gpu_plan(layer) is plan
         layer.bias.data = layer.bias.data.clone()  # tensors replaced (as offloading hooks do): a new plan, ...
         gpuexec.gpu_forward(layer, x)
@@ -236,7 +237,7 @@ def test_auto_runs_the_faster_path_per_input_shape_and_remembers_it(timings, mon
         assert layer.set_execution("auto", "int8")  # another weight storage: timed again
         gpuexec.gpu_forward(layer, x)
         assert timings["calls"] == 3 and ran[-1] == "integer"
-        assert gpuauto.chosen_paths(layer) == {"integer": 2, "dense": 1}
+        assert gpuauto.chosen_paths(layer) == {"integer": 2, "dense": 1, "scaled": 0}
 
 
 def test_explicit_integer_execution_and_pinned_paths_are_never_timed(timings, monkeypatch):
@@ -309,9 +310,9 @@ def test_a_whole_model_on_auto_matches_the_reference_on_the_dense_path(monkeypat
         gpuauto.pin_path(model, "dense")
         assert torch.equal(model(**call).sample, reference)
         gpuauto.pin_path(model, None)
-        timings["seconds"] = {"integer": 1.0, "dense": 2.0}
+        timings["seconds"] = {"integer": 1.0, "dense": 2.0, "scaled": 3.0}
         out = model(**call).sample
     assert timings["calls"] == len(integer)  # one shape per layer in one forward
-    assert gpuauto.chosen_paths(model) == {"integer": len(integer), "dense": 0}
+    assert gpuauto.chosen_paths(model) == {"integer": len(integer), "dense": 0, "scaled": 0}
     assert ((out - reference).norm() / reference.norm()).item() <= 1e-4
     assert all(m._integer_auto for m in quant_layers(model).values() if m.execution == "integer")

@@ -1,8 +1,9 @@
-"""``execution="auto"`` on a GPU: each quantized layer chooses, per input shape, between its two paths there (the
-integer kernels, ``gpuexec.gpu_run``, and the dense path, ``gpuexec.dense_run``) by timing both once.
+"""``execution="auto"`` on a GPU: each quantized layer chooses, per input shape, between the paths that serve it
+there (the integer kernels, ``gpuexec.gpu_run``; the dense path, ``gpuexec.dense_run``; and for bfloat16 linear
+layers and 1x1 convolutions of at most 4 bits the float8 path, ``gpuexec.scaled_run``) by timing each once.
 
-Both compute the same layer (the dense path is the fake-quant reference itself; the integer kernels sum the same
-codes exactly), so the choice is one of speed only, and it depends on the layer, the input's shape, the GPU and
+All compute the same layer (the dense path is the fake-quant reference itself; the integer kernels and the float8
+GEMM sum the same codes exactly), so the choice is one of speed only, and it depends on the layer, the input's shape, the GPU and
 whether the step is launch-bound: hence measured rather than ruled. ``pin_path`` fixes it (benchmarks, tests).
 """
 
@@ -20,7 +21,7 @@ from ..checks import check_choice
 
 logger = logging.get_logger(__name__)
 
-PATHS = ("integer", "dense")  # the keys of gpuexec.PATHS
+PATHS = ("integer", "dense", "scaled")  # the keys of gpuexec.PATHS
 _clock = time.perf_counter
 
 
@@ -63,25 +64,29 @@ def _synchronize(device: torch.device) -> None:
 @functools.cache
 def _announce_timing() -> None:
     """Say once per process why a first call is slow."""
-    logger.info("execution='auto' on a GPU: each quantized layer times its integer kernels against its dense path on "
-                "the first call of each input shape, so that call is slower; later calls take the faster path")
+    logger.info("execution='auto' on a GPU: each quantized layer times the paths that serve it (integer kernels, "
+                "dense, float8) on the first call of each input shape, so that call is slower; later calls take the "
+                "fastest")
 
 
-def choose_path(layer: nn.Module, call: tuple[torch.Tensor, torch.Tensor], runs: Callable[[], dict]) -> str:
-    """The path an ``"auto"`` layer takes for a call: ``call`` is its input and resident weight, ``runs()`` gives the
-    call on each path (``PATHS``: a function of no arguments each). The faster path for this input's shape and dtype
-    on this device and weight storage, timed on the first such call and remembered by the layer (so offloading hooks
-    that move it back and forth do not time it again), unless ``pin_path`` pinned one. While a CUDA graph is being
-    captured nothing can be timed: an input not seen before then takes the integer kernels."""
+def choose_path(layer: nn.Module, call: tuple[torch.Tensor, torch.Tensor], available: tuple[str, ...],
+                runs: Callable[[], dict]) -> str:
+    """The path an ``"auto"`` layer takes for a call: ``call`` is its input and resident weight, ``available`` the
+    paths that serve it (``PATHS``' names, the integer kernels first), ``runs()`` gives the call on each of them (a
+    function of no arguments each). The fastest path for this input's shape and dtype on this device and weight
+    storage, timed on the first such call and remembered by the layer (so offloading hooks that move it back and forth
+    do not time it again), unless ``pin_path`` pinned one (a layer the pinned path does not serve takes the first
+    available). While a CUDA graph is being captured nothing can be timed: an input not seen before then takes the
+    first available path (the integer kernels)."""
     if layer._gpu_path is not None:
-        return layer._gpu_path
+        return layer._gpu_path if layer._gpu_path in available else available[0]
     x, weight = call
     key = (x.device, weight.dtype, tuple(x.shape), x.dtype)
     paths = layer.__dict__.setdefault("_gpu_paths", {})
     path = paths.get(key)
     if path is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return "integer"
+            return available[0]
         _announce_timing()
         seconds = time_paths(runs(), x.device)
         path = paths[key] = min(seconds, key=seconds.get)
@@ -91,8 +96,9 @@ def choose_path(layer: nn.Module, call: tuple[torch.Tensor, torch.Tensor], runs:
 
 
 def pin_path(model: nn.Module, path: str | None) -> int:
-    """Run every ``"auto"`` layer of ``model`` on ``path`` (``PATHS``) on a GPU, untimed; None: choose by timing
-    again. For benchmarks and tests. Returns how many quantized layers it set."""
+    """Run every ``"auto"`` layer of ``model`` on ``path`` (``PATHS``) on a GPU, untimed, where the path serves it
+    (else the first path that does: see ``choose_path``); None: choose by timing again. For benchmarks and tests.
+    Returns how many quantized layers it set."""
     if path is not None:
         check_choice("path", path, PATHS)
     layers = [m for m in model.modules() if hasattr(m, "_integer_auto")]

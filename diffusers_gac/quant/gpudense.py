@@ -1,4 +1,5 @@
-"""The dense path of a quantized layer on a GPU, in Triton: the fake-quant reference, computed fast.
+"""The paths of a quantized layer on a GPU that end in a library GEMM: the dense path (the fake-quant reference,
+computed fast) and the float8 path (``scaled_gemm``).
 
 What ``"auto"`` runs on a GPU where the integer kernels (``gpukernels``) lose to the GPU's own half-precision
 GEMMs (``gpuauto.choose_path``): the layer's input fake-quantized in one pass (``fake_quantize``: the same codes as
@@ -7,13 +8,20 @@ integer layout into a temporary dense tensor (``dequantize``, one pass over the 
 resident), then the dense conv/linear of PyTorch (cuBLAS, cuDNN). That is exactly what the reference computes
 (``QuantLayerMixin.forward`` with ``execution="fake"``: the dequantized values are the same float32 products rounded
 once to the input's dtype), with two fused kernels where the reference launches a dozen small ops.
+
+The float8 path serves linear layers and 1x1 convolutions whose weights and inputs have at most 4 bits: their
+carriers (``c - z``, at most 15 in magnitude) are exact in float8 e4m3, so ``torch._scaled_mm`` (cuBLASLt/CUTLASS
+on Hopper and later) multiplies them on the float8 tensor cores with the token's and the output channel's scales
+applied in its epilogue, in one GEMM from the quantize kernel's codes.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .gpukernels import _cdiv, _next_pow2, _token_codes, tl, triton
+from .gpukernels import FP8_DTYPE, _cdiv, _next_pow2, _token_codes, quantize, tl, triton
 
 if triton is not None:
     @triton.jit
@@ -35,8 +43,8 @@ if triton is not None:
 
     @triton.jit
     def dequantize_kernel(w_ptr, wz_ptr, ws_ptr, zw_ptr, o_ptr, N, ROWS, C, WIDTH, E, start, so_n,
-                          TAPS: tl.constexpr, PACKED: tl.constexpr, ZW: tl.constexpr, BN: tl.constexpr,
-                          BE: tl.constexpr):
+                          TAPS: tl.constexpr, PACKED: tl.constexpr, ZW: tl.constexpr, SCALE: tl.constexpr,
+                          BN: tl.constexpr, BE: tl.constexpr):
         # a tile is BN output channels x BE consecutive elements of their (channels x taps) rows from ``start``: the
         # stores are contiguous runs; the loads gather each element's byte from its (channel group, tap) block, in
         # the blocks of the output channel's convolution group (ROWS output channels each; N without groups)
@@ -53,7 +61,6 @@ if triton is not None:
             byte = k
         row_block = (offs_n // ROWS).to(tl.int64) * (E // C) * ROWS * WIDTH + (offs_n % ROWS).to(tl.int64) * WIDTH
         src = w_ptr + (block.to(tl.int64) * ROWS * WIDTH + byte)[None, :] + row_block[:, None]
-        scale = tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)[:, None]
         if PACKED:
             w = tl.load(src, mask=mask, other=0)
             code = tl.where((k < WIDTH)[None, :], w & 15, w >> 4).to(tl.int8)
@@ -63,8 +70,10 @@ if triton is not None:
             v = w.to(tl.float16).to(tl.float32) if w.dtype == tl.float8e4nv else w.to(tl.float32)
             if ZW:
                 v = v - tl.load(zw_ptr + offs_n, mask=nmask, other=0.0)[:, None]
+        if SCALE:
+            v = v * tl.load(ws_ptr + offs_n, mask=nmask, other=0.0)[:, None]
         dst = o_ptr + offs_n[:, None].to(tl.int64) * so_n + (start + offs_e)[None, :]
-        tl.store(dst, (v * scale).to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst, v.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def fake_quantize(x: torch.Tensor, out: torch.Tensor, bits: int,
@@ -90,17 +99,52 @@ def fake_quantize(x: torch.Tensor, out: torch.Tensor, bits: int,
 
 def dequantize(blocks: torch.Tensor, packed: bool, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
                zw: torch.Tensor | None, out: torch.Tensor, first: int, channels: int, taps: int,
-               groups: int = 1, rows: int | None = None) -> None:
+               groups: int = 1, rows: int | None = None, scale: bool = True) -> None:
     """Write the weight of ``groups`` consecutive input parts of ``channels`` channels each, from channel ``first``,
     into ``out`` ((N, C[, kh, kw]), contiguous): ``scale * (c - z)`` in float32 rounded once to ``out``'s dtype, as
-    ``dequantized_weight`` computes it. ``blocks``: the parts' ``groups * taps`` blocks of ``intexec``'s layout
-    (part-major, then tap), from the first one's start, each ``rows`` output channels (a grouped convolution's
-    ``N / groups``: its blocks repeat per convolution group; default N): packed 4-bit codes with int8 zero points
-    ``w_zero``, or int8/float8 carriers, minus ``zw`` for 8-bit weights."""
+    ``dequantized_weight`` computes it; with ``scale=False``, the carriers ``c - z`` themselves (small integers,
+    exact in float8 e4m3 for weights of at most 4 bits: what ``gpuexec.scaled_run`` multiplies). ``blocks``: the
+    parts' ``groups * taps`` blocks of ``intexec``'s layout (part-major, then tap), from the first one's start, each
+    ``rows`` output channels (a grouped convolution's ``N / groups``: its blocks repeat per convolution group;
+    default N): packed 4-bit codes with int8 zero points ``w_zero``, or int8/float8 carriers, minus ``zw`` for 8-bit
+    weights."""
     n = out.shape[0]
     width = (channels + 1) // 2 if packed else channels
     elements = groups * channels * taps  # of each output channel's row, contiguous from first * taps
     dequantize_kernel[(_cdiv(n, 16), _cdiv(elements, 128))](
         blocks, w_zero if packed else w_scale, w_scale, zw if zw is not None else w_scale, out, n, rows or n, channels,
-        width, elements, first * taps, out.stride(0), TAPS=taps, PACKED=packed, ZW=zw is not None, BN=16, BE=128,
-        num_warps=4)
+        width, elements, first * taps, out.stride(0), TAPS=taps, PACKED=packed, ZW=zw is not None, SCALE=scale,
+        BN=16, BE=128, num_warps=4)
+
+
+def scaled_gemms(device: torch.device | str) -> bool:
+    """Whether ``device`` runs ``torch._scaled_mm`` on float8 with a scale per row and per column, which the float8
+    path needs: CUDA compute capability 9.0+ (Hopper and later). CPU tensors take the GPU paths only through Triton's
+    interpreter (the tests), where PyTorch's CPU ``_scaled_mm`` serves."""
+    device = torch.device(device)
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cpu" and triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def scaled_gemm(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tensor] | None,
+                clip: torch.Tensor | None, weight: torch.Tensor, packed: bool, w_zero: torch.Tensor | None,
+                w_scale: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The float8 path: ``x`` viewed as ``(B, K, P)`` (as ``gpukernels.quantize`` takes it) quantized per token into
+    float8 e4m3 carriers (``bits <= 4``), times the weight's ``(n, K)`` carriers (the resident float8 ones, or
+    written by ``dequantize`` into a temporary from packed or int8 ones), the products summed in float32 (exactly:
+    small integers), each sum scaled by its token's and its output channel's scale, the bias added and the result
+    rounded once to ``x``'s dtype. Returns ``(B * P, n)``, tokens in ``x``'s order."""
+    k = x.shape[1]
+    tokens = quantize(x, bits, static, False, True, clip)
+    if weight.dtype == FP8_DTYPE:
+        carriers = weight.view(n, k)
+    else:
+        carriers = torch.empty(n, k, dtype=FP8_DTYPE, device=x.device)
+        dequantize(weight, packed, w_zero, w_scale, None, carriers, 0, k, 1, scale=False)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return torch._scaled_mm(tokens.q, carriers.t(), scale_a=tokens.scale.view(-1, 1), scale_b=w_scale.view(1, -1),
+                            bias=bias, out_dtype=x.dtype)

@@ -9,12 +9,14 @@ Under ``torch.compile`` the layer calls ``integer_layer``, the custom op ``diffu
 ``gpu_run``, which keeps the layer inside the compiled graph (no graph break; with ``mode="reduce-overhead"`` the
 step can replay as one CUDA graph); its fake implementation gives the output's shape for tracing.
 
-A layer set to ``"auto"`` has a second path on a GPU: ``dense_run`` (``gpudense``), the fake-quant reference in two
+A layer set to ``"auto"`` has more paths on a GPU: ``dense_run`` (``gpudense``), the fake-quant reference in two
 fused kernels and PyTorch's dense conv/linear in the input's dtype, which needs no more memory resident (the weight is
-dequantized per call into a temporary). For each input shape it sees, the layer times both paths once and keeps the
-faster (``gpuauto.choose_path``), so a layer where the integer kernels do not pay runs as fast as the GPU's dense
-GEMMs can with its input quantized. Compiled, a layer takes the integer kernels' op, or ``dense_layer`` (the dense
-path as a custom op) where only the dense path serves it or it was pinned to it.
+dequantized per call into a temporary); and for bfloat16 linear layers and 1x1 convolutions of at most 4 bits,
+``scaled_run``, a float8 GEMM with the scales in its epilogue (``torch._scaled_mm``, Hopper and later;
+``scaled_support``). For each input shape it sees, the layer times the paths that serve it once and keeps the
+fastest (``gpuauto.choose_path``), so a layer where the integer kernels do not pay runs as fast as the GPU's library
+GEMMs can with its input quantized. Compiled, a layer takes the integer kernels' op, or the dense or float8 path's
+(``dense_layer``, ``scaled_layer``) where only the dense path serves it or it was pinned to one (``compiled_op``).
 
 The integer kernels serve every layer the integer path serves (``intexec.integer_support``) except grouped
 convolutions and layers with per-group activation ranges, which run the dense path (``gpu_support``); layers with
@@ -92,6 +94,30 @@ def gpu_support(layer: nn.Module) -> str | None:
     return reason
 
 
+def scaled_support(layer: nn.Module) -> str | None:
+    """Why the float8 path (``scaled_run``) does not serve ``layer``, or None if it does (its bfloat16 calls): a
+    linear layer or an unpadded 1x1 convolution with stride 1 whose weights and inputs (one part, dynamic or static
+    ranges) have at most 4 bits, so that float8 e4m3 holds their carriers exactly, with input and output channels in
+    multiples of 16 (the float8 GEMMs' alignment), on a device with row-wise scaled float8 GEMMs."""
+    reason = gpu_support(layer)
+    if reason is not None:
+        return reason
+    if isinstance(layer, nn.Conv2d) and (layer.kernel_size != (1, 1) or layer.stride != (1, 1)
+                                         or layer.padding != (0, 0)):
+        return "not a linear layer or an unpadded 1x1 convolution with stride 1"
+    parts = input_parts(layer.input_quantizer)
+    if len(parts) != 1:
+        return "a split input"
+    if layer.w_bits > 4 or parts[0].bits > 4:
+        return "more than 4 bits (float8 e4m3 holds the carriers of codes of at most 4 bits exactly)"
+    out_channels, in_channels = layer.weight_shape[:2]
+    if in_channels % 16 or out_channels % 16:
+        return "input or output channels not a multiple of 16"
+    if not gpudense.scaled_gemms(layer.int_weight.device):
+        return "no row-wise scaled float8 GEMMs on this device"
+    return None
+
+
 def static_range(q: ActQuantizer, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-sample float32 (scale, zero point) of a static or timestep quantizer, (batch,) each; None if dynamic."""
     if q.scheme == "dynamic":
@@ -116,8 +142,9 @@ class GpuPlan(NamedTuple):
     quantizers: tuple[ActQuantizer, ...]  # per input part (a channel group of per-group ranges is a part)
     static: bool  # some part has static or timestep ranges, read per call (they depend on the batch)
     integer: bool  # the integer kernels serve the layer (else only the dense path does)
+    scaled: bool  # the float8 path serves its bfloat16 calls (``scaled_support``)
     sources: tuple[int, ...]  # where the layer's tensors lived when it was built (``_sources``)
-    biases: dict  # the bias cast to an input dtype, for the dense path
+    biases: dict  # the bias cast to an input dtype, for the dense and float8 paths
 
 
 def _sources(layer: nn.Module) -> tuple[int, ...]:
@@ -145,7 +172,7 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
         ints += [kh, kw, sh, sw, ph, pw, dh, dw, groups]
     static = any(p.scheme != "dynamic" for p in quantizers)
     return GpuPlan((layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw), ints, quantizers, static,
-                   gpu_support(layer) is None, _sources(layer), {})
+                   gpu_support(layer) is None, scaled_support(layer) is None, _sources(layer), {})
 
 
 def _ranges(plan: GpuPlan, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -281,29 +308,72 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
     return F.conv2d(out, w, bias, (sh, sw), (ph, pw), (dh, dw), groups)
 
 
-PATHS = {"integer": gpu_run, "dense": dense_run}  # what an "auto" layer chooses between (gpuauto.PATHS)
+def scaled_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
+               ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
+    """One layer on the float8 path (``gpudense.scaled_gemm``: a float8 GEMM with row-wise scales), from
+    ``gpu_layer_args`` like ``gpu_run``, for the layers ``scaled_support`` admits. A 1x1 convolution's output is
+    copied from the GEMM's (positions, channels) into the input's (B, C, H, W) layout."""
+    conv, n, packed, _, _ = ints[:HEADER]
+    _, k, bits = ints[HEADER:HEADER + 3]
+    x3 = x.flatten(2) if conv else x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, k).transpose(1, 2)
+    out = gpudense.scaled_gemm(x3, bits, _static(ranges, 0), ranges[2], weight, bool(packed), w_zero, w_scale, bias, n)
+    if not conv:
+        return out.view(*x.shape[:-1], n)
+    b, _, h, w = x.shape
+    return out.view(b, h, w, n).permute(0, 3, 1, 2).contiguous()
+
+
+PATHS = {"integer": gpu_run, "dense": dense_run, "scaled": scaled_run}  # what "auto" chooses from (gpuauto.PATHS)
+
+
+def path_calls(layer: nn.Module, x: torch.Tensor) -> dict[str, tuple] | None:
+    """The GPU paths that serve ``layer`` called on ``x``, each with its arguments (``PATHS``' functions take them):
+    the integer kernels where ``gpu_support`` allows, always the dense path, and the float8 path for bfloat16 inputs
+    where ``scaled_support`` allows. None where none serves the call."""
+    plan = gpu_plan(layer) if x.dtype in GPU_DTYPES else None
+    if plan is None:
+        return None
+    args = (x, *plan.tensors, _ranges(plan, x), plan.ints)
+    own = (*args[:4], _bias_in(plan, x.dtype), *args[5:])  # the bias cast once per dtype
+    calls = {"integer": args} if plan.integer else {}
+    calls["dense"] = own
+    if plan.scaled and x.dtype == torch.bfloat16:
+        calls["scaled"] = own
+    return calls
 
 
 def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The layer's output through the Triton kernels (``gpukernels``), in ``x``'s dtype; None where they do not
-    serve the call (see ``dense_support``). A layer set to ``"auto"`` takes the faster of the integer kernels and the
-    dense path for each input shape (``gpuauto.choose_path``), one the integer kernels do not serve the dense path.
-    Runs on CPU tensors too under ``TRITON_INTERPRET=1`` (tests)."""
+    """The layer's output on a GPU path, in ``x``'s dtype; None where none serves the call (see ``dense_support``).
+    ``execution="integer"`` takes the integer kernels (``gpu_run``) where they serve the layer, the dense path where
+    only it does; a layer set to ``"auto"`` takes, for each input shape, the fastest of the paths that serve it
+    (``path_calls``), timed on its first call (``gpuauto.choose_path``). Runs on CPU tensors too under
+    ``TRITON_INTERPRET=1`` (tests)."""
     if x.dtype not in GPU_DTYPES:
         return None
     plan = gpu_plan(layer)
     if plan is None:
         return None
-    args = (x, *plan.tensors, _ranges(plan, x), plan.ints)
     if plan.integer and not layer._integer_auto:
-        return gpu_run(*args)
-    dense = (*args[:4], _bias_in(plan, x.dtype), *args[5:])
-    if not plan.integer:
-        return dense_run(*dense)
-    calls = {"integer": args, "dense": dense}
-    path = gpuauto.choose_path(layer, (x, args[1]),
-                               lambda: {name: functools.partial(PATHS[name], *calls[name]) for name in PATHS})
+        return gpu_run(x, *plan.tensors, _ranges(plan, x), plan.ints)
+    calls = path_calls(layer, x)
+    if len(calls) == 1:
+        return dense_run(*calls["dense"])
+    path = gpuauto.choose_path(layer, (x, plan.tensors[0]), tuple(calls),
+                               lambda: {name: functools.partial(PATHS[name], *args) for name, args in calls.items()})
     return PATHS[path](*calls[path])
+
+
+def compiled_op(layer: nn.Module, x: torch.Tensor):
+    """The custom op a compiled model calls for ``layer`` on ``x``: ``integer_layer``; ``dense_layer`` where only
+    the dense path serves the layer or an ``"auto"`` layer is pinned to it; ``scaled_layer`` where an ``"auto"``
+    layer is pinned to the float8 path and it serves the call. ``"auto"``'s timed choices are eager-only."""
+    pinned = layer._gpu_path if layer._integer_auto else None
+    if gpu_support(layer) is not None or pinned == "dense":
+        return dense_layer
+    if pinned == "scaled" and x.dtype == torch.bfloat16 and scaled_support(layer) is None:
+        return scaled_layer
+    return integer_layer
 
 
 def _bias_in(plan: GpuPlan, dtype: torch.dtype) -> torch.Tensor | None:
@@ -336,3 +406,4 @@ def _layer_op(name: str, run: str):
 
 integer_layer = _layer_op("integer_layer", "gpu_run")  # what a compiled model calls for a layer on the integer kernels
 dense_layer = _layer_op("dense_layer", "dense_run")  # ... on the dense path (only it serves the layer, or pinned)
+scaled_layer = _layer_op("scaled_layer", "scaled_run")  # ... on the float8 path (an "auto" layer pinned to it)

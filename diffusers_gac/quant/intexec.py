@@ -330,14 +330,13 @@ def compiled_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def compiled_gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The GPU kernels as one ``diffusers_gac::integer_layer`` op (``dense_layer`` for a layer only the dense path
-    serves, or an ``"auto"`` one pinned to it), what a compiled model traces on a GPU (and on CPU tensors under
-    Triton's interpreter, in tests). ``"auto"``'s timed choices are eager-only: compiled, the integer kernels."""
+    """The GPU kernels as one ``diffusers_gac`` op (``gpuexec.compiled_op``: ``integer_layer``, or the dense or
+    float8 path's op where only it serves the layer or an ``"auto"`` one is pinned to it), what a compiled model
+    traces on a GPU (and on CPU tensors under Triton's interpreter, in tests). ``"auto"``'s timed choices are
+    eager-only: compiled, the integer kernels."""
     if not _ready(layer, x):
         return None
     args = gpuexec.gpu_layer_args(layer, x)
     if args is None:
         return None
-    dense = gpuexec.gpu_support(layer) is not None or (layer._integer_auto and layer._gpu_path == "dense")
-    op = gpuexec.dense_layer if dense else gpuexec.integer_layer
-    return op(x, *args[0], args[1])
+    return gpuexec.compiled_op(layer, x)(x, *args[0], args[1])
