@@ -12,7 +12,9 @@ Triton's interpreter; this script is for a machine with a CUDA GPU, and exits ea
 3. The dense path of ``"auto"`` layers (``gpuexec.dense_run``: the input fake-quantized and the weight dequantized by
    Triton kernels, then PyTorch's conv/linear) against the reference on the GPU, float32 and bfloat16: the same
    values reach the same dense op, so the outputs should be bit-identical (grouped convolutions, clipped and
-   per-group ranges included); and what ``"auto"`` chooses, timing both paths, on SD-sized layers.
+   per-group ranges included); the float8 path (``gpuexec.scaled_run``, ``torch._scaled_mm``) against the integer
+   kernels in bfloat16 (the same sums of the same codes: within one bfloat16 rounding); and what ``"auto"``
+   chooses, timing the paths that serve each layer, on SD-sized layers.
 4. The SD-1.5-sized UNet (random weights) at W4A4: the integer model against the fake-quant one on the GPU.
 5. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
    ``F.conv2d``/``F.linear``.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import time
 import traceback
@@ -175,19 +178,45 @@ def check_dense(device: str) -> int:
             f"{str(d)[6:]}: {'integer kernels' if same == 'integer' else f'identical {same}'}, err {err:.1e}"
             for d, same, err, _ in results)
             + f" {'ok' if ok else 'FAIL'}", flush=True)
+    for name, make, shape in (("linear 320 -> 1280", lambda: nn.Linear(320, 1280), (2, 77, 320)),
+                              ("conv 1x1 640 -> 320", lambda: nn.Conv2d(640, 320, 1), (2, 640, 9, 7))):
+        for storage in ("packed", "fp8"):
+            torch.manual_seed(0)
+            x = torch.randn(shape) + 0.3
+            layer = frozen(make(), x, 4, 4, "dynamic").to(device)
+            layer.bias.data = layer.bias.data.bfloat16()
+            xd = x.to(device, torch.bfloat16)
+            with torch.no_grad():
+                ref = layer(xd)
+                assert layer.set_execution("integer", storage)
+                integer = layer(xd)
+                reason = gpuexec.scaled_support(layer)
+                out = None if reason else gpuexec.scaled_run(*gpuexec.path_calls(layer, xd)["scaled"])
+            if out is None:
+                print(f"W4A4 float8 {name} ({storage}): not served here ({reason})", flush=True)
+                continue
+            err = ((out.float() - integer.float()).abs().max() / integer.float().abs().max()).item()
+            err_ref = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            ok = err <= 2 ** -7 and err_ref <= 2 ** -6 and out.dtype == torch.bfloat16
+            failures += not ok
+            print(f"W4A4 float8 {name} ({storage}): vs integer kernels err {err:.1e}, equal "
+                  f"{(out == integer).float().mean().item():.4f}; vs reference err {err_ref:.1e} "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
     sizes = {"conv 3x3 320 @64": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 64, 64)),
              "conv 3x3 1280 @16": (lambda: nn.Conv2d(1280, 1280, 3, padding=1), (2, 1280, 16, 16)),
-             "linear 640 -> 5120 @1024": (lambda: nn.Linear(640, 5120), (2, 1024, 640))}
+             "linear 640 -> 5120 @1024": (lambda: nn.Linear(640, 5120), (2, 1024, 640)),
+             "linear 320 -> 2560 @16384": (lambda: nn.Linear(320, 2560), (2, 16384, 320))}
     for name, (make, shape) in sizes.items():
         torch.manual_seed(0)
-        layer = frozen(make(), torch.randn(shape), 4, 4, "dynamic").to(device).bfloat16()
+        observed = torch.randn(shape[0], 64, shape[-1]) if len(shape) == 3 else torch.randn(shape)  # dynamic ranges
+        layer = frozen(make(), observed, 4, 4, "dynamic").to(device).bfloat16()
         assert layer.set_execution("auto")
         x = torch.randn(shape, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
-            plan = gpuexec.gpu_plan(layer)
-            args = (x, *plan.tensors, gpuexec._ranges(plan, x), plan.ints)
-            seconds = gpuauto.time_paths({p: (lambda run=run: run(*args)) for p, run in gpuexec.PATHS.items()},
-                                         x.device)
+            calls = gpuexec.path_calls(layer, x)
+            runs = {p: functools.partial(gpuexec.PATHS[p], *args) for p, args in calls.items()}
+            plain = make().to(device).bfloat16()  # the unquantized layer, as bf16 runs it
+            seconds = gpuauto.time_paths({**runs, "bf16 layer": lambda: plain(x)}, x.device)
             layer(x)
         print(f"auto W4A4 {name:26s} bf16: " + ", ".join(f"{p} {1e6 * s:.0f} us" for p, s in seconds.items())
               + f"; chose {[p for p, n in gpuauto.chosen_paths(layer).items() if n]}", flush=True)

@@ -2,14 +2,14 @@
 # The GPU measurements the CUDA integer path still owes (docs/results/inference_speed_cuda.md), in one call of at
 # most 10 minutes on a machine with a CUDA GPU: each step has its own time limit, so a step that runs long (a slow
 # compile) leaves the others' results. Every step writes its log and table under $OUT (default gpu_out/).
-#   1. layer checks, the weight storages' exactness (float8 included), the dense path of "auto" against the
-#      reference and its timed choice on SD-sized layers, and the SD-sized UNet against the reference
+#   1. layer checks, the weight storages' exactness (float8 included), the dense and float8 paths of "auto" against
+#      the reference and its timed choice on SD-sized layers, and the SD-sized UNet against the reference
 #      (benchmarks/gpu_check.py, no tile sweep)
 #   2. host time per layer call, integer layers against bf16 ones (benchmarks/layer_overhead.py), and what the
 #      kernels compile to with that machine's Triton (benchmarks/gpu_codegen.py, a 3x3 convolution)
 #   3. eager and CUDA-graph steps at latent 128 and 64, batch 2, 1 and 4 (the table of issue 19, item 3)
-#   4. W4A4's paths: weights resident packed, as int8 and as float8 carriers (int4_storage), the dense path, and
-#      "auto" choosing per layer between the integer kernels and the dense path, eager and as CUDA graphs, at latent
+#   4. W4A4's paths: the integer kernels on packed and float8 weights (int4_storage), the dense path, the float8
+#      GEMMs path, and "auto" choosing per layer between them, eager and as CUDA graphs, at latent
 #      128 and 64, batch 2 and 1: a step of its own, so that its new kernel variants compiling cannot cost step 3
 #      its table
 #   5. torch.compile of bf16 and of the integer W4A4/W8A8 models at latent 128, batch 2 (the goal's size)
@@ -40,8 +40,8 @@ step 30 codegen python benchmarks/gpu_codegen.py --arch "$arch" --layers "conv 3
 step 150 eager $speed --latents 128 64 --batch 2 1 4 --variants fp32 bf16 bf16_fake_w4a4 bf16_int_w8a8 \
     bf16_int_w4a8 bf16_int_w4a4 graph_bf16 graph_bf16_int_w8a8 graph_bf16_int_w4a4 bf16_bnb_nf4 \
     --output "$out/cuda.md"
-step 125 paths $speed --latents 128 64 --batch 2 1 --variants bf16 bf16_int_w4a4 bf16_int_w4a4_int8 \
-    bf16_int_w4a4_fp8 bf16_dense_w4a4 bf16_auto_w4a4 graph_bf16 graph_bf16_int_w4a4 graph_bf16_int_w4a4_fp8 \
+step 125 paths $speed --latents 128 64 --batch 2 1 --variants bf16 bf16_int_w4a4 bf16_int_w4a4_fp8 \
+    bf16_dense_w4a4 bf16_scaled_w4a4 bf16_auto_w4a4 graph_bf16 graph_bf16_int_w4a4 graph_bf16_scaled_w4a4 \
     graph_bf16_auto_w4a4 --output "$out/cuda_paths.md"
 step 125 compiled $speed --latents 128 --batch 2 --variants bf16 compiled_bf16 compiled_bf16_int_w8a8 \
     compiled_bf16_int_w4a4 --output "$out/cuda_compiled.md"

@@ -81,6 +81,8 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "int_w4a4_fp8": ("integer", 4, 4),  # ... as float8 carriers: float8 tensor cores on a GPU that has them
     "auto_w4a4": ("auto", 4, 4),
     "dense_w4a4": ("auto", 4, 4),  # "auto" with every layer pinned to the dense path on a GPU (PINNED)
+    "scaled_w4a4": ("auto", 4, 4),  # ... to the float8 path where it serves the layer, else the integer kernels
+    "scaled_w4a4_fp8": ("auto", 4, 4),  # ... with the weights resident as float8 carriers (no per-call conversion)
     "int_w4a4_levers": ("integer", 4, 4, LEVERS),
     "int_w4a4_levers8": ("integer", 4, 4, {**LEVERS, "lowrank_bits": 8}),
     "int_w4a4_g64": ("integer", 4, 4, {"act_group_size": 64}),
@@ -96,8 +98,8 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "quanto_w4a8": ("quanto", 4, 8),
     "bnb_nf4": ("bnb-nf4", 4, None),
 }
-STORAGES = {"int_w4a4_int8": "int8", "int_w4a4_fp8": "fp8"}  # set_execution's int4_storage, else "packed"
-PINNED = {"dense_w4a4": "dense"}  # gpuauto.pin_path: one path for every "auto" layer on a GPU, untimed
+STORAGES = {"int_w4a4_int8": "int8", "int_w4a4_fp8": "fp8", "scaled_w4a4_fp8": "fp8"}  # int4_storage, else "packed"
+PINNED = {"dense_w4a4": "dense", "scaled_w4a4": "scaled", "scaled_w4a4_fp8": "scaled"}  # gpuauto.pin_path, untimed
 DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
 # Prefixes, outermost first: "compiled_" (torch.compile), "graph_" (one step captured as a CUDA graph and replayed),
@@ -457,9 +459,11 @@ LEGEND = """Variants: `fake_*` dequantize the packed weight and run float ops on
 `int_*` run every layer with quantized inputs on the integer kernels (`execution="integer"`: int8 GEMMs through
 `torch._int_mm` on the CPU, the Triton kernels of `quant/gpukernels.py` on a CUDA GPU); `auto_w4a4` is the loading
 default (on the CPU integer kernels only for layers wide enough to gain; on a GPU, per layer and input shape, the
-faster of the integer kernels and the dense path, timed on the first step of each size), `dense_w4a4` the same with
-every layer on the dense path (the input fake-quantized and the weight dequantized per call by Triton kernels, then
-the dense conv/linear of PyTorch in the model's dtype; GPU only). Prefixes: `bf16_` is
+fastest of the paths that serve the layer, timed on the first step of each size), `dense_w4a4` the same with every
+layer on the dense path (the input fake-quantized and the weight dequantized per call by Triton kernels, then the
+dense conv/linear of PyTorch in the model's dtype; GPU only), `scaled_w4a4` with every layer the float8 path serves
+on it (bfloat16 linear layers and 1x1 convolutions: one `torch._scaled_mm` on float8 carriers, Hopper and later) and
+the others on the integer kernels (`_fp8`: the weights resident as float8 carriers). Prefixes: `bf16_` is
 the model in bfloat16 as a `torch_dtype=torch.bfloat16` load gives it (quantizer state in float32, everything else
 bfloat16; a peer built on the bfloat16 model), `graph_` one step captured as a CUDA graph and replayed (no launch
 overhead), `compiled_` `torch.compile` (compile time in "build s"; `compiled_w4a4` is `compiled_auto_w4a4`). Peers:

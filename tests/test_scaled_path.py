@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from diffusers_gac.quant import gpuauto, gpudense, gpuexec, intexec
-from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
+from diffusers_gac.quant.layers import QuantLinear
 
 pytest.importorskip("triton")  # without a GPU, conftest.py has chosen Triton's interpreter
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",

@@ -232,8 +232,9 @@ def set_execution(model: nn.Module, execution: str = "auto", int4_storage: str =
     ``"fake"``: the reference (dequantize the weight, float conv/linear on fake-quantized inputs). ``"integer"``: int8
     GEMMs (``quant/intexec.py``) for every layer with quantized inputs. ``"auto"``: ``"integer"`` for the layers wide
     enough to gain from it (``intexec.integer_pays_off``), ``"fake"`` for the others; on a GPU, per layer and input
-    shape, the faster of the integer kernels and the reference computed densely in the input's dtype (timed on first
-    use, ``gpuauto.choose_path``). Integer execution holds while a layer sits on a device with the kernels
+    shape, the fastest of the integer kernels, the reference computed densely in the input's dtype and (bfloat16
+    linear layers and 1x1 convolutions of at most 4 bits) a float8 GEMM (timed on first use,
+    ``gpuauto.choose_path``). Integer execution holds while a layer sits on a device with the kernels
     (``intexec.integer_kernels_available``: the CPU with oneDNN, CUDA GPUs with int8 tensor cores); moved elsewhere
     it runs the reference, and moved back, the kernels again. ``int4_storage``: how weights of
     4 bits or fewer stay resident in integer mode, ``"packed"`` (two per byte, unpacked per call), ``"int8"`` (one

@@ -85,9 +85,9 @@ MIN_CHANNELS = {"kernel": 128, "pointwise": 64}
 def integer_pays_off(layer: nn.Module, device: torch.device | str = "cpu") -> bool:
     """Whether ``"auto"`` runs ``layer`` on the integer kernels of ``device``. On the CPU: wide enough for int8
     GEMMs to outweigh the quantization and rescale passes (``MIN_CHANNELS``). On a GPU: always, since the integer
-    layout serves both of the paths ``"auto"`` chooses between there per input shape, by timing them (the integer
-    kernels and the dense one, ``gpuauto.choose_path``); the reference from the packed layout is slower than
-    either."""
+    layout serves every path ``"auto"`` chooses from there per input shape, by timing them (the integer kernels,
+    the dense one and the float8 one, ``gpuauto.choose_path``); the reference from the packed layout is slower than
+    any."""
     if torch.device(device).type != "cpu":
         return True
     if isinstance(layer, nn.Conv2d):

@@ -79,7 +79,7 @@ class QuantLayerMixin:
     execution: str = "fake"  # frozen layers: "fake" (dequantize, float op) or "integer" (int8 GEMMs; intexec.py)
     _integer_storage: str | None = None  # integer execution asked for, with this int4 storage (set_execution)
     _integer_auto: bool = False  # ... by "auto": decided per device (intexec.integer_pays_off) and, on a GPU, per
-    # input shape between the integer kernels and the dense path (gpuauto.choose_path) ...
+    # input shape between the GPU paths that serve the layer (gpuauto.choose_path) ...
     _gpu_path: str | None = None  # ... unless pinned to one of them (gpuauto.pin_path)
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
@@ -185,7 +185,7 @@ class QuantLayerMixin:
     def set_execution(self, execution: str, int4_storage: str = "packed") -> bool:
         """Run this frozen layer as ``"fake"`` quantization or on the ``"integer"`` kernels, or let the device decide
         (``"auto"``: integer where ``intexec.integer_pays_off`` says the kernels gain, and on a GPU, per input
-        shape, the faster of the integer kernels and the dense path, ``gpuauto.choose_path``); returns whether it
+        shape, the fastest of the GPU paths that serve it, ``gpuauto.choose_path``); returns whether it
         holds the integer layout now. A layer the kernels do not serve stays fake (``intexec.integer_support``, and
         on a GPU ``gpuexec.dense_support``); one on a device without them runs fake until it is moved to one with them
         (``_apply``), and ``"auto"`` is decided again for the device it is moved to."""
