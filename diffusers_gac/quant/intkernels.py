@@ -56,17 +56,21 @@ def quantize_dynamic(x: torch.Tensor, bits: int, dim: int = -1, clip: torch.Tens
     channels), shrunk by ``clip`` if given: the ``dynamic`` scheme of ``ActQuantizer``. Scale and zero keep ``dim``
     with size 1."""
     levels = 2**bits - 1
-    # amin + amax: torch.aminmax over the innermost dim is ~30x slower on CPU. A half-precision x is read as it is:
-    # its extremes are exact, the range is computed in float32, and x / scale promotes to float32, so the codes are
-    # those of x.float() without a float32 copy of x
-    lo, hi = x.amin(dim, keepdim=True).float().clamp_max_(0), x.amax(dim, keepdim=True).float().clamp_min_(0)
+    # A half-precision x is copied to float32 once (exactly): the CPU's min/max reductions read float32 several times
+    # faster than bfloat16 (1024 x 320 along the channels: 20 against 120 us), and the division then overwrites the
+    # copy in place instead of writing a new float32 tensor
+    own = x.dtype != torch.float32
+    if own:
+        x = x.float()
+    # amin + amax: torch.aminmax over the innermost dim is ~30x slower on CPU
+    lo, hi = x.amin(dim, keepdim=True).clamp_max_(0), x.amax(dim, keepdim=True).clamp_min_(0)
     if clip is not None:
         lo, hi = lo * clip, hi * clip
     scale = ((hi - lo) / levels).clamp_min_(EPS)
     zp = torch.round(-lo / scale)
     # c - z = clamp(round(x/s), -z, levels - z); without clipping the lower bound holds by construction (x >= lo,
     # division is monotonic, round(lo/s) = -z), so only the upper one is applied
-    t = torch.div(x, scale).round_().clamp_max_(levels - zp)
+    t = (x.div_(scale) if own else torch.div(x, scale)).round_().clamp_max_(levels - zp)
     if clip is not None:
         t = torch.maximum(t, -zp)
     if bits <= 7:
