@@ -576,9 +576,9 @@ def test_format_options_passed_when_loading_a_checkpoint_are_ignored_with_a_warn
 @pytest.mark.parametrize("case", ["conv 3x3, batch 2", "conv 3x3 stride 2, batch 1", "conv 1x1 split",
                                   "linear", "linear in row blocks", "linear static", "linear per-group ranges"])
 def test_half_precision_inputs_give_exactly_the_float32_copys_result(case, w_bits, a_bits, dtype, monkeypatch):
-    """The CPU kernels quantize a half-precision input as it is (its extremes are exact, the ranges are computed in
-    float32 and ``x / scale`` promotes to float32) and write the output in its dtype, rounding the float32 result
-    once: bit for bit what running them on ``x.float()`` and casting the output gives, without either copy."""
+    """The CPU kernels quantize a half-precision input from an exact float32 copy (made inside the quantization, a
+    block of rows at a time for a linear layer) and write the output in its dtype, rounding the float32 result once:
+    bit for bit what running them on ``x.float()`` and casting the output gives, without a float32 output."""
     torch.manual_seed(0)
     module, shape, scheme, split, groups = {
         "conv 3x3, batch 2": (nn.Conv2d(24, 16, 3, padding=1), (2, 24, 9, 7), "dynamic", None, 1),

@@ -311,7 +311,7 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if not _ready(layer, x):
         return None
     if x.device.type == "cpu":
-        # half precision: quantized as float32 values, as the reference does, without a float32 copy of the input
+        # half precision: quantized as float32 values, as the reference does; the output written in x's dtype
         return _forward_cpu(layer, x) if x.dtype == torch.float32 or x.dtype in HALF_DTYPES else None
     return gpuexec.gpu_forward(layer, x)
 
