@@ -12,7 +12,10 @@ once to the input's dtype), with two fused kernels where the reference launches 
 The float8 path serves linear layers and 1x1 convolutions whose weights and inputs have at most 4 bits: their
 carriers (``c - z``, at most 15 in magnitude) are exact in float8 e4m3, so ``torch._scaled_mm`` (cuBLASLt/CUTLASS
 on Hopper and later) multiplies them on the float8 tensor cores with the token's and the output channel's scales
-applied in its epilogue, in one GEMM from the quantize kernel's codes.
+applied in its epilogue, in one GEMM from the quantize kernel's codes. In float32 arithmetic their sums are exact
+(integers far below 2**24); whether Hopper's float8 tensor cores, which accumulate with fewer bits between the
+GEMM's promotions to float32 (``use_fast_accum`` is off, so there are promotions), keep them exact is
+``benchmarks/gpu_check.py``'s to measure against the integer kernels.
 """
 
 from __future__ import annotations
@@ -134,8 +137,8 @@ def scaled_gemm(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Te
                 w_scale: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """The float8 path: ``x`` viewed as ``(B, K, P)`` (as ``gpukernels.quantize`` takes it) quantized per token into
     float8 e4m3 carriers (``bits <= 4``), times the weight's ``(n, K)`` carriers (the resident float8 ones, or
-    written by ``dequantize`` into a temporary from packed or int8 ones), the products summed in float32 (exactly:
-    small integers), each sum scaled by its token's and its output channel's scale, the bias added and the result
+    written by ``dequantize`` into a temporary from packed or int8 ones), the products summed in float32 (small integers: exact
+    in float32 arithmetic; see the module's docstring on the tensor cores), each sum scaled by its token's and its output channel's scale, the bias added and the result
     rounded once to ``x``'s dtype. Returns ``(B * P, n)``, tokens in ``x``'s order."""
     k = x.shape[1]
     tokens = quantize(x, bits, static, False, True, clip)
