@@ -12,7 +12,8 @@
 #      GEMMs path, and "auto" choosing per layer between them, eager and as CUDA graphs, at latent
 #      128 and 64, batch 2 and 1: a step of its own, so that its new kernel variants compiling cannot cost step 3
 #      its table
-#   5. torch.compile of bf16 and of the integer W4A4/W8A8 models at latent 128, batch 2 (the goal's size)
+#   5. torch.compile of bf16, of the integer W4A4/W8A8 models and of "auto" W4A4 (one eager step first, whose
+#      per-layer choices the compiled model takes) at latent 128, batch 2 (the goal's size)
 #   6. torchao's int8 dynamic quantization compiled, the same size (its compile was the slow one before)
 #   OUT=/some/dir bash benchmarks/gpu_session.sh
 set -uo pipefail
@@ -44,6 +45,6 @@ step 125 paths $speed --latents 128 64 --batch 2 1 --variants bf16 bf16_int_w4a4
     bf16_dense_w4a4 bf16_scaled_w4a4 bf16_auto_w4a4 graph_bf16 graph_bf16_int_w4a4 graph_bf16_scaled_w4a4 \
     graph_bf16_auto_w4a4 --output "$out/cuda_paths.md"
 step 125 compiled $speed --latents 128 --batch 2 --variants bf16 compiled_bf16 compiled_bf16_int_w8a8 \
-    compiled_bf16_int_w4a4 --output "$out/cuda_compiled.md"
+    compiled_bf16_int_w4a4 compiled_bf16_auto_w4a4 --output "$out/cuda_compiled.md"
 step 65 torchao $speed --latents 128 --batch 2 --variants bf16 compiled_bf16_torchao_w8a8 \
     --output "$out/cuda_torchao.md"

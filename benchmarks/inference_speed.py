@@ -230,6 +230,8 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
     if prefixes:
         inner = build_variant(fp32, name[len(prefixes[0]):], call)
         if prefixes[0] == "compiled_":
+            if base.startswith("auto") and next(fp32.parameters()).is_cuda:  # "auto" times its paths in eager calls
+                forward_fn(inner, call, variant_dtype(name))()  # only: one step first, whose choices compile takes
             return torch.compile(inner)
         if prefixes[0] == "graph_":
             if not next(fp32.parameters()).is_cuda:

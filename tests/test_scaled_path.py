@@ -188,3 +188,22 @@ def test_a_compiled_layer_pinned_to_the_float8_path_is_one_scaled_layer_op(monke
         compiled = torch.compile(lambda t: intexec.compiled_gpu_forward(layer, t), fullgraph=True,
                                  backend="aot_eager")(x)
     assert torch.equal(compiled, eager)
+
+
+def test_a_compiled_layer_takes_the_path_eager_calls_chose_for_its_input(monkeypatch):
+    """Nothing is timed while tracing: a compiled ``"auto"`` layer takes the path its eager calls chose for an input
+    of the same shape and dtype (one eager step before compiling), and the integer kernels for one never seen."""
+    monkeypatch.setattr(intexec, "integer_pays_off", lambda layer, device="cpu": True)
+    monkeypatch.setattr(gpuauto, "time_paths", lambda runs, device, rounds=3, calls=3: {
+        "integer": 2.0, "dense": 3.0, "scaled": 1.0})
+    layer, x = _layer("linear")
+    compiled = torch.compile(lambda t: intexec.compiled_gpu_forward(layer, t), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert layer.set_execution("auto")
+        assert gpuexec.compiled_op(layer, x) is gpuexec.integer_layer  # not timed yet
+        eager = gpuexec.gpu_forward(layer, x)  # times, and chooses the float8 path
+        assert gpuexec.compiled_op(layer, x) is gpuexec.scaled_layer
+        assert gpuexec.compiled_op(layer, x[:1]) is gpuexec.integer_layer  # another shape, never timed
+        assert torch.equal(compiled(x), eager)
+        gpuauto.pin_path(layer, "dense")
+        assert gpuexec.compiled_op(layer, x) is gpuexec.dense_layer  # a pin overrides the choice

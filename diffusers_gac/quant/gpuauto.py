@@ -69,6 +69,18 @@ def _announce_timing() -> None:
                 "fastest")
 
 
+def path_key(x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """What a layer's choice depends on: the input's device, shape and dtype, and the resident weight's dtype."""
+    return x.device, weight.dtype, tuple(x.shape), x.dtype
+
+
+def chosen_path(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The path ``layer`` is pinned to, or chose by timing for an input like ``x``; None if neither."""
+    if layer._gpu_path is not None:
+        return layer._gpu_path
+    return layer.__dict__.get("_gpu_paths", {}).get(path_key(x, weight))
+
+
 def choose_path(layer: nn.Module, call: tuple[torch.Tensor, torch.Tensor], available: tuple[str, ...],
                 runs: Callable[[], dict]) -> str:
     """The path an ``"auto"`` layer takes for a call: ``call`` is its input and resident weight, ``available`` the
@@ -81,7 +93,7 @@ def choose_path(layer: nn.Module, call: tuple[torch.Tensor, torch.Tensor], avail
     if layer._gpu_path is not None:
         return layer._gpu_path if layer._gpu_path in available else available[0]
     x, weight = call
-    key = (x.device, weight.dtype, tuple(x.shape), x.dtype)
+    key = path_key(x, weight)
     paths = layer.__dict__.setdefault("_gpu_paths", {})
     path = paths.get(key)
     if path is None:

@@ -365,13 +365,16 @@ def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def compiled_op(layer: nn.Module, x: torch.Tensor):
-    """The custom op a compiled model calls for ``layer`` on ``x``: ``integer_layer``; ``dense_layer`` where only
-    the dense path serves the layer or an ``"auto"`` layer is pinned to it; ``scaled_layer`` where an ``"auto"``
-    layer is pinned to the float8 path and it serves the call. ``"auto"``'s timed choices are eager-only."""
-    pinned = layer._gpu_path if layer._integer_auto else None
-    if gpu_support(layer) is not None or pinned == "dense":
+    """The custom op a compiled model calls for ``layer`` on ``x``: ``dense_layer`` where only the dense path serves
+    the layer; for an ``"auto"`` layer, the op of the path it is pinned to or chose by timing eager calls of inputs
+    like ``x`` (nothing can be timed while tracing: run one eager step before compiling for the choices to count),
+    where that path serves the call; else ``integer_layer``."""
+    if gpu_support(layer) is not None:
         return dense_layer
-    if pinned == "scaled" and x.dtype == torch.bfloat16 and scaled_support(layer) is None:
+    path = gpuauto.chosen_path(layer, x, layer.int_weight) if layer._integer_auto else None
+    if path == "dense":
+        return dense_layer
+    if path == "scaled" and x.dtype == torch.bfloat16 and scaled_support(layer) is None:
         return scaled_layer
     return integer_layer
 

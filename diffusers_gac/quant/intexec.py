@@ -330,10 +330,9 @@ def compiled_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def compiled_gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The GPU kernels as one ``diffusers_gac`` op (``gpuexec.compiled_op``: ``integer_layer``, or the dense or
-    float8 path's op where only it serves the layer or an ``"auto"`` one is pinned to it), what a compiled model
-    traces on a GPU (and on CPU tensors under Triton's interpreter, in tests). ``"auto"``'s timed choices are
-    eager-only: compiled, the integer kernels."""
+    """The layer as one ``diffusers_gac`` op (``gpuexec.compiled_op``: the integer kernels', or the dense or float8
+    path's where only the dense path serves the layer or an ``"auto"`` one chose or is pinned to it), what a compiled
+    model traces on a GPU (and on CPU tensors under Triton's interpreter, in tests)."""
     if not _ready(layer, x):
         return None
     args = gpuexec.gpu_layer_args(layer, x)
