@@ -100,8 +100,11 @@ def scaled_support(layer: nn.Module) -> str | None:
     ranges) have at most 4 bits, so that float8 e4m3 holds their carriers exactly, with input and output channels in
     multiples of 16 (the float8 GEMMs' alignment), on a device with row-wise scaled float8 GEMMs."""
     reason = gpu_support(layer)
-    if reason is not None:
-        return reason
+    return reason if reason is not None else _scaled_refusal(layer)
+
+
+def _scaled_refusal(layer: nn.Module) -> str | None:
+    """``scaled_support``'s own conditions, for a layer the integer kernels serve."""
     if isinstance(layer, nn.Conv2d) and (layer.kernel_size != (1, 1) or layer.stride != (1, 1)
                                          or layer.padding != (0, 0)):
         return "not a linear layer or an unpadded 1x1 convolution with stride 1"
@@ -171,8 +174,10 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups = spec.geometry
         ints += [kh, kw, sh, sw, ph, pw, dh, dw, groups]
     static = any(p.scheme != "dynamic" for p in quantizers)
+    integer = gpu_support(layer) is None
+    scaled = integer and _scaled_refusal(layer) is None
     return GpuPlan((layer.int_weight, w_zero, w_scale, bias, layer.int_colsum, layer.int_zw), ints, quantizers, static,
-                   gpu_support(layer) is None, scaled_support(layer) is None, _sources(layer), {})
+                   integer, scaled, _sources(layer), {})
 
 
 def _ranges(plan: GpuPlan, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -327,13 +332,15 @@ def scaled_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | Non
 PATHS = {"integer": gpu_run, "dense": dense_run, "scaled": scaled_run}  # what "auto" chooses from (gpuauto.PATHS)
 
 
-def path_calls(layer: nn.Module, x: torch.Tensor) -> dict[str, tuple] | None:
+def path_calls(layer: nn.Module, x: torch.Tensor, plan: GpuPlan | None = None) -> dict[str, tuple] | None:
     """The GPU paths that serve ``layer`` called on ``x``, each with its arguments (``PATHS``' functions take them):
     the integer kernels where ``gpu_support`` allows, always the dense path, and the float8 path for bfloat16 inputs
-    where ``scaled_support`` allows. None where none serves the call."""
-    plan = gpu_plan(layer) if x.dtype in GPU_DTYPES else None
+    where ``scaled_support`` allows. None where none serves the call. ``plan``: the layer's ``gpu_plan``, if at
+    hand."""
     if plan is None:
-        return None
+        plan = gpu_plan(layer) if x.dtype in GPU_DTYPES else None
+        if plan is None:
+            return None
     args = (x, *plan.tensors, _ranges(plan, x), plan.ints)
     own = (*args[:4], _bias_in(plan, x.dtype), *args[5:])  # the bias cast once per dtype
     calls = {"integer": args} if plan.integer else {}
@@ -356,7 +363,7 @@ def gpu_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if plan.integer and not layer._integer_auto:
         return gpu_run(x, *plan.tensors, _ranges(plan, x), plan.ints)
-    calls = path_calls(layer, x)
+    calls = path_calls(layer, x, plan)
     if len(calls) == 1:
         return dense_run(*calls["dense"])
     path = gpuauto.choose_path(layer, (x, plan.tensors[0]), tuple(calls),
