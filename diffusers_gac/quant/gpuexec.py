@@ -15,8 +15,9 @@ dequantized per call into a temporary); and for bfloat16 linear layers and 1x1 c
 ``scaled_run``, a float8 GEMM with the scales in its epilogue (``torch._scaled_mm``, Hopper and later;
 ``scaled_support``). For each input shape it sees, the layer times the paths that serve it once and keeps the
 fastest (``gpuauto.choose_path``), so a layer where the integer kernels do not pay runs as fast as the GPU's library
-GEMMs can with its input quantized. Compiled, a layer takes the integer kernels' op, or the dense or float8 path's
-(``dense_layer``, ``scaled_layer``) where only the dense path serves it or it was pinned to one (``compiled_op``).
+GEMMs can with its input quantized. Compiled, a layer takes the op of the path its eager calls chose for the input's
+shape or it was pinned to (``integer_layer``, ``dense_layer``, ``scaled_layer``: ``compiled_op``), the integer
+kernels' for a shape never run eagerly, the dense path's where only that path serves it.
 
 The integer kernels serve every layer the integer path serves (``intexec.integer_support``) except grouped
 convolutions and layers with per-group activation ranges, which run the dense path (``gpu_support``); layers with
@@ -415,5 +416,5 @@ def _layer_op(name: str, run: str):
 
 
 integer_layer = _layer_op("integer_layer", "gpu_run")  # what a compiled model calls for a layer on the integer kernels
-dense_layer = _layer_op("dense_layer", "dense_run")  # ... on the dense path (only it serves the layer, or pinned)
-scaled_layer = _layer_op("scaled_layer", "scaled_run")  # ... on the float8 path (an "auto" layer pinned to it)
+dense_layer = _layer_op("dense_layer", "dense_run")  # ... on the dense path (only it serves the layer, or chosen)
+scaled_layer = _layer_op("scaled_layer", "scaled_run")  # ... on the float8 path (an "auto" layer's choice or pin)
