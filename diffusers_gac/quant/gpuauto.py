@@ -4,7 +4,8 @@ layers and 1x1 convolutions of at most 4 bits the float8 path, ``gpuexec.scaled_
 
 All compute the same layer (the dense path is the fake-quant reference itself; the integer kernels and the float8
 GEMM sum the same codes, exactly in int32 and float32 arithmetic), so the choice is one of speed only, and it depends
-on the layer, the input's shape, the GPU and whether the step is launch-bound: hence measured rather than ruled. ``pin_path`` fixes it (benchmarks, tests).
+on the layer, the input's shape, the GPU and whether the step is launch-bound: hence measured rather than ruled.
+``pin_path`` fixes it (benchmarks, tests).
 """
 
 from __future__ import annotations

@@ -137,9 +137,10 @@ def scaled_gemm(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Te
                 w_scale: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """The float8 path: ``x`` viewed as ``(B, K, P)`` (as ``gpukernels.quantize`` takes it) quantized per token into
     float8 e4m3 carriers (``bits <= 4``), times the weight's ``(n, K)`` carriers (the resident float8 ones, or
-    written by ``dequantize`` into a temporary from packed or int8 ones), the products summed in float32 (small integers: exact
-    in float32 arithmetic; see the module's docstring on the tensor cores), each sum scaled by its token's and its output channel's scale, the bias added and the result
-    rounded once to ``x``'s dtype. Returns ``(B * P, n)``, tokens in ``x``'s order."""
+    written by ``dequantize`` into a temporary from packed or int8 ones), the products summed in float32 (small
+    integers: exact in float32 arithmetic; see the module's docstring on the tensor cores), each sum scaled by its
+    token's and its output channel's scale, the bias added and the result rounded once to ``x``'s dtype. Returns
+    ``(B * P, n)``, tokens in ``x``'s order."""
     k = x.shape[1]
     tokens = quantize(x, bits, static, False, True, clip)
     if weight.dtype == FP8_DTYPE:
