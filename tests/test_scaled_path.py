@@ -207,3 +207,21 @@ def test_a_compiled_layer_takes_the_path_eager_calls_chose_for_its_input(monkeyp
         assert torch.equal(compiled(x), eager)
         gpuauto.pin_path(layer, "dense")
         assert gpuexec.compiled_op(layer, x) is gpuexec.dense_layer  # a pin overrides the choice
+
+
+def test_a_device_whose_scaled_gemm_fails_is_not_offered_the_float8_path(monkeypatch):
+    """``gpudense.scaled_gemms`` runs one small row-wise float8 GEMM per device and remembers whether it ran: a GPU or
+    build without that kernel loses the path once, instead of warning on every layer's first call."""
+    monkeypatch.setattr(gpudense, "FLOAT8_GEMMS", {})
+    assert gpudense.scaled_gemms("cpu") and gpudense.FLOAT8_GEMMS == {torch.device("cpu"): True}
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(torch, "_scaled_mm", missing)
+    assert gpudense.scaled_gemms("cpu")  # remembered: not tried again
+    monkeypatch.setattr(gpudense, "FLOAT8_GEMMS", {})
+    assert not gpudense.scaled_gemms("cpu")
+    layer, _ = _layer("linear")
+    assert layer.set_execution("integer")
+    assert gpuexec.scaled_support(layer) == "no row-wise scaled float8 GEMMs on this device"
