@@ -211,8 +211,13 @@ def test_a_compiled_layer_takes_the_path_eager_calls_chose_for_its_input(monkeyp
 
 def test_a_device_whose_scaled_gemm_fails_is_not_offered_the_float8_path(monkeypatch):
     """``gpudense.scaled_gemms`` runs one small row-wise float8 GEMM per device and remembers whether it ran: a GPU or
-    build without that kernel loses the path once, instead of warning on every layer's first call."""
+    build without that kernel loses the path once, instead of warning on every layer's first call; ``torch.compile``
+    traces only the lookup."""
     monkeypatch.setattr(gpudense, "FLOAT8_GEMMS", {})
+    traced = torch.compile(lambda t: t + 1 if gpudense.scaled_gemms("cpu") else t - 1, fullgraph=True,
+                           backend="aot_eager")
+    assert torch.equal(traced(torch.zeros(2)), -torch.ones(2))  # nothing is tried while tracing ...
+    assert gpudense.FLOAT8_GEMMS == {}  # ... nor remembered
     assert gpudense.scaled_gemms("cpu") and gpudense.FLOAT8_GEMMS == {torch.device("cpu"): True}
 
     def missing(*args, **kwargs):

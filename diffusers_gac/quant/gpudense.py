@@ -122,33 +122,38 @@ def dequantize(blocks: torch.Tensor, packed: bool, w_zero: torch.Tensor | None, 
 
 def scaled_gemms(device: torch.device | str) -> bool:
     """Whether ``device`` runs ``torch._scaled_mm`` on float8 with a scale per row and per column, which the float8
-    path needs: CUDA compute capability 9.0+ (Hopper and later) where a small such GEMM runs (``_row_wise_float8``,
-    once per device: a build or GPU without the kernel costs the path, not a warning per layer). CPU tensors take the
-    GPU paths only through Triton's interpreter (the tests), where PyTorch's CPU ``_scaled_mm`` serves."""
+    path needs: CUDA compute capability 9.0+ (Hopper and later) where a small such GEMM runs (``_row_wise_float8``: a
+    build or GPU without the kernel costs the path, not a warning per layer). CPU tensors take the GPU paths only
+    through Triton's interpreter (the tests), where PyTorch's CPU ``_scaled_mm`` serves. Decided once per device and
+    remembered (``FLOAT8_GEMMS``), so that ``torch.compile`` traces a dictionary lookup only; while it traces, a device
+    not decided yet answers no."""
     device = torch.device(device)
+    known = FLOAT8_GEMMS.get(device)
+    if known is not None:
+        return known
+    if torch.compiler.is_compiling():
+        return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (9, 0) and _row_wise_float8(device)
-    return (device.type == "cpu" and triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
-            and _row_wise_float8(device))
+        known = torch.cuda.get_device_capability(device) >= (9, 0) and _row_wise_float8(device)
+    else:
+        known = (device.type == "cpu" and triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+                 and _row_wise_float8(device))
+    FLOAT8_GEMMS[device] = known
+    return known
 
 
-FLOAT8_GEMMS: dict[torch.device, bool] = {}  # _row_wise_float8's answers, per device
+FLOAT8_GEMMS: dict[torch.device, bool] = {}  # scaled_gemms' answers, per device
 
 
 def _row_wise_float8(device: torch.device) -> bool:
-    """Whether a 16 x 16 float8 ``torch._scaled_mm`` with row-wise scales and a bfloat16 output runs on ``device``:
-    tried once per device (while ``torch.compile`` traces, where nothing runs, a device not tried yet answers no)."""
-    if device not in FLOAT8_GEMMS:
-        if torch.compiler.is_compiling():
-            return False
-        try:
-            a = torch.ones(16, 16, dtype=torch.float32, device=device).to(FP8_DTYPE)
-            ones = torch.ones(16, 1, dtype=torch.float32, device=device)
-            torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.bfloat16)
-            FLOAT8_GEMMS[device] = True
-        except Exception:  # noqa: BLE001  (no such op, no kernel for this GPU or build: the path is not offered)
-            FLOAT8_GEMMS[device] = False
-    return FLOAT8_GEMMS[device]
+    """Whether a 16 x 16 float8 ``torch._scaled_mm`` with row-wise scales and a bfloat16 output runs on ``device``."""
+    try:
+        a = torch.ones(16, 16, dtype=torch.float32, device=device).to(FP8_DTYPE)
+        ones = torch.ones(16, 1, dtype=torch.float32, device=device)
+        torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.bfloat16)
+    except Exception:  # noqa: BLE001  (no such op, no kernel for this GPU or build: the path is not offered)
+        return False
+    return True
 
 
 def scaled_gemm(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tensor] | None,
