@@ -91,8 +91,6 @@ VARIANTS = {  # name -> (execution, peer or None for float, w_bits, a_bits[, GAC
     "int_w4a8_static": ("integer", 4, 8, {"act_scheme": "static"}),
     "int_w4a4_static": ("integer", 4, 4, {"act_scheme": "static"}),
     "int_w4a4_timestep": ("integer", 4, 4, {"act_scheme": "timestep"}),
-    "compiled_fp32": ("compile", None, None),
-    "compiled_w4a4": ("compile", 4, 4),
     "torchao_w8a8": ("torchao", 8, 8),
     "quanto_w8a8": ("quanto", 8, 8),
     "quanto_w4a8": ("quanto", 4, 8),
@@ -226,6 +224,7 @@ def variant_dtype(name: str) -> torch.dtype:
 
 
 def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
+    name = ALIASES.get(name, name)
     prefixes, base = split_variant(name)
     if prefixes:
         inner = build_variant(fp32, name[len(prefixes[0]):], call)

@@ -543,6 +543,21 @@ def test_inference_speed_table(capsys):
     assert saved["int_w4a4"] < saved["int_w4a4_levers8"] < saved["int_w4a4_levers"]
 
 
+def test_inference_speed_compiled_variants_are_the_prefix_on_a_base_variant():
+    """``compiled_fp32`` and ``compiled_w4a4`` (an alias of ``compiled_auto_w4a4``) build ``torch.compile`` of the
+    float model and of the ``"auto"`` W4A4 one (compiling waits for the first call)."""
+    bench = _benchmark_module()
+    fp32 = bench.sd_unet((32, 32, 64, 64), 32)
+    call = bench.model_inputs(fp32, 8, 1)
+    assert bench.split_variant("compiled_fp32") == (["compiled_"], "fp32")
+    assert bench.split_variant("compiled_w4a4") == (["compiled_"], "auto_w4a4")
+    compiled = bench.build_variant(fp32, "compiled_fp32", call)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is fp32
+    quantized = bench.build_variant(fp32, "compiled_w4a4", call)._orig_mod
+    assert quantized is not fp32 and {m._integer_auto for m in quantized.modules() if hasattr(m, "_integer_auto")} == {
+        True}
+
+
 def test_inference_speed_static_variants_observe_their_ranges(capsys):
     """Static and per-timestep-group variants get their ranges from the timed input: a range left at its initial
     value would clip every activation and the output would be far from full precision's."""
