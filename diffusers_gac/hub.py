@@ -30,7 +30,7 @@ def _fp32_and_quantized_bytes(model: nn.Module) -> tuple[int, int]:
     """Bytes of the model in FP32, and of its state as saved (packed codes, scales, unconverted weights)."""
     quantized = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     fp32 = 0
-    layers = quant_layers(model)
+    layers = {n: m for n, m in quant_layers(model).items() if not m.derived}  # fused projections: not saved
     state_names = set()
     for name, layer in layers.items():
         fp32 += layer.dequantized_weight().numel() * 4

@@ -135,6 +135,7 @@ def test_units_cover_every_quantized_layer_in_execution_order(family):
     if family == "unet2d":
         assert names.index("conv_in") < names.index("down_blocks.0.resnets.0") < names.index("mid_block.resnets.0")
         assert names.index("up_blocks.1.resnets.1") < names.index("conv_out")
+        assert "down_blocks.1.attentions.0" in names  # an attention module is one unit (a QuantAttention once converted)
 
 
 def _calibration_data(model, n=24):

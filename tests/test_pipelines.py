@@ -15,6 +15,7 @@ from diffusers import (
 from tiny_models import tiny_dit_pipeline, tiny_ldm_pipeline, tiny_sd_pipeline, tiny_unet2d
 
 from diffusers_gac import CalibrationInputs, GACConfig, quantize_pipeline, record_calibration_data
+from diffusers_gac.hub import model_card
 from diffusers_gac.quant.layers import QuantConv2d
 from diffusers_gac.sampling import scheduler_sampler
 
@@ -92,6 +93,27 @@ def test_pipeline_quantization_config_with_prompt_embeds(sd_folder):
     assert isinstance(pipe.unet.conv_in, QuantConv2d)
     images = pipe(["a cat"], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (1, 16, 16, 3)
+
+
+def test_diffusers_speed_recipe_on_a_quantized_pipeline(sd_folder, tmp_path):
+    """diffusers' own speed-up steps work on a calibrated pipeline: fused q/k/v projections (the UNet's quantized ones
+    through diffusers_gac, the VAE's float ones by diffusers) and channels-last memory; the checkpoint is unchanged."""
+    cond, _ = _embeds(sd_folder, ["a cat"])
+    pipe = DiffusionPipeline.from_pretrained(sd_folder, quantization_config=PipelineQuantizationConfig(
+        quant_mapping={"unet": GACConfig(calibration_inputs=CalibrationInputs(prompt_embeds=cond), **FAST)}))
+    run = lambda: pipe(["a cat"], num_inference_steps=3, generator=torch.Generator().manual_seed(0),  # noqa: E731
+                       output_type="np").images
+    before, unet_before = run(), _sd_call(pipe.unet)
+    card = str(model_card(pipe.unet, repo_id="org/tiny-sd-w4a4"))
+    pipe.fuse_qkv_projections()
+    pipe.unet.to(memory_format=torch.channels_last)
+    assert hasattr(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1, "to_qkv")
+    assert hasattr(pipe.vae.encoder.mid_block.attentions[0], "to_qkv")
+    # "auto" decides per layer: a fused layer may run on other kernels than its parts did (float rounding apart)
+    torch.testing.assert_close(run(), before, rtol=0, atol=1e-4)
+    assert str(model_card(pipe.unet, repo_id="org/tiny-sd-w4a4")) == card  # sizes: the fused copies are not saved
+    pipe.unet.save_pretrained(tmp_path)
+    assert torch.equal(_sd_call(UNet2DConditionModel.from_pretrained(tmp_path)), unet_before)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")

@@ -23,6 +23,7 @@ logger = logging.get_logger(__name__)
 UNIT_CLASS_NAMES = {
     "ResnetBlock2D",
     "Attention",
+    "QuantAttention",  # an Attention of a converted model (quant/attention.py)
     "BasicTransformerBlock",
     "Transformer2DModel",
     "Downsample2D",

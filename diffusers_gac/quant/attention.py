@@ -8,15 +8,27 @@ as submodules so they are saved with the model::
 
 and sets ``QuantAttnProcessor``, which computes the same attention as diffusers' ``AttnProcessor`` with the
 queries, keys and values quantized per token (before the head split) and the softmax probabilities quantized.
+
+``QuantAttention`` is diffusers' ``Attention`` (every one of a converted model, ``adopt_attention_modules``) with
+diffusers' projection fusion made to work on quantized projections: ``model.fuse_qkv_projections()`` fuses them
+into a ``FusedQuantLinear`` (``fusion.py``) where that is exact, keeps them separate elsewhere (saying why, once),
+and keeps a module's quantized matmuls (``QuantAttnProcessor(fused=True)``) where diffusers would set its plain
+``FusedAttnProcessor2_0``.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+from diffusers.utils import logging
 from torch import nn
 
+from .fusion import FusedQuantLinear, fusion_refusal
 from .quantizers import ActQuantizer, ActScheme
+
+logger = logging.get_logger(__name__)
 
 
 def _probs_quantizer(bits: int) -> ActQuantizer:
@@ -27,7 +39,12 @@ def _probs_quantizer(bits: int) -> ActQuantizer:
 
 
 class QuantAttnProcessor:
-    """Attention with quantized matmul inputs; reads its quantizers from the ``Attention`` module it serves."""
+    """Attention with quantized matmul inputs; reads its quantizers from the ``Attention`` module it serves. With
+    ``fused``, the projections are the module's fused ``to_qkv`` (self-attention) or ``to_q`` and ``to_kv``
+    (with ``encoder_hidden_states``), as in diffusers' ``FusedAttnProcessor2_0``."""
+
+    def __init__(self, fused: bool = False):
+        self.fused = fused
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
@@ -48,9 +65,16 @@ class QuantAttnProcessor:
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
 
-        query = attn.head_to_batch_dim(attn.q_quantizer(attn.to_q(hidden_states)))
-        key = attn.head_to_batch_dim(attn.k_quantizer(attn.to_k(context)))
-        value = attn.head_to_batch_dim(attn.v_quantizer(attn.to_v(context)))
+        if not self.fused:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        elif encoder_hidden_states is None:
+            query, key, value = attn.to_qkv(hidden_states).split(attn.to_qkv.part_features, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            key, value = attn.to_kv(context).split(attn.to_kv.part_features, dim=-1)
+        query = attn.head_to_batch_dim(attn.q_quantizer(query))
+        key = attn.head_to_batch_dim(attn.k_quantizer(key))
+        value = attn.head_to_batch_dim(attn.v_quantizer(value))
         probs = attn.probs_quantizer(attn.get_attention_scores(query, key, attention_mask))
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -74,3 +98,48 @@ def quantize_attention(model: nn.Module, bits: int, names: list[str], scheme: Ac
         module.v_quantizer = ActQuantizer(bits, scheme, groups)
         module.probs_quantizer = _probs_quantizer(bits)
         module.set_processor(QuantAttnProcessor())
+
+
+class QuantAttention(Attention):
+    """diffusers' ``Attention`` whose projection fusion knows quantized projections (see the module docstring)."""
+
+    def fuse_projections(self, fuse: bool = True) -> None:
+        names = ("to_k", "to_v") if self.is_cross_attention else ("to_q", "to_k", "to_v")
+        parts = [getattr(self, n) for n in names]
+        if all(type(p) is nn.Linear for p in parts):  # nothing quantized here: diffusers' own fusion
+            return super().fuse_projections(fuse)
+        reason = fusion_refusal(parts)
+        if reason is None and getattr(self, "add_q_proj", None) is not None:
+            reason = "added projections (add_q_proj, ...) are not fused"
+        if reason is not None:
+            _warn_once(f"fuse_qkv_projections: the projections of some attention modules stay separate, as "
+                       f"{reason}; their outputs are unchanged")
+            self.fused_projections = False
+            return
+        fused = FusedQuantLinear.from_parts(parts)
+        if self.is_cross_attention:
+            self.to_kv = fused
+        else:
+            self.to_qkv = fused
+        self.fused_projections = fuse
+
+    def set_processor(self, processor) -> None:
+        if isinstance(processor, FusedAttnProcessor2_0):
+            if not self.fused_projections:  # kept separate (fuse_projections said why): keep the processor too
+                return
+            if isinstance(self.processor, QuantAttnProcessor):  # keep the quantized matmuls
+                processor = QuantAttnProcessor(fused=True)
+        super().set_processor(processor)
+
+
+def adopt_attention_modules(model: nn.Module) -> None:
+    """Make every plain diffusers ``Attention`` module of ``model`` a ``QuantAttention`` (same state, one more
+    capability), so that diffusers' ``fuse_qkv_projections()`` works on the quantized model."""
+    for module in model.modules():
+        if type(module) is Attention:
+            module.__class__ = QuantAttention
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)

@@ -93,7 +93,7 @@ def quantized_tensor_specs(model: nn.Module) -> dict[str, TensorSpec]:
     """Every quantized tensor a model rebuilt by ``requantize`` expects from its checkpoint, by state-dict name."""
     specs: dict[str, TensorSpec] = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantLayerMixin):
+        if isinstance(module, QuantLayerMixin) and not module.derived:  # fused projections are not saved
             specs[f"{name}.packed_weight"] = TensorSpec("codes", tuple(module.packed_weight.shape), module.w_bits,
                                                         num_codes=module.codes_per_channel)
             specs.update(_quantizer_specs(f"{name}.weight_quantizer", module.weight_quantizer))

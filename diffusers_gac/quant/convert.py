@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import EXECUTIONS, GACConfig, QuantizedLayout, check_choice
 from . import intexec
-from .attention import quantize_attention
+from .attention import adopt_attention_modules, quantize_attention
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLayerMixin, QuantLinear
 from .levers import float_weight, layer_rank
 from .quantizers import ActQuantizer, TimestepContext
@@ -130,6 +130,7 @@ def apply_conversion(model: nn.Module, config: GACConfig, plan: QuantizedLayout)
         _set_module(model, name, layer)
     if plan.attention:
         quantize_attention(model, config.attn_bits, plan.attention, config.act_scheme, config.act_timestep_groups)
+    adopt_attention_modules(model)  # diffusers' fuse_qkv_projections() then fuses quantized projections
     if config.act_scheme == "timestep" and (config.a_bits is not None or config.attn_bits is not None):
         attach_timestep_context(model, config.act_timestep_groups)
 

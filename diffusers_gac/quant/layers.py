@@ -81,6 +81,7 @@ class QuantLayerMixin:
     _integer_auto: bool = False  # ... by "auto": decided per device (intexec.integer_pays_off) and, on a GPU, per
     # input shape between the GPU paths that serve the layer (gpuauto.choose_path) ...
     _gpu_path: str | None = None  # ... unless pinned to one of them (gpuauto.pin_path)
+    derived: bool = False  # rebuilt from other layers, not saved (fusion.FusedQuantLinear)
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
                     act_groups: int, channel_dim: int, split: int | None, group_size: int | None = None,
