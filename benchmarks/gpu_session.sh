@@ -9,9 +9,9 @@
 #      kernels compile to with that machine's Triton (benchmarks/gpu_codegen.py, a 3x3 convolution)
 #   3. eager and CUDA-graph steps at latent 128 and 64, batch 2, 1 and 4 (the table of issue 19, item 3)
 #   4. W4A4's paths: the integer kernels on packed and float8 weights (int4_storage), the dense path, the float8
-#      GEMMs path, and "auto" choosing per layer between them, eager and as CUDA graphs, at latent
-#      128 and 64, batch 2 and 1: a step of its own, so that its new kernel variants compiling cannot cost step 3
-#      its table
+#      GEMMs path, and "auto" choosing per layer between them, eager and as CUDA graphs, and bf16 and "auto" with
+#      diffusers' fused q/k/v projections (fuse_qkv_projections), at latent 128 and 64, batch 2 and 1: a step of
+#      its own, so that its new kernel variants compiling cannot cost step 3 its table
 #   5. torch.compile of bf16, of the integer W4A4/W8A8 models and of "auto" W4A4 (one eager step first, whose
 #      per-layer choices the compiled model takes) at latent 128, batch 2 (the goal's size)
 #   6. torchao's int8 dynamic quantization compiled, the same size (its compile was the slow one before)
@@ -43,7 +43,7 @@ step 150 eager $speed --latents 128 64 --batch 2 1 4 --variants fp32 bf16 bf16_f
     --output "$out/cuda.md"
 step 125 paths $speed --latents 128 64 --batch 2 1 --variants bf16 bf16_int_w4a4 bf16_int_w4a4_fp8 \
     bf16_dense_w4a4 bf16_scaled_w4a4 bf16_auto_w4a4 graph_bf16 graph_bf16_int_w4a4 graph_bf16_scaled_w4a4 \
-    graph_bf16_auto_w4a4 --output "$out/cuda_paths.md"
+    graph_bf16_auto_w4a4 fused_bf16 fused_bf16_auto_w4a4 --output "$out/cuda_paths.md"
 step 125 compiled $speed --latents 128 --batch 2 --variants bf16 compiled_bf16 compiled_bf16_int_w8a8 \
     compiled_bf16_int_w4a4 compiled_bf16_auto_w4a4 --output "$out/cuda_compiled.md"
 step 65 torchao $speed --latents 128 --batch 2 --variants bf16 compiled_bf16_torchao_w8a8 \

@@ -101,9 +101,11 @@ PINNED = {"dense_w4a4": "dense", "scaled_w4a4": "scaled", "scaled_w4a4_fp8": "sc
 DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4a4", "auto_w4a4"]
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
 # Prefixes, outermost first: "compiled_" (torch.compile), "graph_" (one step captured as a CUDA graph and replayed),
-# "bf16_" (the model in bfloat16 as users load it: a quantized model's layers take and return bfloat16, their
-# quantizer state stays float32, as a torch_dtype=torch.bfloat16 load leaves it; a peer built on the bfloat16 model).
-PREFIXES = ("compiled_", "graph_", "bf16_")
+# "fused_" (diffusers' model.fuse_qkv_projections(): one q/k/v projection per attention module, quantized ones
+# through diffusers_gac), "bf16_" (the model in bfloat16 as users load it: a quantized model's layers take and return
+# bfloat16, their quantizer state stays float32, as a torch_dtype=torch.bfloat16 load leaves it; a peer built on the
+# bfloat16 model).
+PREFIXES = ("compiled_", "graph_", "fused_", "bf16_")
 ALIASES = {"compiled_w4a4": "compiled_auto_w4a4"}
 GPU_VARIANTS = ["fp32", "bf16", "bf16_fake_w4a4", "bf16_int_w8a8", "bf16_int_w4a8", "bf16_int_w4a4",
                 "bf16_auto_w4a4", "graph_bf16", "graph_bf16_int_w8a8", "graph_bf16_int_w4a4", "bf16_bnb_nf4"]
@@ -232,6 +234,13 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
             if base.startswith("auto") and next(fp32.parameters()).is_cuda:  # "auto" times its paths in eager calls
                 forward_fn(inner, call, variant_dtype(name))()  # only: one step first, whose choices compile takes
             return torch.compile(inner)
+        if prefixes[0] == "fused_":
+            if inner is fp32:  # the reference itself: fuse a copy
+                inner = copy.deepcopy(inner)
+            if not hasattr(inner, "fuse_qkv_projections"):
+                raise RuntimeError(f"{type(inner).__name__} has no fuse_qkv_projections()")
+            inner.fuse_qkv_projections()
+            return inner
         if prefixes[0] == "graph_":
             if not next(fp32.parameters()).is_cuda:
                 raise RuntimeError("CUDA graphs need --device cuda")

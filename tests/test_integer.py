@@ -558,6 +558,22 @@ def test_inference_speed_compiled_variants_are_the_prefix_on_a_base_variant():
         True}
 
 
+def test_inference_speed_fused_variants_fuse_the_projections_of_a_copy():
+    """``fused_*`` variants call diffusers' ``fuse_qkv_projections()``: on a copy for ``fused_fp32`` (FP32 is the
+    reference), through diffusers_gac for quantized projections; the outputs are the unfused variant's."""
+    bench = _benchmark_module()
+    fp32 = bench.sd_unet((32, 32, 64, 64), 32)
+    call = bench.model_inputs(fp32, 8, 1)
+    assert bench.split_variant("fused_bf16_int_w4a4") == (["fused_", "bf16_"], "int_w4a4")
+    fused = bench.build_variant(fp32, "fused_fp32", call)
+    assert fused is not fp32 and hasattr(fused.mid_block.attentions[0].transformer_blocks[0].attn1, "to_qkv")
+    assert not hasattr(fp32.mid_block.attentions[0].transformer_blocks[0].attn1, "to_qkv")
+    quantized = bench.build_variant(fp32, "fused_int_w4a4", call)
+    assert type(quantized.mid_block.attentions[0].transformer_blocks[0].attn1.to_qkv).__name__ == "FusedQuantLinear"
+    with torch.no_grad():
+        assert torch.equal(quantized(**call).sample, bench.build_variant(fp32, "int_w4a4", call)(**call).sample)
+
+
 def test_inference_speed_static_variants_observe_their_ranges(capsys):
     """Static and per-timestep-group variants get their ranges from the timed input: a range left at its initial
     value would clip every activation and the output would be far from full precision's."""
