@@ -189,3 +189,17 @@ def test_gpu_paths_serve_the_fused_layer_column_for_column():
                 assert torch.equal(out, separate)
             else:  # the reference as a float GEMM: other tiles, other summation order
                 torch.testing.assert_close(out, separate, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("execution", ["fake", "integer"])
+def test_a_fused_model_compiles(execution):
+    """``torch.compile`` after fusing, as diffusers' guides order it: the reference in one graph (``fullgraph``), the
+    integer kernels outside it (a break per layer, as unfused); both give the eager fused outputs."""
+    model = _quantized(execution=execution)
+    model.fuse_qkv_projections()
+    eager = _out(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=execution == "fake")
+    with torch.no_grad():
+        out = compiled(**example_call(model, batch=2, seed=0)).sample
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
