@@ -11,7 +11,8 @@ ratios, static ranges or low-rank branches give each projection its own input an
 A ``FusedQuantLinear`` is derived state, like diffusers' fused Linear: the separate projections stay (so unfusing
 works) and stay the only thing a checkpoint holds. Its state is not saved, and loading a state dict into the model
 rebuilds it from the projections, so a fused model saves and loads exactly what the unfused one does. Its input
-quantizer *is* the first projection's (one module, shared), so timestep groups and execution follow it.
+quantizer *is* the first projection's (one module, shared: timestep groups reach it as they reach the projection); its
+execution settings are the first projection's when it is built or rebuilt, and `set_execution(model, ...)` reaches it.
 
 Per-output tensors of the fused layer, rows in the parts' order (the rest is the parts' common state)::
 
