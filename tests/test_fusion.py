@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProc
 from torch import nn
 
 from diffusers_gac import GACConfig
-from diffusers_gac.quant import gpuexec
+from diffusers_gac.quant import attention, gpuexec
 from diffusers_gac.quant.attention import QuantAttention, QuantAttnProcessor
 from diffusers_gac.quant.checkpoint import quantized_tensor_specs
 from diffusers_gac.quant.convert import convert_model, dequantize_model, freeze_model, set_execution
@@ -102,6 +102,16 @@ def test_projections_that_quantize_their_input_differently_stay_separate(options
     assert not hasattr(attn, "to_qkv") and not attn.fused_projections
     assert not isinstance(attn.processor, FusedAttnProcessor2_0)  # kept: the fused one would need to_qkv
     assert torch.equal(_out(model), unfused)
+
+
+def test_projections_kept_separate_are_reported_once_per_reason(monkeypatch):
+    said = []
+    monkeypatch.setattr(attention.logger, "warning", said.append)
+    attention._warn_once.cache_clear()
+    model = _quantized(lowrank_rank=2)
+    model.fuse_qkv_projections()
+    model.fuse_qkv_projections()  # every module, twice: one warning
+    assert len(said) == 1 and "stay separate, as they have low-rank branches" in said[0]
 
 
 def test_equal_static_ranges_fuse():
