@@ -127,8 +127,6 @@ def _drop_derived_state(layer: FusedQuantLinear, state_dict: dict, prefix: str, 
 
 
 def _rebuild_after_load(layer: FusedQuantLinear, incompatible_keys) -> None:
-    prefix = getattr(layer, "_load_prefix", None)
-    if prefix is None:
-        return
+    prefix = layer._load_prefix  # set by _load_from_state_dict, which a load calls before this hook
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefix)]
     layer.rebuild()
