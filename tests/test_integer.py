@@ -631,3 +631,63 @@ def test_half_precision_inputs_give_exactly_the_float32_copys_result(case, w_bit
         copied = intexec._forward_cpu(layer, x.float()).to(dtype)
         direct = layer(x)
     assert direct.dtype == dtype and torch.equal(direct, copied)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (8, 8)])
+@pytest.mark.parametrize("geometry", ["3x3 padded", "3x3 strided", "3x3 grouped dilated", "1x1",
+                                      "2x3 stride (2, 1) unpadded, no bias"])
+def test_channels_last_inputs_give_channels_last_outputs_with_the_same_values(geometry, w_bits, a_bits, dtype,
+                                                                               int_mm_calls, monkeypatch):
+    """A channels-last input (diffusers' speed recipe: ``unet.to(memory_format=torch.channels_last)``) is read as it
+    is and its output is channels-last, as ``F.conv2d`` gives; the values are bit for bit the channels-first ones,
+    also when the rows run in several blocks."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11) + 0.5
+    layer = _frozen(nn.Conv2d(12, 8, **CONVS[geometry]), x, w_bits, a_bits, "dynamic")
+    x = x.to(dtype)
+    with torch.no_grad():
+        reference = layer(x.contiguous(memory_format=torch.channels_last))
+        assert layer.set_execution("integer")
+        first = layer(x)
+        last = layer(x.contiguous(memory_format=torch.channels_last))
+        monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 8 * 7)
+        monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
+        last_blocks = layer(x.contiguous(memory_format=torch.channels_last))
+    assert int_mm_calls
+    assert reference.is_contiguous(memory_format=torch.channels_last)  # the reference's own layout
+    assert first.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+    assert last.dtype == first.dtype == dtype
+    assert torch.equal(last, first)
+    assert (last_blocks - last).abs().max() <= 1e-6 * last.abs().max()
+    error = (last.float() - reference.float()).abs().max() / reference.float().abs().max()
+    assert error <= (TOLERANCE if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_convolution_gemms_are_tokens_major(kernel, int_mm_calls):
+    """Each int8 GEMM of a convolution has the positions as its rows and the weight as its second operand: oneDNN
+    runs a short odd column count (a deep layer's few positions) up to 1.8x slower than the same count of rows."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 4, 4)
+    layer = _frozen(nn.Conv2d(32, 48, kernel, padding=kernel // 2), x, 4, 4, "dynamic")
+    _compare(layer, x, int_mm_calls)
+    rows = (4 - 1) * (4 + 2) + 4 if kernel == 3 else 16  # the padded rows between image rows ride along
+    assert int_mm_calls == [((rows, 32), (32, 48))] * kernel ** 2
+
+
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_weights_are_unpacked_once_per_call_however_many_row_blocks(w_bits, monkeypatch):
+    """The rows of a large input run in blocks; each weight block is read (unpacked from 4 bits) once per call."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11)
+    layer = _frozen(nn.Conv2d(12, 8, 3, padding=1), x, w_bits, 4, "dynamic")
+    assert layer.set_execution("integer")
+    reads = []
+    block = intexec._block
+    monkeypatch.setattr(intexec, "_block", lambda *args: reads.append(args[1]) or block(*args))
+    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 8 * 7)
+    monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
+    with torch.no_grad():
+        layer(x)
+    assert sorted(reads) == list(range(9))

@@ -281,7 +281,11 @@ def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if q.scheme == "dynamic":
             return K.linear_dynamic(x, q.bits, weight, w_scale, bias, layer.int_zw, layer.int_colsum, q.clip, dtype)
         return K.linear(_quantize(q, x, -1), weight, w_scale, bias, layer.int_zw, layer.int_colsum, out_dtype=dtype)
-    x = x.contiguous()  # channels first: the kernels read each sample as (C, H*W) without transposing
+    # a channels-last input is read as it is (its int8 codes are already tokens-major) and gives a channels-last
+    # output, as F.conv2d does; any other layout is made channels-first first
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if not channels_last:
+        x = x.contiguous()
     if len(spec.parts) == 1:
         acts = [_quantize(q, x, 1)]
     else:  # split input or per-group ranges (groups == 1): each part with its own ranges
@@ -293,7 +297,8 @@ def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         c0, c1 = spec.parts[p]
         return _block(layer, gi * per_group + p * taps + t, c1 - c0)
 
-    return K.conv2d(acts, weight, spec.shape[0], spec.geometry, w_scale, bias, layer.int_zw, layer.int_colsum, dtype)
+    return K.conv2d(acts, weight, spec.shape[0], spec.geometry, w_scale, bias, layer.int_zw, layer.int_colsum, dtype,
+                    channels_last)
 
 
 def _ready(layer: nn.Module, x: torch.Tensor) -> bool:
