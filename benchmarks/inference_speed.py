@@ -102,10 +102,10 @@ DEFAULT_VARIANTS = ["fp32", "bf16", "fake_w4a4", "int_w8a8", "int_w4a8", "int_w4
 PEER_VARIANTS = ["torchao_w8a8", "quanto_w8a8", "quanto_w4a8", "bnb_nf4"]
 # Prefixes, outermost first: "compiled_" (torch.compile), "graph_" (one step captured as a CUDA graph and replayed),
 # "fused_" (diffusers' model.fuse_qkv_projections(): one q/k/v projection per attention module, quantized ones
-# through diffusers_gac), "bf16_" (the model in bfloat16 as users load it: a quantized model's layers take and return
-# bfloat16, their quantizer state stays float32, as a torch_dtype=torch.bfloat16 load leaves it; a peer built on the
-# bfloat16 model).
-PREFIXES = ("compiled_", "graph_", "fused_", "bf16_")
+# through diffusers_gac), "cl_" (diffusers' unet.to(memory_format=torch.channels_last), the sample input channels-last
+# too), "bf16_" (the model in bfloat16 as users load it: a quantized model's layers take and return bfloat16, their
+# quantizer state stays float32, as a torch_dtype=torch.bfloat16 load leaves it; a peer built on the bfloat16 model).
+PREFIXES = ("compiled_", "graph_", "fused_", "cl_", "bf16_")
 ALIASES = {"compiled_w4a4": "compiled_auto_w4a4"}
 GPU_VARIANTS = ["fp32", "bf16", "bf16_fake_w4a4", "bf16_int_w8a8", "bf16_int_w4a8", "bf16_int_w4a4",
                 "bf16_auto_w4a4", "graph_bf16", "graph_bf16_int_w8a8", "graph_bf16_int_w4a4", "bf16_bnb_nf4"]
@@ -225,6 +225,10 @@ def variant_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if base == "bf16" or "bf16_" in prefixes else torch.float32
 
 
+def variant_channels_last(name: str) -> bool:
+    return "cl_" in split_variant(name)[0]
+
+
 def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
     name = ALIASES.get(name, name)
     prefixes, base = split_variant(name)
@@ -232,7 +236,7 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
         inner = build_variant(fp32, name[len(prefixes[0]):], call)
         if prefixes[0] == "compiled_":
             if base.startswith("auto") and next(fp32.parameters()).is_cuda:  # "auto" times its paths in eager calls
-                forward_fn(inner, call, variant_dtype(name))()  # only: one step first, whose choices compile takes
+                forward_fn(inner, call, variant_dtype(name), variant_channels_last(name))()  # only: one step first, whose choices compile takes
             return torch.compile(inner)
         if prefixes[0] == "fused_":
             if inner is fp32:  # the reference itself: fuse a copy
@@ -241,6 +245,8 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
                 raise RuntimeError(f"{type(inner).__name__} has no fuse_qkv_projections()")
             inner.fuse_qkv_projections()
             return inner
+        if prefixes[0] == "cl_":
+            return (copy.deepcopy(inner) if inner is fp32 else inner).to(memory_format=torch.channels_last)
         if prefixes[0] == "graph_":
             if not next(fp32.parameters()).is_cuda:
                 raise RuntimeError("CUDA graphs need --device cuda")
@@ -361,8 +367,11 @@ def saved_mib(model: nn.Module) -> float | None:
         return None
 
 
-def forward_fn(model: nn.Module, call: dict, dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
+def forward_fn(model: nn.Module, call: dict, dtype: torch.dtype = torch.float32,
+               channels_last: bool = False) -> Callable[[], torch.Tensor]:
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in call.items()}
+    if channels_last:
+        cast = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in cast.items()}
     cuda = next(iter(call.values())).device.type == "cuda"
 
     def run() -> torch.Tensor:
@@ -408,7 +417,7 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
                 if key not in BUILT:
                     BUILT[key] = build_variant(fp32, key[1], call)
                 models[name] = CudaGraphed(BUILT[key]) if graph else BUILT[key]
-            fn = forward_fn(models[name], call, variant_dtype(name))
+            fn = forward_fn(models[name], call, variant_dtype(name), variant_channels_last(name))
             if name.startswith(("compiled_", "graph_")):
                 fn()  # compiling (capturing) happens on the first call
         except Exception as err:  # a peer that cannot run here is reported, not fatal to the other rows
@@ -421,7 +430,8 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
         built[name] = time.perf_counter() - start
         log(f"{label} latent {latent}: built {name} in {built[name]:.1f} s")
         release_memory(reset_compiled=False)  # the float copies a build made and dropped
-    fns = {name: forward_fn(model, call, variant_dtype(name)) for name, model in models.items()}
+    fns = {name: forward_fn(model, call, variant_dtype(name), variant_channels_last(name))
+           for name, model in models.items()}
     outputs = {name: fn() for name, fn in fns.items()}
     for name, model in models.items():  # an "auto" model's layers have timed their paths on this size by now
         if split_variant(name)[1] == "auto_w4a4" and args.device.startswith("cuda"):
@@ -475,8 +485,10 @@ dense conv/linear of PyTorch in the model's dtype; GPU only), `scaled_w4a4` with
 on it (bfloat16 linear layers and 1x1 convolutions: one `torch._scaled_mm` on float8 carriers, Hopper and later) and
 the others on the integer kernels (`_fp8`: the weights resident as float8 carriers). Prefixes: `bf16_` is
 the model in bfloat16 as a `torch_dtype=torch.bfloat16` load gives it (quantizer state in float32, everything else
-bfloat16; a peer built on the bfloat16 model), `graph_` one step captured as a CUDA graph and replayed (no launch
-overhead), `compiled_` `torch.compile` (compile time in "build s"; `compiled_w4a4` is `compiled_auto_w4a4`). Peers:
+bfloat16; a peer built on the bfloat16 model), `cl_` the model and its sample input in the channels-last memory
+format (diffusers' `unet.to(memory_format=torch.channels_last)`), `fused_` diffusers' `fuse_qkv_projections()`,
+`graph_` one step captured as a CUDA graph and replayed (no launch overhead), `compiled_` `torch.compile` (compile
+time in "build s"; `compiled_w4a4` is `compiled_auto_w4a4`). Peers:
 `torchao_w8a8` (`Int8DynamicActivationInt8WeightConfig`, Linear layers only), `quanto_w8a8`/`quanto_w4a8`
 (optimum-quanto, Linear and Conv2d, activation ranges calibrated on the timed input), `bnb_nf4` (bitsandbytes NF4
 weights, Linear only, computing in the model's dtype). Quantized weights are round-to-nearest: speed does not depend

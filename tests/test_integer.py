@@ -574,6 +574,29 @@ def test_inference_speed_fused_variants_fuse_the_projections_of_a_copy():
         assert torch.equal(quantized(**call).sample, bench.build_variant(fp32, "int_w4a4", call)(**call).sample)
 
 
+def test_inference_speed_channels_last_variants_run_channels_last(int_mm_calls):
+    """``cl_*`` variants are diffusers' ``unet.to(memory_format=torch.channels_last)`` with a channels-last sample (on
+    a copy for ``cl_fp32``): the integer layers take and give channels-last tensors, and the output is the
+    channels-first variant's up to the float layers' summation order (a group norm reduces in another order)."""
+    bench = _benchmark_module()
+    fp32 = bench.sd_unet((32, 32, 64, 64), 32)
+    call = bench.model_inputs(fp32, 8, 1)
+    assert bench.split_variant("cl_bf16_int_w4a4") == (["cl_", "bf16_"], "int_w4a4")
+    assert bench.variant_channels_last("cl_bf16") and not bench.variant_channels_last("bf16")
+    copied = bench.build_variant(fp32, "cl_fp32", call)
+    assert copied is not fp32 and copied.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fp32.conv_in.weight.is_contiguous()
+    model = bench.build_variant(fp32, "cl_int_w4a4", call)
+    layouts = []
+    conv = model.down_blocks[0].resnets[0].conv1
+    conv.register_forward_hook(lambda m, args, out: layouts.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last), out.is_contiguous(memory_format=torch.channels_last))))
+    result = bench.forward_fn(model, call, channels_last=True)()
+    assert layouts == [(True, True)] and int_mm_calls
+    first = bench.forward_fn(bench.build_variant(fp32, "int_w4a4", call), call)()
+    assert (result - first).abs().max() <= 1e-5 * first.abs().max()
+
+
 def test_inference_speed_static_variants_observe_their_ranges(capsys):
     """Static and per-timestep-group variants get their ranges from the timed input: a range left at its initial
     value would clip every activation and the output would be far from full precision's."""
