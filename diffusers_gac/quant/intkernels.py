@@ -257,7 +257,8 @@ def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], ou
     else contiguous.
 
     Tokens-major: per tap and group, ``acc (positions, out/groups) = X_tap @ W_tap^T`` with ``X_tap`` the int8 input
-    laid out (B*H*W, C) (a free view of a channels-last input, an int8 copy otherwise) read at the tap's offsets."""
+    laid out (B*H*W, C) (padded: an int8 copy; unpadded 1x1: a free view of a channels-last input) read at the
+    tap's offsets."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), g = geo
     b, _, h, w = parts[0].q.shape
     ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
