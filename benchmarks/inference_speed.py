@@ -229,6 +229,11 @@ def variant_channels_last(name: str) -> bool:
     return "cl_" in split_variant(name)[0]
 
 
+def variant_forward(model: nn.Module, call: dict, name: str) -> Callable[[], torch.Tensor]:
+    """``forward_fn`` with the inputs variant ``name`` takes (its dtype and memory format)."""
+    return forward_fn(model, call, variant_dtype(name), variant_channels_last(name))
+
+
 def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
     name = ALIASES.get(name, name)
     prefixes, base = split_variant(name)
@@ -236,7 +241,7 @@ def build_variant(fp32: nn.Module, name: str, call: dict) -> nn.Module:
         inner = build_variant(fp32, name[len(prefixes[0]):], call)
         if prefixes[0] == "compiled_":
             if base.startswith("auto") and next(fp32.parameters()).is_cuda:  # "auto" times its paths in eager calls
-                forward_fn(inner, call, variant_dtype(name), variant_channels_last(name))()  # only: one step first, whose choices compile takes
+                variant_forward(inner, call, name)()  # only: one step first, whose choices compile takes
             return torch.compile(inner)
         if prefixes[0] == "fused_":
             if inner is fp32:  # the reference itself: fuse a copy
@@ -417,7 +422,7 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
                 if key not in BUILT:
                     BUILT[key] = build_variant(fp32, key[1], call)
                 models[name] = CudaGraphed(BUILT[key]) if graph else BUILT[key]
-            fn = forward_fn(models[name], call, variant_dtype(name), variant_channels_last(name))
+            fn = variant_forward(models[name], call, name)
             if name.startswith(("compiled_", "graph_")):
                 fn()  # compiling (capturing) happens on the first call
         except Exception as err:  # a peer that cannot run here is reported, not fatal to the other rows
@@ -430,8 +435,7 @@ def measure(label: str, fp32: nn.Module, latent: int, args: argparse.Namespace, 
         built[name] = time.perf_counter() - start
         log(f"{label} latent {latent}: built {name} in {built[name]:.1f} s")
         release_memory(reset_compiled=False)  # the float copies a build made and dropped
-    fns = {name: forward_fn(model, call, variant_dtype(name), variant_channels_last(name))
-           for name, model in models.items()}
+    fns = {name: variant_forward(model, call, name) for name, model in models.items()}
     outputs = {name: fn() for name, fn in fns.items()}
     for name, model in models.items():  # an "auto" model's layers have timed their paths on this size by now
         if split_variant(name)[1] == "auto_w4a4" and args.device.startswith("cuda"):

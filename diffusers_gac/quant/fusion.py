@@ -113,15 +113,13 @@ class FusedQuantLinear(QuantLinear):
         self._gpu_path = first._gpu_path
         self._sync_execution()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        pass  # derived from the parts, which the checkpoint holds (children: _drop_derived_state)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         self._load_prefix = prefix  # nothing to load: rebuilt from the parts once they have loaded
 
 
 def _drop_derived_state(layer: FusedQuantLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    """Derived from the parts, which the checkpoint holds: the fused layer and its children save nothing."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         del state_dict[key]
 
