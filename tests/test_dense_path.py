@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from diffusers_gac import GACConfig
-from diffusers_gac.quant import gpuauto, gpuexec, intexec
+from diffusers_gac.quant import gpuauto, gpudense, gpuexec, intexec
 from diffusers_gac.quant.convert import convert_model, freeze_model, quant_layers, set_execution
 from diffusers_gac.quant.layers import QuantConv2d, QuantLinear
 from diffusers_gac.quant.quantizers import input_parts
@@ -182,9 +182,9 @@ def test_runs_merge_equal_channel_groups_only():
     dynamic, clip = [None, None, None], torch.tensor(0.5)
     parts = [[0, 4, 4], [4, 8, 4], [8, 12, 4], [12, 14, 4], [14, 16, 4], [16, 20, 4], [20, 24, 8]]
     ranges = dynamic * 5 + [None, None, clip] + dynamic
-    assert gpuexec._runs(parts, ranges) == [(0, 3, 4, 4), (3, 2, 2, 4), (5, 1, 4, 4), (6, 1, 4, 8)]
+    assert gpudense.runs(parts, ranges) == [(0, 3, 4, 4), (3, 2, 2, 4), (5, 1, 4, 4), (6, 1, 4, 8)]
     static = [torch.ones(2), torch.zeros(2), None]
-    assert gpuexec._runs([[0, 4, 4], [4, 8, 4]], static * 2) == [(0, 1, 4, 4), (1, 1, 4, 4)]
+    assert gpudense.runs([[0, 4, 4], [4, 8, 4]], static * 2) == [(0, 1, 4, 4), (1, 1, 4, 4)]
 
 
 @pytest.fixture
@@ -238,6 +238,15 @@ def test_auto_runs_the_faster_path_per_input_shape_and_remembers_it(timings, mon
         gpuexec.gpu_forward(layer, x)
         assert timings["calls"] == 3 and ran[-1] == "integer"
         assert gpuauto.chosen_paths(layer) == {"integer": 2, "dense": 1, "scaled": 0}
+        timings["seconds"] = {"integer": 2.0, "dense": 1.0, "scaled": 3.0}
+        last = gpuexec.gpu_forward(layer, x.to(memory_format=torch.channels_last))  # another layout: timed again
+        assert timings["calls"] == 4 and ran[-1] == "dense" and torch.equal(last, reference)
+        assert last.is_contiguous(memory_format=torch.channels_last)
+        assert gpuauto.chosen_paths(layer) == {"integer": 2, "dense": 2, "scaled": 0}
+        layer.to(memory_format=torch.channels_last)  # its output asked in channels-last: timed again
+        moved = gpuexec.gpu_forward(layer, x)
+        assert timings["calls"] == 5 and torch.equal(moved, reference)
+        assert moved.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_explicit_integer_execution_and_pinned_paths_are_never_timed(timings, monkeypatch):

@@ -103,6 +103,42 @@ def test_int8_storage_and_strided_inputs():
     assert _error(out, reference) <= TOLERANCE
 
 
+CHANNELS_LAST = {  # geometry: (layer, input shape, split)
+    "3x3 padded": (lambda: nn.Conv2d(16, 24, 3, padding=1), (2, 16, 7, 9), None),
+    "3x3 strided": (lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1), (2, 16, 7, 9), None),
+    "1x1": (lambda: nn.Conv2d(16, 32, 1), (2, 16, 5, 6), None),
+    "3x3 split input": (lambda: nn.Conv2d(16, 8, 3, padding=1), (2, 16, 6, 5), 6),
+}
+OPS = {"integer": gpuexec.integer_layer, "dense": gpuexec.dense_layer, "scaled": gpuexec.scaled_layer}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("geometry", list(CHANNELS_LAST))
+def test_a_channels_last_input_gives_a_channels_last_output_on_every_gpu_path(geometry, dtype):
+    """diffusers' ``unet.to(memory_format=torch.channels_last)``: on each GPU path (the integer kernels, the dense
+    path, the float8 path) a channels-last input is read as it lies and gives a channels-last output, as ``F.conv2d``
+    does (a channels-first one would have the layers after it change layouts), with the channels-first call's values
+    bit for bit; and each path's custom op passes ``opcheck`` on it: its fake implementation gives the real output's
+    strides (with other strides, inductor's compiled model fails its stride asserts at run time)."""
+    make, shape, split = CHANNELS_LAST[geometry]
+    torch.manual_seed(0)
+    x = torch.randn(shape) + 0.3
+    layer = _frozen(make(), x, 4, 4, "dynamic", split=split)
+    assert layer.set_execution("integer")
+    first = x.to(dtype)
+    last = first.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        calls, calls_last = gpuexec.path_calls(layer, first), gpuexec.path_calls(layer, last)
+        assert set(calls) == set(calls_last)
+        assert ("scaled" in calls) == (geometry == "1x1" and dtype == torch.bfloat16)
+        for name in calls:
+            out, out_last = gpuexec.PATHS[name](*calls[name]), gpuexec.PATHS[name](*calls_last[name])
+            assert out.is_contiguous() and not out_last.is_contiguous(), name
+            assert out_last.is_contiguous(memory_format=torch.channels_last), name
+            assert torch.equal(out, out_last), name
+            torch.library.opcheck(OPS[name], calls_last[name])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_give_the_float32_codes(dtype):
     """A half-precision input is quantized in float32 (the codes a float32 input of the same values gets), summed
@@ -304,15 +340,28 @@ def test_a_whole_model_takes_the_gpu_path_eagerly_and_compiles_into_one_graph(mo
     """The embedded digits UNet at W4A4 with every integer layer routed to the GPU kernels as on a GPU (CPU tensors,
     Triton's interpreter): eagerly (cached plans) it matches the CPU integer kernels; under ``torch.compile`` with
     ``fullgraph=True`` every layer is one custom op, so a graph break anywhere in the layers' code fails the compile,
-    and the compiled model matches the eager one. Every integer layer runs the kernels once per forward."""
+    and the compiled model matches the eager one. Every integer layer runs the kernels once per forward. A
+    convolution answers in its input's layout; moved to channels-last (``model.to(memory_format=torch.channels_last)``,
+    diffusers' speed recipe) the model gives the same sample, every convolution answering in channels-last as a float
+    one would, and moved back, the first sample bit for bit."""
     model = load_embedded_unet("digits")
     convert_model(model, GACConfig(w_bits=4, a_bits=4, weight_init="minmax"))
     freeze_model(model, "integer")
     integer_layers = sum(getattr(m, "execution", None) == "integer" for m in model.modules())
     assert integer_layers >= 20
     runs = []
+
+    def gpu_run(x, *args):
+        out = original(x, *args)
+        if args[-1][0]:  # a convolution: input channels-last, output channels-first, output channels-last
+            runs.append((intkernels.channels_last_input(x), out.is_contiguous(),
+                         out.is_contiguous(memory_format=torch.channels_last)))
+        else:
+            runs.append(None)
+        return out
+
     original = gpuexec.gpu_run
-    monkeypatch.setattr(gpuexec, "gpu_run", lambda *args: runs.append(1) or original(*args))
+    monkeypatch.setattr(gpuexec, "gpu_run", gpu_run)
     call = digits_call()
     with torch.no_grad():
         cpu = model(**call).sample
@@ -326,6 +375,21 @@ def test_a_whole_model_takes_the_gpu_path_eagerly_and_compiles_into_one_graph(mo
     assert len(runs) == 2 * integer_layers
     assert _error(eager, cpu) <= 1e-4  # float rounding only, carried through 4-bit layers
     assert _error(compiled, eager) <= TOLERANCE
+    convs = [run for run in runs if run is not None]
+    assert all(out_last if last else out_first for last, out_first, out_last in convs)  # the input's layout
+    assert any(last for last, _, _ in convs)  # (broadcasting adds make some activations channels-last)
+    runs.clear()
+    model.to(memory_format=torch.channels_last)  # every convolution answers in channels-last, its input in any layout
+    with torch.no_grad():
+        last = model(**call).sample
+    convs = [run for run in runs if run is not None]
+    assert len(runs) == integer_layers and all(out_last for _, _, out_last in convs)
+    assert sum(last for last, _, _ in convs) == len(convs) - 1  # but the first one's: the sample, channels-first
+    assert _error(last, eager) <= 1e-4
+    model.to(memory_format=torch.contiguous_format)
+    runs.clear()
+    with torch.no_grad():
+        assert torch.equal(model(**call).sample, eager)
 
 
 def test_layer_overhead_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
@@ -366,7 +430,8 @@ def test_the_kernels_compile_for_hopper_to_vector_loads_and_stores(tmp_path):
     16-byte vectors: the quantize kernel's input loads and the GEMM's output stores (a scalar ``b16`` access means
     the compiler could not prove the addresses aligned and contiguous), and the GEMM runs on int8 wgmma, or on float8
     wgmma where the 4-bit weights are resident as float8 carriers (``int4_storage="fp8"``); the dense path's kernels
-    store whole vectors too."""
+    store whole vectors too. All of it for a channels-first input and for a channels-last one (whose output is
+    channels-last: the GEMM's stores then run along the output channels)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = tmp_path / "codegen.md"
@@ -377,12 +442,14 @@ def test_the_kernels_compile_for_hopper_to_vector_loads_and_stores(tmp_path):
     rows = {}
     for line in out.read_text().splitlines():
         cells = [c.strip() for c in line.split("|")[1:-1]]
-        if cells and cells[0] == "conv 3x3 320 @128":
-            rows[(cells[1], cells[2])] = cells
+        if cells and cells[0].startswith("conv 3x3 320 @128"):
+            rows[(cells[0], cells[1], cells[2])] = cells
     bits_rows = ("W8A8", "W4A4", "W4A4 int8", "W4A4 fp8")
-    dense = {("W4A4 dense", "fake_quantize_kernel"), ("W4A4 dense", "dequantize_kernel")}
-    assert set(rows) == {(b, k) for b in bits_rows for k in ("quantize_kernel", "igemm_kernel")} | dense
-    for (bits, kernel), (_, _, _, stores, loads, _, tensor, _, _) in rows.items():
+    kernels = {(b, k) for b in bits_rows for k in ("quantize_kernel", "igemm_kernel")}
+    kernels |= {("W4A4 dense", "fake_quantize_kernel"), ("W4A4 dense", "dequantize_kernel")}
+    layers = ("conv 3x3 320 @128", "conv 3x3 320 @128 channels-last")
+    assert set(rows) == {(layer, *k) for layer in layers for k in kernels}
+    for (_, bits, kernel), (_, _, _, stores, loads, _, tensor, _, _) in rows.items():
         if bits == "W4A4 dense":  # the dense path's kernels write whole vectors (the dequantized weight's rows too)
             assert "b16" not in stores and "v4.b32" in stores, (kernel, stores)
             assert kernel == "dequantize_kernel" or ("b16" not in loads and "v4.b32" in loads), (kernel, loads)

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from diffusers import UNet2DModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import benchmark_module, digits_call, digits_out
 from torch import nn
@@ -432,6 +433,28 @@ def test_embedded_model_round_trip(fake_model, integer_model, tmp_path):
     assert torch.equal(digits_out(loaded), digits_out(integer_model))
 
 
+def test_a_channels_last_model_computes_saves_and_loads_as_it_was(integer_model, tmp_path):
+    """diffusers' speed recipe on the calibrated model: moved to channels-last it gives the same samples up to float
+    rounding, in channels-last, and its checkpoint is the channels-first model's (layouts are not saved; a load is
+    channels-first, as diffusers loads a float model)."""
+    model = copy.deepcopy(integer_model).to(memory_format=torch.channels_last)
+    out = digits_out(model)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    first = digits_out(integer_model)
+    assert ((out - first).norm() / first.norm()).item() < 1e-4  # float layers (group norms) sum in another order
+    model.save_pretrained(tmp_path / "last")
+    integer_model.save_pretrained(tmp_path / "first")
+    weights = "diffusion_pytorch_model.safetensors"
+    saved_last, saved_first = load_file(tmp_path / "last" / weights), load_file(tmp_path / "first" / weights)
+    assert saved_last.keys() == saved_first.keys()
+    assert all(torch.equal(saved_last[k], saved_first[k]) for k in saved_first)
+    with safe_open(tmp_path / "last" / weights, "pt") as last, safe_open(tmp_path / "first" / weights, "pt") as first:
+        assert last.metadata() == first.metadata()  # the same digest (the header's key order may differ)
+    loaded = UNet2DModel.from_pretrained(tmp_path / "last", quantization_config=GACConfig(execution="integer"))
+    assert not any(m._channels_last for m in quant_layers(loaded).values())
+    assert torch.equal(digits_out(loaded), digits_out(integer_model))
+
+
 def test_loaded_model_switches_execution_and_back(integer_model):
     model = copy.deepcopy(integer_model)
     expected = digits_out(model)
@@ -686,6 +709,39 @@ def test_channels_last_inputs_give_channels_last_outputs_with_the_same_values(ge
     assert (last_blocks - last).abs().max() <= 1e-6 * last.abs().max()
     error = (last.float() - reference.float()).abs().max() / reference.float().abs().max()
     assert error <= (TOLERANCE if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("execution", ["fake", "integer"])
+def test_a_convolution_moved_to_channels_last_answers_in_channels_last(execution):
+    """``unet.to(memory_format=torch.channels_last)`` makes a float convolution answer in channels-last whatever its
+    input's layout (its weight is converted, and ``F.conv2d`` follows it). A frozen layer holds no 4-D weight, and
+    answers in channels-last all the same: the same values (bit for bit on the integer kernels), through moves, casts
+    and a deepcopy, with the same state dict, until it is moved back to ``torch.contiguous_format``. A layer converted
+    from a channels-last convolution starts channels-last."""
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11) + 0.5
+    layer = _frozen(nn.Conv2d(12, 8, 3, padding=1), x, 4, 4, "dynamic")
+    assert layer.set_execution(execution) == (execution == "integer")
+    with torch.no_grad():
+        first, state = layer(x), layer.state_dict()
+        assert layer.to(memory_format=cl) is layer
+        last = layer(x)
+        assert first.is_contiguous() and last.is_contiguous(memory_format=cl) and not last.is_contiguous()
+        if execution == "integer":
+            assert torch.equal(last, first)
+        else:  # another convolution algorithm: float rounding
+            assert (last - first).abs().max() <= 1e-5 * first.abs().max()
+        layer.double().float().to("cpu")
+        assert layer(x).is_contiguous(memory_format=cl) and copy.deepcopy(layer)(x).is_contiguous(memory_format=cl)
+        assert layer.execution == execution
+        moved = layer.state_dict()
+        assert moved.keys() == state.keys() and all(torch.equal(moved[k], state[k]) for k in state)
+        layer.to(memory_format=torch.contiguous_format)
+        assert layer(x).is_contiguous()
+    float_conv = nn.Conv2d(12, 8, 3).to(memory_format=cl)
+    assert QuantConv2d.from_module(float_conv, w_bits=4, a_bits=4)._channels_last
+    assert not QuantConv2d.from_module(nn.Conv2d(12, 8, 3), w_bits=4, a_bits=4)._channels_last
 
 
 @pytest.mark.parametrize("kernel", [3, 1])

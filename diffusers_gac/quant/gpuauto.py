@@ -19,6 +19,7 @@ from diffusers.utils import logging
 from torch import nn
 
 from ..checks import check_choice
+from .intkernels import channels_last_input
 
 logger = logging.get_logger(__name__)
 
@@ -70,16 +71,17 @@ def _announce_timing() -> None:
                 "fastest")
 
 
-def path_key(x: torch.Tensor, weight: torch.Tensor) -> tuple:
-    """What a layer's choice depends on: the input's device, shape and dtype, and the resident weight's dtype."""
-    return x.device, weight.dtype, tuple(x.shape), x.dtype
+def path_key(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    """What a layer's choice depends on: the input's device, shape, dtype and layout, the layout asked of a
+    convolution's output (channels-last ones read and write other strides), and the resident weight's dtype."""
+    return x.device, weight.dtype, tuple(x.shape), x.dtype, channels_last_input(x), layer._channels_last
 
 
 def chosen_path(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> str | None:
     """The path ``layer`` is pinned to, or chose by timing for an input like ``x``; None if neither."""
     if layer._gpu_path is not None:
         return layer._gpu_path
-    return layer.__dict__.get("_gpu_paths", {}).get(path_key(x, weight))
+    return layer.__dict__.get("_gpu_paths", {}).get(path_key(layer, x, weight))
 
 
 def choose_path(layer: nn.Module, call: tuple[torch.Tensor, torch.Tensor], available: tuple[str, ...],
@@ -94,7 +96,7 @@ def choose_path(layer: nn.Module, call: tuple[torch.Tensor, torch.Tensor], avail
     if layer._gpu_path is not None:
         return layer._gpu_path if layer._gpu_path in available else available[0]
     x, weight = call
-    key = path_key(x, weight)
+    key = path_key(layer, x, weight)
     paths = layer.__dict__.setdefault("_gpu_paths", {})
     path = paths.get(key)
     if path is None:

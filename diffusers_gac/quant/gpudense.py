@@ -100,6 +100,22 @@ def fake_quantize(x: torch.Tensor, out: torch.Tensor, bits: int,
     return out
 
 
+def runs(parts: list[list[int]], ranges: list[torch.Tensor | None]) -> list[tuple[int, int, int, int]]:
+    """The input parts as runs of equal ones, ``(first part, count, channels each, bits)``: the channel groups of
+    per-group ranges (dynamic, same bits, same clipping) are one run, which one kernel launch serves.
+    ``parts``/``ranges``: ``gpuexec.gpu_layer_args``' ``(c0, c1, bits)`` per part and ranges, three entries per part."""
+    found = []
+    for i, (c0, c1, bits) in enumerate(parts):
+        if found and ranges[3 * i] is None:
+            j, count, width, b = found[-1]
+            if (ranges[3 * j] is None and width == c1 - c0 and b == bits and ranges[3 * j + 2] is ranges[3 * i + 2]
+                    and parts[j][0] + count * width == c0):
+                found[-1] = (j, count + 1, width, b)
+                continue
+        found.append((i, 1, c1 - c0, bits))
+    return found
+
+
 def dequantize(blocks: torch.Tensor, packed: bool, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
                zw: torch.Tensor | None, out: torch.Tensor, first: int, channels: int, taps: int,
                groups: int = 1, rows: int | None = None, scale: bool = True) -> None:

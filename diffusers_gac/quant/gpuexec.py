@@ -7,7 +7,7 @@ the part that does not depend on the input built once per layer (``gpu_plan``), 
 is bound by the host's work per layer call, not by the GPU.
 Under ``torch.compile`` the layer calls ``integer_layer``, the custom op ``diffusers_gac::integer_layer`` around
 ``gpu_run``, which keeps the layer inside the compiled graph (no graph break; with ``mode="reduce-overhead"`` the
-step can replay as one CUDA graph); its fake implementation gives the output's shape for tracing.
+step can replay as one CUDA graph); its fake implementation gives the output's shape and layout for tracing.
 
 A layer set to ``"auto"`` has more paths on a GPU: ``dense_run`` (``gpudense``), the fake-quant reference in two
 fused kernels and PyTorch's dense conv/linear in the input's dtype, which needs no more memory resident (the weight is
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gpuauto, gpudense, gpukernels
-from .intkernels import _out_size
+from .intkernels import _out_size, channels_last_input
 from .quantizers import ActQuantizer, input_parts, part_quantizers
 
 
@@ -46,7 +46,7 @@ def triton_available() -> bool:
 
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_MAX_CHANNELS = 32768  # the quantize kernel holds a token's channels in registers
-HEADER = 5  # integers before the parts' in a call's description: conv, n, packed, rowsum, parts
+HEADER = 6  # integers before the parts' in a call's description: conv, n, packed, rowsum, channels-last, parts
 
 
 def fp8_tensor_cores(device: torch.device | str) -> bool:
@@ -168,7 +168,8 @@ def _build_plan(layer: nn.Module) -> GpuPlan:
         w_scale = w_scale.float()
     w_zero = layer.int_zero.reshape(-1) if spec.packed else None
     bias = None if layer.bias is None else layer.bias.detach()
-    ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), len(spec.parts)]
+    ints = [int(spec.conv), spec.shape[0], int(spec.packed), int(spec.eight_bit_weights), int(layer._channels_last),
+            len(spec.parts)]
     for p, (c0, c1) in zip(quantizers, spec.parts):
         ints += [c0, c1, p.bits]
     if spec.conv:
@@ -218,7 +219,7 @@ def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] 
 
 
 def gpu_output_shape(shape: torch.Size | tuple[int, ...], ints: list[int]) -> tuple[int, ...]:
-    conv, n, _, _, num_parts = ints[:HEADER]
+    conv, n, _, _, _, num_parts = ints[:HEADER]
     if not conv:
         return (*shape[:-1], n)
     kh, kw, sh, sw, ph, pw, dh, dw, _ = ints[HEADER + 3 * num_parts:]
@@ -234,7 +235,7 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
             bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
             ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
     """One layer through the Triton kernels, from ``gpu_layer_args``: the output in ``x``'s dtype."""
-    conv, n, packed, rowsum, num_parts = ints[:HEADER]
+    conv, n, packed, rowsum, _, num_parts = ints[:HEADER]
     parts = [ints[HEADER + 3 * i:HEADER + 3 + 3 * i] for i in range(num_parts)]
     packed, rowsum, fp8 = bool(packed), bool(rowsum), _fp8_call(weight, [bits for _, _, bits in parts])
 
@@ -256,25 +257,20 @@ def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, 
         xp = x[:, c0:c1] if num_parts > 1 else x
         acts.append((gpukernels.quantize(xp.flatten(2), bits, _static(ranges, i), rowsum, fp8, ranges[3 * i + 2]),
                      c1 - c0))
-    out = torch.empty(b, n, ho, wo, dtype=x.dtype, device=x.device)
+    layout = output_format(x, ints)
+    out = torch.empty(b, n, ho, wo, dtype=x.dtype, device=x.device, memory_format=layout)
     geo = gpukernels.Conv(b, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
-    gpukernels.igemm(acts, weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out, (n * ho * wo, ho * wo, 1))
+    gpukernels.igemm(acts, weight, packed, w_zero, n, geo, w_scale, bias, colsum, zw, out,
+                     (n * ho * wo, 1, n) if layout == torch.channels_last else (n * ho * wo, ho * wo, 1))
     return out
 
 
-def _runs(parts: list[list[int]], ranges: list[torch.Tensor | None]) -> list[tuple[int, int, int, int]]:
-    """The input parts as runs of equal ones, ``(first part, count, channels each, bits)``: the channel groups of
-    per-group ranges (dynamic, same bits, same clipping) are one run, which one kernel launch serves."""
-    runs = []
-    for i, (c0, c1, bits) in enumerate(parts):
-        if runs and ranges[3 * i] is None:
-            j, count, width, b = runs[-1]
-            if (ranges[3 * j] is None and width == c1 - c0 and b == bits and ranges[3 * j + 2] is ranges[3 * i + 2]
-                    and parts[j][0] + count * width == c0):
-                runs[-1] = (j, count + 1, width, b)
-                continue
-        runs.append((i, 1, c1 - c0, bits))
-    return runs
+def output_format(x: torch.Tensor, ints: list[int]) -> torch.memory_format:
+    """A call's output layout on every GPU path: a convolution's is channels-last where its input is (read as it
+    lies) or its layer was moved to channels-last (``model.to(memory_format=torch.channels_last)``), as ``F.conv2d``
+    answers in channels-last where its input or its weight is."""
+    last = bool(ints[0]) and (bool(ints[4]) or channels_last_input(x))
+    return torch.channels_last if last else torch.contiguous_format
 
 
 def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
@@ -282,11 +278,11 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
               ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
     """One layer on the dense path (``gpudense``), from ``gpu_layer_args`` like ``gpu_run``: the input fake-quantized
     and the weight dequantized (into a temporary) in ``x``'s dtype, then PyTorch's conv/linear: the fake-quant
-    reference's output, from the integer layout. Two launches per run of equal input parts (``_runs``)."""
-    conv, n, packed, _, num_parts = ints[:HEADER]
+    reference's output, from the integer layout. Two launches per run of equal input parts (``gpudense.runs``)."""
+    conv, n, packed, _, _, num_parts = ints[:HEADER]
     parts = [ints[HEADER + 3 * i:HEADER + 3 + 3 * i] for i in range(num_parts)]
     kh, kw, sh, sw, ph, pw, dh, dw, groups = ints[HEADER + 3 * num_parts:] if conv else (1, 1, 1, 1, 0, 0, 1, 1, 1)
-    runs = _runs(parts, ranges)
+    runs = gpudense.runs(parts, ranges)
     w = torch.empty((n, parts[-1][1], kh, kw) if conv else (n, parts[-1][1]), dtype=x.dtype, device=x.device)
     offset = 0
     for first, count, width, _ in runs:  # a grouped convolution: one part (its weight's in_channels / groups)
@@ -311,7 +307,8 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
                                bits, _static(ranges, first), ranges[3 * first + 2])
     if not conv:
         return F.linear(out, w, bias)
-    return F.conv2d(out, w, bias, (sh, sw), (ph, pw), (dh, dw), groups)
+    y = F.conv2d(out, w, bias, (sh, sw), (ph, pw), (dh, dw), groups)
+    return y.contiguous(memory_format=output_format(x, ints))  # a copy where F.conv2d chose otherwise
 
 
 def scaled_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
@@ -320,14 +317,14 @@ def scaled_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | Non
     """One layer on the float8 path (``gpudense.scaled_gemm``: a float8 GEMM with row-wise scales), from
     ``gpu_layer_args`` like ``gpu_run``, for the layers ``scaled_support`` admits. A 1x1 convolution's output is
     copied from the GEMM's (positions, channels) into the input's (B, C, H, W) layout."""
-    conv, n, packed, _, _ = ints[:HEADER]
+    conv, n, packed, _, _, _ = ints[:HEADER]
     _, k, bits = ints[HEADER:HEADER + 3]
     x3 = x.flatten(2) if conv else x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, k).transpose(1, 2)
     out = gpudense.scaled_gemm(x3, bits, _static(ranges, 0), ranges[2], weight, bool(packed), w_zero, w_scale, bias, n)
     if not conv:
         return out.view(*x.shape[:-1], n)
     b, _, h, w = x.shape
-    return out.view(b, h, w, n).permute(0, 3, 1, 2).contiguous()
+    return out.view(b, h, w, n).permute(0, 3, 1, 2).contiguous(memory_format=output_format(x, ints))
 
 
 PATHS = {"integer": gpu_run, "dense": dense_run, "scaled": scaled_run}  # what "auto" chooses from (gpuauto.PATHS)
@@ -398,12 +395,14 @@ def _bias_in(plan: GpuPlan, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _fake_layer(x, weight, w_zero, w_scale, bias, colsum, zw, ranges, spec):
-    return x.new_empty(gpu_output_shape(x.shape, spec))
+    return torch.empty(gpu_output_shape(x.shape, spec), dtype=x.dtype, device=x.device,
+                       memory_format=output_format(x, spec))
 
 
 def _layer_op(name: str, run: str):
     """The custom op ``diffusers_gac::<name>`` around this module's function ``run`` (``gpu_run`` or ``dense_run``,
-    looked up at each call), with a fake implementation giving the output's shape for tracing."""
+    looked up at each call), with a fake implementation giving the output's shape and layout (``output_format``;
+    inductor asserts the real output's strides against it)."""
 
     def layer_op(x: torch.Tensor, weight: torch.Tensor, w_zero: Optional[torch.Tensor], w_scale: torch.Tensor,
                  bias: Optional[torch.Tensor], colsum: Optional[torch.Tensor], zw: Optional[torch.Tensor],

@@ -282,8 +282,8 @@ def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return K.linear_dynamic(x, q.bits, weight, w_scale, bias, layer.int_zw, layer.int_colsum, q.clip, dtype)
         return K.linear(_quantize(q, x, -1), weight, w_scale, bias, layer.int_zw, layer.int_colsum, out_dtype=dtype)
     # a channels-last input is read as it is (its int8 codes are already tokens-major) and gives a channels-last
-    # output, as F.conv2d does; any other layout is made channels-first first
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    # output, as F.conv2d does (so does a layer moved to channels-last); any other layout is made channels-first
+    channels_last = K.channels_last_input(x)
     if not channels_last:
         x = x.contiguous()
     if len(spec.parts) == 1:
@@ -298,7 +298,7 @@ def _forward_cpu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _block(layer, gi * per_group + p * taps + t, c1 - c0)
 
     return K.conv2d(acts, weight, spec.shape[0], spec.geometry, w_scale, bias, layer.int_zw, layer.int_colsum, dtype,
-                    channels_last)
+                    channels_last or layer._channels_last)
 
 
 def _ready(layer: nn.Module, x: torch.Tensor) -> bool:

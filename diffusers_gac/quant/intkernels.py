@@ -229,6 +229,13 @@ def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def channels_last_input(x: torch.Tensor) -> bool:
+    """Whether a convolution's input is laid out channels-last (``x.to(memory_format=torch.channels_last)``), so that
+    its integer kernels read it as it is and write a channels-last output, as ``F.conv2d`` does; a tensor both layouts
+    describe (one channel, or one position) counts as channels-first."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _position_maps(a: Act, groups: int, need_r: bool) -> list[torch.Tensor]:
     """Per input position, tokens-major views (B, H, W, k): [q (C channels), scale (1), scale*zero (1) for 8-bit
     inputs, scale*(rowsum - C*zero) (one per group) for 8-bit weights]."""
