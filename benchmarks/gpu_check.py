@@ -16,7 +16,9 @@ Triton's interpreter; this script is for a machine with a CUDA GPU, and exits ea
    kernels in bfloat16 (the same sums of the same codes: within one bfloat16 rounding); and what ``"auto"``
    chooses, timing the paths that serve each layer, on SD-sized layers.
 4. The SD-1.5-sized UNet (random weights) at W4A4: the integer model against the fake-quant one on the GPU.
-5. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
+5. Channels-last layers (``model.to(memory_format=torch.channels_last)``): a channels-last input gives a
+   channels-last output with the same values on every path, and so does a layer moved to channels-last.
+6. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
    ``F.conv2d``/``F.linear``.
 
     python benchmarks/gpu_check.py [--skip-unet] [--skip-sweep]
@@ -132,6 +134,39 @@ def check_storages(device: str) -> int:
         failures += not ok
         print(f"W{w_bits}A{a_bits} {name:26s} int8 and fp8 storage == packed (float32, bfloat16): {ok}; float8 tensor "
               f"cores: {fp8} {'ok' if ok else 'FAIL'}", flush=True)
+    return failures
+
+
+def check_layouts(device: str) -> int:
+    """Channels-last (diffusers' ``unet.to(memory_format=torch.channels_last)``): on every path that serves a layer,
+    a channels-last bfloat16 input gives a channels-last output with the channels-first call's values, bit for bit,
+    and a layer moved to channels-last answers a channels-first input in channels-last."""
+    failures = 0
+    cases = {"conv 3x3 320": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 24, 24)),
+             "conv 1x1 320 -> 640": (lambda: nn.Conv2d(320, 640, 1), (2, 320, 24, 24))}
+    for name, (make, shape) in cases.items():
+        torch.manual_seed(0)
+        x = torch.randn(shape) + 0.3
+        layer = frozen(make(), x, 4, 4, "dynamic").to(device)
+        assert layer.set_execution("integer"), name
+        first = x.to(device, torch.bfloat16)
+        last = first.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            calls, calls_last = gpuexec.path_calls(layer, first), gpuexec.path_calls(layer, last)
+            for path in calls:
+                out, out_last = gpuexec.PATHS[path](*calls[path]), gpuexec.PATHS[path](*calls_last[path])
+                # the dense path's convolution is the library's, whose channels-last kernels may sum in another order
+                same = torch.equal(out, out_last) if path != "dense" else (
+                    (out_last.float() - out.float()).abs().max() <= 2 ** -7 * out.float().abs().max())
+                ok = out_last.is_contiguous(memory_format=torch.channels_last) and bool(same)
+                failures += not ok
+                print(f"{name:20s} {path:8s} channels-last input: channels-last output, same values "
+                      f"{'ok' if ok else 'FAIL'}", flush=True)
+            layer.to(memory_format=torch.channels_last)
+            moved = layer(first)
+            ok = moved.is_contiguous(memory_format=torch.channels_last) and torch.equal(moved, layer(last))
+            failures += not ok
+            print(f"{name:20s} moved to channels-last: channels-last output {'ok' if ok else 'FAIL'}", flush=True)
     return failures
 
 
@@ -319,7 +354,8 @@ def main() -> None:
     print(torch.cuda.get_device_name() if device == "cuda" else "cpu", torch.__version__, "kernels available:",
           intexec.integer_kernels_available(device), flush=True)
     failures = 0
-    stages = [("layers", check_layers), ("storages", check_storages), ("dense", check_dense), ("unet", None if args.skip_unet else check_unet),
+    stages = [("layers", check_layers), ("storages", check_storages), ("dense", check_dense),
+              ("unet", None if args.skip_unet else check_unet), ("layouts", check_layouts),
               ("sweep", sweep if device == "cuda" and not args.skip_sweep else None)]
     for name, stage in stages:
         if stage is None:

@@ -130,6 +130,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: Hopper, 80: Ampere)")
     parser.add_argument("--layers", nargs="+", choices=list(LAYERS), default=list(LAYERS))
+    parser.add_argument("--layouts", nargs="+", choices=["channels-first", "channels-last"],
+                        default=["channels-first", "channels-last"],
+                        help="memory formats of the convolutions' inputs (channels-last: diffusers' "
+                             "unet.to(memory_format=torch.channels_last); the output follows the input)")
     parser.add_argument("--output", help="also write the table to this markdown file")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -147,13 +151,15 @@ def main() -> None:
     gpukernels.igemm_kernel = Catch(gpukernels.igemm_kernel, calls)
     gpudense.fake_quantize_kernel = Catch(gpudense.fake_quantize_kernel, calls)
     gpudense.dequantize_kernel = Catch(gpudense.dequantize_kernel, calls)
-    gpuexec.F = types.SimpleNamespace(conv2d=lambda *a: None, linear=lambda *a: None)  # the dense op is PyTorch's
+    gpuexec.F = types.SimpleNamespace(conv2d=lambda x, *a: x, linear=lambda x, *a: x)  # the dense op is PyTorch's
     rows = []
-    for name in args.layers:
+    for name, layout in [(n, f) for n in args.layers for f in args.layouts if f == args.layouts[0] or "conv" in n]:
         make, shape = LAYERS[name]
         torch.manual_seed(0)
         module = make()
         x = torch.randn(shape, dtype=torch.bfloat16)
+        if layout == "channels-last":
+            x, name = x.to(memory_format=torch.channels_last), f"{name} channels-last"
         for w_bits, a_bits, storage in BITS + [(4, 4, "dense")]:
             layer = frozen_layer(module, w_bits, a_bits, "packed" if storage == "dense" else storage)
             bits = f"W{w_bits}A{a_bits}" + (f" {storage}" if storage != "packed" else "")
