@@ -103,27 +103,21 @@ def test_int8_storage_and_strided_inputs():
     assert _error(out, reference) <= TOLERANCE
 
 
-CHANNELS_LAST = {  # geometry: (layer, input shape, split)
-    "3x3 padded": (lambda: nn.Conv2d(16, 24, 3, padding=1), (2, 16, 7, 9), None),
-    "3x3 strided": (lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1), (2, 16, 7, 9), None),
-    "1x1": (lambda: nn.Conv2d(16, 32, 1), (2, 16, 5, 6), None),
-    "3x3 split input": (lambda: nn.Conv2d(16, 8, 3, padding=1), (2, 16, 6, 5), 6),
-}
 OPS = {"integer": gpuexec.integer_layer, "dense": gpuexec.dense_layer, "scaled": gpuexec.scaled_layer}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("geometry", list(CHANNELS_LAST))
+@pytest.mark.parametrize("geometry", [*CONVS, "3x3 split input"])
 def test_a_channels_last_input_gives_a_channels_last_output_on_every_gpu_path(geometry, dtype):
     """diffusers' ``unet.to(memory_format=torch.channels_last)``: on each GPU path (the integer kernels, the dense
     path, the float8 path) a channels-last input is read as it lies and gives a channels-last output, as ``F.conv2d``
     does (a channels-first one would have the layers after it change layouts), with the channels-first call's values
     bit for bit; and each path's custom op passes ``opcheck`` on it: its fake implementation gives the real output's
     strides (with other strides, inductor's compiled model fails its stride asserts at run time)."""
-    make, shape, split = CHANNELS_LAST[geometry]
+    split = 6 if geometry == "3x3 split input" else None
     torch.manual_seed(0)
-    x = torch.randn(shape) + 0.3
-    layer = _frozen(make(), x, 4, 4, "dynamic", split=split)
+    x = torch.randn(2, 16, 7, 9) + 0.3
+    layer = _frozen(nn.Conv2d(16, 32, **CONVS.get(geometry, CONVS["3x3 padded"])), x, 4, 4, "dynamic", split=split)
     assert layer.set_execution("integer")
     first = x.to(dtype)
     last = first.to(memory_format=torch.channels_last)

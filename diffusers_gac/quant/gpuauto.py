@@ -90,9 +90,9 @@ def choose_path(layer: nn.Module, call: tuple[torch.Tensor, torch.Tensor], avail
     paths that serve it (``PATHS``' names, the integer kernels first), ``runs()`` gives the call on each of them (a
     function of no arguments each). The fastest path for this input's shape, dtype and layout (``path_key``) on this
     device and weight storage, timed on the first such call and remembered by the layer (so offloading hooks that move
-    it back and forth do not time it again), unless ``pin_path`` pinned one (a layer the pinned path does not serve takes the first
-    available). While a CUDA graph is being captured nothing can be timed: an input not seen before then takes the
-    first available path (the integer kernels)."""
+    it back and forth do not time it again), unless ``pin_path`` pinned one (a layer the pinned path does not serve
+    takes the first available). While a CUDA graph is being captured nothing can be timed: an input not seen before
+    then takes the first available path (the integer kernels)."""
     if layer._gpu_path is not None:
         return layer._gpu_path if layer._gpu_path in available else available[0]
     x, weight = call

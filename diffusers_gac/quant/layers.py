@@ -82,7 +82,7 @@ class QuantLayerMixin:
     # input shape between the GPU paths that serve the layer (gpuauto.choose_path) ...
     _gpu_path: str | None = None  # ... unless pinned to one of them (gpuauto.pin_path)
     derived: bool = False  # rebuilt from other layers, not saved (fusion.FusedQuantLinear)
-    _channels_last: bool = False  # a convolution moved to channels-last answers in channels-last (_apply)
+    _channels_last: bool = False  # a convolution moved to channels-last answers in channels-last (QuantConv2d)
 
     def _init_quant(self, w_bits: int, a_bits: int | None, weight_init: WeightInit, act_scheme: ActScheme,
                     act_groups: int, channel_dim: int, split: int | None, group_size: int | None = None,
@@ -218,8 +218,6 @@ class QuantLayerMixin:
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if isinstance(self, nn.Conv2d):
-            self._channels_last = _channels_last_after(fn, self._channels_last)
         gpuexec.drop_gpu_plan(self)  # its views may be of the tensors before the move
         if self.frozen and self._integer_storage is not None:  # moved: follow the device (no kernels, no integer)
             with torch.no_grad():
@@ -243,14 +241,6 @@ class QuantLayerMixin:
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, frozen={self.frozen}"
                 + (f", execution={self.execution}" if self.frozen else ""))
-
-
-def _channels_last_after(fn, channels_last: bool) -> bool:
-    """Whether a convolution is channels-last after ``Module._apply(fn)``: ``module.to(memory_format=...)`` converts
-    every 4-D tensor (a float convolution's weight, and so its output's layout), moves and casts keep layouts. A
-    frozen layer holds no 4-D weight to carry it, so ``fn`` is shown a small 4-D tensor in the layer's layout."""
-    probe = torch.empty(1, 2, 1, 2, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return intkernels.channels_last_input(fn(probe))
 
 
 ZERO_POINT_KEYS = ("weight_quantizer.zero_point", "input_quantizer.zero_point", "input_quantizer.first.zero_point",
@@ -303,6 +293,14 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         layer._init_quant(w_bits, a_bits, weight_init, act_scheme, act_groups, channel_dim=1, split=split,
                           **lever_options)
         return layer.to(module.weight.device)
+
+    def _apply(self, fn, recurse=True):
+        # channels-last after ``fn``? ``module.to(memory_format=...)`` converts every 4-D tensor (a float convolution's
+        # weight, and so its output's layout), moves and casts keep layouts; a frozen layer holds no 4-D weight to
+        # carry it, so ``fn`` is shown a small 4-D tensor in the layer's layout
+        layout = torch.channels_last if self._channels_last else torch.contiguous_format
+        self._channels_last = intkernels.channels_last_input(fn(torch.empty(1, 2, 1, 2, memory_format=layout)))
+        return super()._apply(fn, recurse)
 
     def _float_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._channels_last:  # a frozen layer's weight is dequantized channels-first
