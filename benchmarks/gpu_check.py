@@ -18,7 +18,9 @@ Triton's interpreter; this script is for a machine with a CUDA GPU, and exits ea
 4. The SD-1.5-sized UNet (random weights) at W4A4: the integer model against the fake-quant one on the GPU.
 5. Channels-last layers (``model.to(memory_format=torch.channels_last)``): a channels-last input gives a
    channels-last output with the same values on every path, and so does a layer moved to channels-last.
-6. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
+6. With two GPUs or more, layers on ``cuda:1`` while ``cuda:0`` is current (a pipeline spread over GPUs): every path
+   gives what it gives on ``cuda:0`` (Triton launches on the current device unless the paths switch to the input's).
+7. A sweep of the implicit GEMM's tile configurations on SD's layers at latent 128, batch 2, against bfloat16
    ``F.conv2d``/``F.linear``.
 
     python benchmarks/gpu_check.py [--skip-unet] [--skip-sweep]
@@ -258,6 +260,32 @@ def check_dense(device: str) -> int:
     return failures
 
 
+def check_devices(device: str) -> int:
+    """Layers on the second GPU while the first is current: each path's output there, bit for bit its output on the
+    first GPU (the paths make the input's device current before launching their kernels)."""
+    if torch.cuda.device_count() < 2:
+        print("one GPU: no second device to check", flush=True)
+        return 0
+    failures = 0
+    for name, make, shape in (("conv 3x3 320", lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 24, 24)),
+                              ("linear 320 -> 640", lambda: nn.Linear(320, 640), (2, 77, 320))):
+        torch.manual_seed(0)
+        x = torch.randn(shape) + 0.3
+        layer = frozen(make(), x, 4, 4, "dynamic").to("cuda:0")
+        assert layer.set_execution("integer"), name
+        with torch.no_grad(), torch.cuda.device(0):
+            first = x.to("cuda:0", torch.bfloat16)
+            outs = {path: gpuexec.PATHS[path](*call) for path, call in gpuexec.path_calls(layer, first).items()}
+            layer.to("cuda:1")
+            second = first.to("cuda:1")
+            for path, call in gpuexec.path_calls(layer, second).items():
+                out = gpuexec.PATHS[path](*call)
+                ok = out.device == second.device and torch.equal(out.cpu(), outs[path].cpu())
+                failures += not ok
+                print(f"{name:20s} {path:8s} on cuda:1, cuda:0 current: {'ok' if ok else 'FAIL'}", flush=True)
+    return failures
+
+
 def check_unet(device: str) -> int:
     """The SD-sized W4A4 UNet at latent 32: integer on the GPU against integer on the CPU (exact int32 sums on both;
     only float rounding differs) and against the fake-quant reference."""
@@ -356,6 +384,7 @@ def main() -> None:
     failures = 0
     stages = [("layers", check_layers), ("storages", check_storages), ("dense", check_dense),
               ("unet", None if args.skip_unet else check_unet), ("layouts", check_layouts),
+              ("devices", check_devices if device == "cuda" else None),
               ("sweep", sweep if device == "cuda" and not args.skip_sweep else None)]
     for name, stage in stages:
         if stage is None:

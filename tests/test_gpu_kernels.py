@@ -220,6 +220,43 @@ def test_integer_kernels_available_by_device(monkeypatch):
     assert not intexec.integer_kernels_available("meta")
 
 
+class _OnSecondGpu:
+    """Stands in for an input on ``cuda:1`` (this machine has no GPU): the paths look at nothing else first."""
+    is_cuda = True
+    device = torch.device("cuda", 1)
+
+
+def test_gpu_paths_launch_on_the_input_device(monkeypatch):
+    """Triton launches on the current CUDA device, not on its tensors': every GPU path makes the input's device
+    current first where another one is (a UNet on ``cuda:1``, a text encoder on ``cuda:0``), and leaves it alone
+    where it is current."""
+    entered = []
+
+    class Entered(Exception):
+        pass
+
+    def device(where):  # torch.cuda.device, stopping the call once it switched (nothing here can run on a GPU)
+        entered.append(torch.device(where))
+        raise Entered
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    for name, run in gpuexec.PATHS.items():
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        with pytest.raises(Entered):
+            run(_OnSecondGpu(), None, None, None, None, None, None, [], [])
+        assert entered[-1] == torch.device("cuda", 1), name
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+        count = len(entered)
+        with pytest.raises(Exception) as failure:  # goes on to the kernels, which the stand-in cannot feed
+            run(_OnSecondGpu(), None, None, None, None, None, None, [], [])
+        assert not isinstance(failure.value, Entered) and len(entered) == count, name
+    ran = []
+    on_device = gpukernels.on_input_device(lambda x, *rest: ran.append((x, rest)) or "out")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("a CPU tensor asked for the CUDA device"))
+    cpu = torch.zeros(1)
+    assert on_device(cpu, 2) == "out" and ran == [(cpu, (2,))] and len(entered) == 3
+
+
 def test_auto_is_decided_for_the_device():
     """``"auto"`` keeps narrow layers on the reference on the CPU (the kernels do not gain there) and runs every
     layer on the integer kernels on a GPU."""

@@ -208,10 +208,9 @@ def drop_gpu_plan(layer: nn.Module) -> None:
 
 
 def gpu_layer_args(layer: nn.Module, x: torch.Tensor) -> tuple[list, list[int]] | None:
-    """The tensors and the integer description that ``gpu_run`` and ``dense_run`` (and the ``diffusers_gac``
-    ops ``integer_layer`` and ``dense_layer``) take for ``layer`` called on ``x``; None where no GPU path serves
-    the call (see ``dense_support``). Built afresh on every call (what ``torch.compile`` traces; eager calls read
-    the cached ``gpu_plan``)."""
+    """The tensors and the integer description that ``PATHS``' functions (and their ops) take for ``layer`` called on
+    ``x``; None where no GPU path serves the call (``dense_support``). Built afresh per call (what ``torch.compile``
+    traces; eager calls read the cached ``gpu_plan``)."""
     if x.dtype not in GPU_DTYPES or dense_support(layer) is not None:
         return None
     plan = _build_plan(layer)
@@ -231,6 +230,7 @@ def _static(ranges: list[torch.Tensor | None], i: int) -> tuple[torch.Tensor, to
     return None if ranges[3 * i] is None else (ranges[3 * i], ranges[3 * i + 1])
 
 
+@gpukernels.on_input_device
 def gpu_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
             bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
             ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
@@ -273,6 +273,7 @@ def output_format(x: torch.Tensor, ints: list[int]) -> torch.memory_format:
     return torch.channels_last if last else torch.contiguous_format
 
 
+@gpukernels.on_input_device
 def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
               bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
               ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
@@ -311,12 +312,12 @@ def dense_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None
     return y.contiguous(memory_format=output_format(x, ints))  # a copy where F.conv2d chose otherwise
 
 
+@gpukernels.on_input_device
 def scaled_run(x: torch.Tensor, weight: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
                bias: torch.Tensor | None, colsum: torch.Tensor | None, zw: torch.Tensor | None,
                ranges: list[torch.Tensor | None], ints: list[int]) -> torch.Tensor:
     """One layer on the float8 path (``gpudense.scaled_gemm``: a float8 GEMM with row-wise scales), from
-    ``gpu_layer_args`` like ``gpu_run``, for the layers ``scaled_support`` admits. A 1x1 convolution's output is
-    copied from the GEMM's (positions, channels) into the input's (B, C, H, W) layout."""
+    ``gpu_layer_args`` like ``gpu_run``, for the layers ``scaled_support`` admits, in ``output_format``."""
     conv, n, packed, _, _, _ = ints[:HEADER]
     _, k, bits = ints[HEADER:HEADER + 3]
     x3 = x.flatten(2) if conv else x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, k).transpose(1, 2)

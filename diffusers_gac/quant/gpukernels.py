@@ -42,6 +42,7 @@ tensors, slowly: that is how the tests check them without a GPU. Without Triton 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -272,6 +273,21 @@ def _cdiv(a: int, b: int) -> int:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def on_input_device(run):
+    """``run(x, ...)`` with ``x``'s CUDA device made current where another one is: Triton launches a kernel on the
+    current device, not on its tensors' device, so a layer on ``cuda:1`` while ``cuda:0`` is current (a pipeline
+    spread over GPUs, ``device_map``) would launch on the wrong GPU. Where they agree it costs one device query."""
+
+    @functools.wraps(run)
+    def on_device(x: torch.Tensor, *args, **kwargs):
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return run(x, *args, **kwargs)
+        return run(x, *args, **kwargs)
+
+    return on_device
 
 
 def quantize(x: torch.Tensor, bits: int, static: tuple[torch.Tensor, torch.Tensor] | None = None,
