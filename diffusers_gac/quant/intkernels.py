@@ -136,6 +136,13 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(_unit_stride(a), _unit_stride(b))
 
 
+def _as_float(acc: torch.Tensor) -> torch.Tensor:
+    """An int32 GEMM result converted to float32 in its own bytes (exact below 2**24, as ``acc.float()``). Mixed
+    int32 and float operands make the CPU's elementwise ops copy the int32 tensor to a new float one first: a 4096 x
+    320 ``addcmul_`` took 0.95 ms so, 0.23 ms converting in place first (one thread)."""
+    return acc.view(torch.float32).copy_(acc)
+
+
 def _rows(t: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
     """Per-row values (M, 1) of a scale or zero given per row or per sample."""
     return None if t is None else t.expand(*q.shape[:-1], 1).reshape(-1, 1)
@@ -173,7 +180,7 @@ def linear(a: Act, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tens
     q = a.q.reshape(-1, a.q.shape[-1])
     s = _rows(a.scale, a.q)
     acc = int_mm(q, weight.t())
-    dst = acc.float().mul_(s)
+    dst = _as_float(acc).mul_(s)
     if colsum is not None or zw is not None:
         r = q.sum(1, keepdim=True, dtype=torch.int32).float() if zw is not None else None
         _corrections(dst, [(s, _rows(a.zero, a.q), r, q.shape[1])], zw, colsum)
@@ -216,7 +223,7 @@ def linear_parts(parts: list[Act], weights: list[torch.Tensor], w_scale: torch.T
     for a, weight in zip(parts, weights):
         q = a.q.reshape(-1, a.q.shape[-1])
         s = _rows(a.scale, a.q)
-        acc = int_mm(q, weight.t()).float().mul_(s)
+        acc = _as_float(int_mm(q, weight.t())).mul_(s)
         dst = acc if dst is None else dst.add_(acc)
         r = q.sum(1, keepdim=True, dtype=torch.int32).float() if zw is not None else None
         terms.append((s, _rows(a.zero, a.q), r, q.shape[1]))
@@ -317,7 +324,7 @@ def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], ou
         for k, (p, t, cg, tm) in enumerate(segments):
             q, s = tm[0][rs], tm[1][rs]
             for gi in range(g):
-                acc = int_mm(q if g == 1 else q[:, gi * cg:(gi + 1) * cg], weight(gi, p, t).t())
+                acc = _as_float(int_mm(q if g == 1 else q[:, gi * cg:(gi + 1) * cg], weight(gi, p, t).t()))
                 d = blk if g == 1 else blk[:, gi * og:(gi + 1) * og]
                 if k == 0:
                     torch.mul(acc, s, out=d)
