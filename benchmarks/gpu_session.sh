@@ -3,8 +3,9 @@
 # most 10 minutes on a machine with a CUDA GPU: each step has its own time limit, so a step that runs long (a slow
 # compile) leaves the others' results. Every step writes its log and table under $OUT (default gpu_out/).
 #   1. layer checks, the weight storages' exactness (float8 included), the dense and float8 paths of "auto" against
-#      the reference and its timed choice on SD-sized layers, the SD-sized UNet against the reference, and
-#      channels-last layers on every path (benchmarks/gpu_check.py, no tile sweep)
+#      the reference and its timed choice on SD-sized layers, the SD-sized UNet against the reference,
+#      channels-last layers on every path, and layers on a second GPU where there is one (benchmarks/gpu_check.py,
+#      no tile sweep)
 #   2. host time per layer call, integer layers against bf16 ones (benchmarks/layer_overhead.py), and what the
 #      kernels compile to with that machine's Triton (benchmarks/gpu_codegen.py, a 3x3 convolution)
 #   3. eager and CUDA-graph steps at latent 128 and 64, batch 2, 1 and 4 (the table of issue 19, item 3)
