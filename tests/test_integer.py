@@ -756,6 +756,45 @@ def test_convolution_gemms_are_tokens_major(kernel, int_mm_calls):
     assert int_mm_calls == [((rows, 32), (32, 48))] * kernel ** 2
 
 
+def test_tokens_major_transposes_channels_first_maps_and_leaves_the_rest(monkeypatch):
+    q = torch.randint(-8, 8, (3, 5, 4, 6), dtype=torch.int8)
+    m = q.permute(0, 2, 3, 1)
+    assert intkernels._tokens_major(m) is m  # 24 positions: below the threshold, a view
+    monkeypatch.setattr(intkernels, "TRANSPOSE_MIN_POSITIONS", 24)
+    laid = intkernels._tokens_major(m)
+    assert laid.is_contiguous() and torch.equal(laid, m)
+    rows = q.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # channels-last: already rows
+    assert intkernels._tokens_major(rows) is rows
+    sliced = q[:, :, ::2].permute(0, 2, 3, 1)  # not a whole channels-first tensor: left to the caller's copy
+    assert intkernels._tokens_major(sliced) is sliced
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("geometry", ["3x3 padded", "3x3 strided", "3x3 grouped dilated", "1x1"])
+def test_convolutions_give_the_same_outputs_with_inputs_laid_out_by_transposes(geometry, batch, monkeypatch):
+    """Large channels-first images are laid out tokens-major by a 2-D transpose per sample, bit for bit the result
+    of reading them through the permuted view (a single 1x1 image keeps the view, which ``_int_mm`` reads as is)."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 12, 9, 11) + 0.5
+    layer = _frozen(nn.Conv2d(12, 8, **CONVS[geometry]), x, 4, 4, "dynamic")
+    layer.set_execution("integer")
+    with torch.no_grad():
+        viewed = layer(x)
+    laid, original = [], intkernels._tokens_major
+
+    def counted(m):
+        out = original(m)
+        laid.append(out is not m)
+        return out
+
+    monkeypatch.setattr(intkernels, "TRANSPOSE_MIN_POSITIONS", 1)
+    monkeypatch.setattr(intkernels, "_tokens_major", counted)
+    with torch.no_grad():
+        transposed = layer(x)
+    assert laid == ([] if geometry == "1x1" and batch == 1 else [True])
+    assert torch.equal(transposed, viewed)
+
+
 @pytest.mark.parametrize("w_bits", [4, 8])
 def test_weights_are_unpacked_once_per_call_however_many_row_blocks(w_bits, monkeypatch):
     """The rows of a large input run in blocks; each weight block is read (unpacked from 4 bits) once per call."""
