@@ -761,8 +761,12 @@ def test_tokens_major_transposes_channels_first_maps_and_leaves_the_rest(monkeyp
     m = q.permute(0, 2, 3, 1)
     assert intkernels._tokens_major(m) is m  # 24 positions: below the threshold, a view
     monkeypatch.setattr(intkernels, "TRANSPOSE_MIN_POSITIONS", 24)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: intkernels.TRANSPOSE_MAX_THREADS)
     laid = intkernels._tokens_major(m)
     assert laid.is_contiguous() and torch.equal(laid, m)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: intkernels.TRANSPOSE_MAX_THREADS + 1)
+    assert intkernels._tokens_major(m) is m  # more threads: the parallel copy
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     rows = q.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # channels-last: already rows
     assert intkernels._tokens_major(rows) is rows
     sliced = q[:, :, ::2].permute(0, 2, 3, 1)  # not a whole channels-first tensor: left to the caller's copy
@@ -788,6 +792,7 @@ def test_convolutions_give_the_same_outputs_with_inputs_laid_out_by_transposes(g
         return out
 
     monkeypatch.setattr(intkernels, "TRANSPOSE_MIN_POSITIONS", 1)
+    monkeypatch.setattr(intkernels, "TRANSPOSE_MAX_THREADS", torch.get_num_threads())
     monkeypatch.setattr(intkernels, "_tokens_major", counted)
     with torch.no_grad():
         transposed = layer(x)

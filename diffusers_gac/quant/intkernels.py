@@ -45,7 +45,10 @@ import torch
 
 EPS = 1e-8  # the library's smallest scale (quantizers.affine_params)
 BLOCK_OUTPUTS, BLOCK_MIN_ROWS = 1 << 18, 256  # row blocks of linear_dynamic
-TRANSPOSE_MIN_POSITIONS = 1024  # smallest image (H*W) laid out tokens-major by 2-D transposes (``_tokens_major``)
+# ``_tokens_major``: the smallest image (H*W) laid out by 2-D transposes, and the most threads: the transposes run on
+# one thread, the 4-D copy on all (a 3x3 convolution's padded int8 input, 320 x 64 x 64: 0.87 against 3.95 ms at one
+# thread, 0.83 against 1.99 at two; 640 x 32 x 32: 0.40 against 0.63 at one, 0.41 against 0.32 at two)
+TRANSPOSE_MIN_POSITIONS, TRANSPOSE_MAX_THREADS = 4096, 4
 
 
 class Act(NamedTuple):
@@ -264,10 +267,13 @@ def _position_maps(a: Act, groups: int, need_r: bool) -> list[torch.Tensor]:
 def _tokens_major(m: torch.Tensor) -> torch.Tensor:
     """``m`` (B, H, W, C), a permuted view of a channels-first tensor, as a contiguous tensor: one 2-D transpose per
     sample, which the CPU's ``copy_`` runs in cache-sized blocks. A copy of the 4-D view walks the channels with the
-    image's size as stride; at a power of two (an int8 64x64 map: 4096 bytes) every read of a row of channels falls in
-    one cache set: 320 x 64 x 64, 4.0 ms against 0.8 ms (one thread). Few positions gain nothing, and stay views."""
+    image's size as stride; at a power of two (an int8 64x64 map: 4096 bytes) the reads of a row of channels land in
+    the same cache set: 320 x 64 x 64, 4.0 ms against 0.8 ms (one thread). Smaller images gain little, and with many
+    threads the parallel 4-D copy is estimated to win (``TRANSPOSE_MAX_THREADS``, from one- and two-thread timings):
+    they stay views."""
     b, h, w, c = m.shape
-    if m.is_contiguous() or not m.permute(0, 3, 1, 2).is_contiguous() or h * w < TRANSPOSE_MIN_POSITIONS:
+    if (m.is_contiguous() or not m.permute(0, 3, 1, 2).is_contiguous() or h * w < TRANSPOSE_MIN_POSITIONS
+            or torch.get_num_threads() > TRANSPOSE_MAX_THREADS):
         return m
     out = torch.empty(b, h, w, c, dtype=m.dtype, device=m.device)
     for i in range(b):
