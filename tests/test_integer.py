@@ -831,3 +831,24 @@ def test_cpu_conv_gemm_benchmark_writes_both_tables(tmp_path, monkeypatch):
     text = (tmp_path / "out.md").read_text()
     assert "| 16 |" in text and "| 22 |" in text and "| 128 -> 64, 4x4 |" in text
     assert (22, 128) in calls  # the layer's taps: tokens-major, 4x4 with its padding rows
+
+
+def test_layer_speed_benchmark_sums_every_quantized_layer_once(tmp_path, int_mm_calls):
+    """benchmarks/layer_speed.py on a shrunk SD-shaped UNet: every quantized layer lands in one row, the integer
+    variant ran the int8 GEMMs, and the whole step is the layers plus the rest."""
+    bench = benchmark_module("layer_speed")
+    out = tmp_path / "layers.md"
+    bench.main(["--sd-channels", "32", "32", "64", "64", "--cross-attention-dim", "32", "--latent", "8", "--rounds",
+                "1", "--variants", "bf16", "bf16_int_w4a4", "--output", str(out)])
+    assert int_mm_calls
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    kinds, totals = rows[:-3], {r[0][2:]: r for r in rows[-3:]}
+    fp32 = bench.bench.sd_unet((32, 32, 64, 64), 32)
+    quantized = bench.bench.build_variant(fp32, "int_w4a4", bench.bench.model_inputs(fp32, 8, 1))
+    assert int(totals["**all quantized layers**"][1]) == sum(int(r[1]) for r in kinds) == len(
+        convert.quant_layers(quantized))
+    assert any(r[0].startswith("| conv 3x3") for r in kinds) and any(r[0].startswith("| linear") for r in kinds)
+    for i in (2, 3):  # bf16 ms, bf16_int_w4a4 ms: the layers take time, and the step takes more
+        assert float(totals["**all quantized layers**"][i]) > 0 and float(totals["**the rest of the step**"][i]) > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "bf16", "nonsense"])
