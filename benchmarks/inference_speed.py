@@ -627,8 +627,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.profile_output and PROFILES:
         args.profile_output.parent.mkdir(parents=True, exist_ok=True)
-        args.profile_output.write_text("\n".join([f"# Where a step's time goes\n\nCommand: `{command}`\n\n{machine_line(machine_info(args), args)}\n",
-                                                   *PROFILES]))
+        machine = machine_info(args)
+        args.profile_output.write_text("\n".join([
+            f"# Where a step's time goes\n\nCommand: `{command}`\n\n{machine['date']}; {machine_line(machine, args)}, "
+            f"torch {machine['torch']}\n", *PROFILES]))
 
 
 if __name__ == "__main__":

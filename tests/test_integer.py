@@ -9,6 +9,7 @@ bit widths, so the tolerance catches any error in the codes, zero points or scal
 
 import copy
 import json
+import re
 import sys
 
 import pytest
@@ -565,6 +566,16 @@ def test_inference_speed_table(capsys):
     assert saved["int_w4a4"] < saved["fp32"] / 5
     # the branch costs bytes; int8 factor codes fewer than float16 ones
     assert saved["int_w4a4"] < saved["int_w4a4_levers8"] < saved["int_w4a4_levers"]
+
+
+def test_inference_speed_profile_names_its_date_and_the_integer_gemm(tmp_path):
+    out = tmp_path / "profile.md"
+    _benchmark_module().main(["--variants", "int_w4a4", "--profile", "int_w4a4", "--profile-rows", "30",
+                              "--profile-output", str(out), *TINY_SD])
+    lines = out.read_text().splitlines()
+    assert lines[0] == "# Where a step's time goes" and lines[2].startswith("Command: `python benchmarks/inference_speed")
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC; .*torch \d", lines[4])
+    assert any("latent 8, int_w4a4" in line for line in lines) and any("aten::_int_mm" in line for line in lines)
 
 
 def test_inference_speed_compiled_variants_are_the_prefix_on_a_base_variant():
