@@ -80,10 +80,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--rounds, --batch and --threads must be at least 1, --latent at least 8")
     for name in args.variants:
         try:
-            bench.split_variant(name)
+            prefixes, _ = bench.split_variant(name)
         except ValueError:
             parser.error(f"unknown --variants {name!r}: a variant of benchmarks/inference_speed.py "
                          f"({', '.join(bench.VARIANTS)}, with the prefixes {', '.join(bench.PREFIXES)})")
+        if {"compiled_", "graph_"} & set(prefixes):
+            parser.error(f"--variants {name!r}: a compiled step or a replayed CUDA graph cannot be timed layer by "
+                         "layer; time it with benchmarks/inference_speed.py")
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     clock = time.process_time if args.threads == 1 and not cuda else time.perf_counter

@@ -861,5 +861,6 @@ def test_layer_speed_benchmark_sums_every_quantized_layer_once(tmp_path, int_mm_
     assert any(r[0].startswith("| conv 3x3") for r in kinds) and any(r[0].startswith("| linear") for r in kinds)
     for i in (2, 3):  # bf16 ms, bf16_int_w4a4 ms: the layers take time, and the step takes more
         assert float(totals["**all quantized layers**"][i]) > 0 and float(totals["**the rest of the step**"][i]) > 0
-    with pytest.raises(SystemExit):
-        bench.main(["--variants", "bf16", "nonsense"])
+    for variants in (["bf16", "nonsense"], ["bf16", "compiled_w4a4"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--variants", *variants])
