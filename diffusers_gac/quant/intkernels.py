@@ -29,10 +29,11 @@ layout of a linear layer. torch's CPU ``_int_mm`` (oneDNN) runs a GEMM whose sho
 one whose short side is an odd column count up to 1.8x slower (1280 channels, 3x3 taps over a 4x4 input: 22
 positions as rows 228 us, as columns 404), and a UNet's deep convolutions see few positions. The int8 input is
 laid out (B*Hp*Wp, C) once per call (a transposing int8 copy of a channels-first input, by 2-D transposes where the
-image is large; of a channels-last one, the padding only). Stride 1: the taps read zero-copy row slices of that padded input ("flat shift": output row ``o`` of
-tap ``(i, j)`` reads input row ``o + i*dh*Wp + j*dw``; the rows between image rows and between images are computed
-and dropped). Other strides gather each tap's rows (an int8 copy). 1x1 convolutions are one GEMM. The output is
-written channels-last for a channels-last input (as ``F.conv2d`` does), else channels-first (one transposing copy).
+image is large; of a channels-last one, the padding only). Stride 1: the taps read zero-copy row slices of that
+padded input ("flat shift": output row ``o`` of tap ``(i, j)`` reads input row ``o + i*dh*Wp + j*dw``; the rows
+between image rows and between images are computed and dropped). Other strides gather each tap's rows (an int8
+copy). 1x1 convolutions are one GEMM. The output is written channels-last for a channels-last input (as ``F.conv2d``
+does), else channels-first (one transposing copy).
 """
 
 from __future__ import annotations
