@@ -97,21 +97,21 @@ def main(argv: list[str] | None = None) -> None:
     names = list(quant_layers(next((m for m in models.values() if quant_layers(m)), fp32)))
     if not names:
         parser.error("none of --variants has quantized layers to time")
-    if any(name not in dict(model.named_modules()) for model in models.values() for name in names):
+    if any(not set(names) <= dict(model.named_modules()).keys() for model in models.values()):
         parser.error("--variants must have the same layers (fused_ variants have fused projections)")
-    kinds = {name: layer_kind(module) for name, module in fp32.named_modules() if name in set(names)}
+    modules = dict(fp32.named_modules())
+    kinds = {name: layer_kind(modules[name]) for name in names}
     steps = {name: bench.variant_forward(model, call, name) for name, model in models.items()}
     for step in steps.values():
         step()  # warm up (and "auto" times its paths on this size)
     best = {name: defaultdict(lambda: float("inf")) for name in models}
     best_step = dict.fromkeys(models, float("inf"))
-    with torch.no_grad():
-        for _ in range(args.rounds):
-            for name, model in models.items():
-                spent, total = timed_step(model, names, steps[name], clock, sync)
-                for layer, seconds in spent.items():
-                    best[name][layer] = min(best[name][layer], seconds)
-                best_step[name] = min(best_step[name], total)
+    for _ in range(args.rounds):  # each step runs under torch.no_grad (inference_speed.forward_fn)
+        for name, model in models.items():
+            spent, total = timed_step(model, names, steps[name], clock, sync)
+            for layer, seconds in spent.items():
+                best[name][layer] = min(best[name][layer], seconds)
+            best_step[name] = min(best_step[name], total)
     base = args.variants[0]
     groups: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[str, int] = defaultdict(int)
