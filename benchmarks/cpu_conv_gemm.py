@@ -63,7 +63,7 @@ def main() -> None:
     clock = time.process_time if args.threads == 1 else time.perf_counter
     lines = [f"Command: `{report.command()}`", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, CPU capability "
-             f"{torch.backends.cpu.get_cpu_capability()}; {args.threads} thread(s), "
+             f"{torch.backends.cpu.get_cpu_capability()}; {args.threads} thread(s), {report.malloc_line()}, "
              f"{'process CPU time' if args.threads == 1 else 'wall clock'}; least over {args.rounds} rounds.", "",
              "## One int8 GEMM per tap: positions as columns or as rows", "",
              "| positions n | `W @ X` (channels-first) us | `X^T @ W^T` (tokens-major) us | channels-first / tokens-major |",

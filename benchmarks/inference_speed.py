@@ -28,8 +28,11 @@ On a GPU (``--device cuda``) the default variants are the bfloat16 ones users ru
 is built once and timed at every size, and ``graph_*`` variants capture one step per size as a CUDA graph.
 
 On a machine shared with other jobs, ``--threads 1 --clock cpu`` (process CPU time) gives stable ratios; wall-clock
-timing with several threads then waits for descheduled threads. glibc's malloc returns large buffers to the system
-after every call; ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296`` keeps them (set it before starting).
+timing with several threads then waits for descheduled threads. The allocator's settings move the integer kernels'
+times more than bf16's (they allocate more temporaries), so the report names them (``report.malloc_line``). The docs'
+tables are taken with glibc's defaults, the settings users run with; ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...``
+fixes the mmap threshold but also stops glibc from raising its trim threshold, so freed temporaries are handed back
+to the system and faulted in again on the next call.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from diffusers_gac.zoo import load_embedded_unet
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fp_baseline import cpu_name  # noqa: E402  (benchmarks/fp_baseline.py)
 from peers import PEERS, build_peer  # noqa: E402  (benchmarks/peers.py)
+import report  # noqa: E402  (benchmarks/report.py)
 
 # the activation-side levers (GACConfig options) of the *_levers*/*_g64 variants: smoothing, a rank-32 branch (float16
 # or int8 factors) and clipped ranges beside the integer kernels; per-group ranges (act_group_size) as one int8 GEMM
@@ -569,7 +573,7 @@ def machine_line(machine: dict, args: argparse.Namespace) -> str:
     if args.device.startswith("cuda"):
         return f"{processor} (CUDA; step peak = CUDA memory allocated)"
     return (f"{processor}, {machine['cpu_count']} CPUs ({machine['cpu_capability']}), {machine['torch_threads']} torch "
-            "threads (step peak = resident memory)")
+            f"threads (step peak = resident memory), {report.malloc_line()}")
 
 
 def write_report(rows: list[dict], args: argparse.Namespace, command: str, started: float, final: bool) -> None:

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios = " | ".join(f"{base} / {name}" for name in args.variants[1:])
     lines = [f"Command: `{report.command()}`", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; SD-sized UNet (random), latent {args.latent}, batch "
-             f"{args.batch}, {args.device}, {args.threads} thread(s), "
+             f"{args.batch}, {args.device}, {args.threads} thread(s), {report.malloc_line()}, "
              f"{'process CPU time' if clock is time.process_time else 'wall clock'}; torch {torch.__version__}; per "
              f"layer the least over {args.rounds} steps, summed over the layers of a kind.", "",
              f"| layers | count | {header} | {ratios} |", "|---|---|" + "---|" * (2 * len(models) - 1)]

@@ -84,9 +84,9 @@ def int_mm_calls(monkeypatch):
     calls = []
     original = torch._int_mm
 
-    def counted(a, b):
+    def counted(a, b, **kwargs):
         calls.append((tuple(a.shape), tuple(b.shape)))
-        return original(a, b)
+        return original(a, b, **kwargs)
 
     monkeypatch.setattr(torch, "_int_mm", counted)
     return calls
@@ -138,6 +138,26 @@ def test_linear_in_row_blocks_is_exact(w_bits, a_bits, int_mm_calls, monkeypatch
         blocks = layer(x)
     assert len(int_mm_calls) == 1 + 3  # rows 4 + 4 + 2
     assert torch.equal(blocks, whole)
+
+
+@pytest.mark.parametrize("module,shape", [(nn.Linear(33, 7), (2, 5, 33)), (nn.Conv2d(12, 8, 3, padding=1), (2, 12, 5, 6))])
+def test_row_blocks_share_one_buffer_for_the_gemm_sums(module, shape, monkeypatch):
+    """Every int8 GEMM of a call writes its sums into the same buffer (a fresh one per block or tap is page-faulted in
+    again wherever the allocator gave the last one back), and the results stay those of one block."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(torch.bfloat16)
+    layer = _frozen(module, x.float(), 4, 4, "dynamic")
+    assert layer.set_execution("integer")
+    with torch.no_grad():
+        whole = layer(x)
+        outs, original = [], torch._int_mm
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b, out=None: outs.append(out) or original(a, b, out=out))
+        monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 28)
+        monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
+        blocks = layer(x)
+    assert len(outs) > 2 and all(o is not None for o in outs)
+    assert len({o.untyped_storage().data_ptr() for o in outs}) == 1
+    assert torch.equal(blocks, whole) if isinstance(module, nn.Linear) else (blocks - whole).abs().max() <= 1e-2 * whole.abs().max()
 
 
 @pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 4)])
@@ -196,9 +216,9 @@ def test_strided_convolutions_with_one_output_row_hand_the_gemm_unit_stride_oper
     strides = []
     original = torch._int_mm
 
-    def recorded(a, b):
+    def recorded(a, b, **kwargs):
         strides.append((a.stride(), b.stride()))
-        return original(a, b)
+        return original(a, b, **kwargs)
 
     monkeypatch.setattr(torch, "_int_mm", recorded)
     torch.manual_seed(0)
@@ -568,13 +588,19 @@ def test_inference_speed_table(capsys):
     assert saved["int_w4a4"] < saved["int_w4a4_levers8"] < saved["int_w4a4_levers"]
 
 
-def test_inference_speed_profile_names_its_date_and_the_integer_gemm(tmp_path):
+def test_inference_speed_profile_names_its_date_and_the_integer_gemm(tmp_path, monkeypatch):
+    """The profile's header says when, on which torch and with which allocator settings it ran (they move the
+    integer kernels' times)."""
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")  # read, not applied: set after startup
     out = tmp_path / "profile.md"
     _benchmark_module().main(["--variants", "int_w4a4", "--profile", "int_w4a4", "--profile-rows", "30",
                               "--profile-output", str(out), *TINY_SD])
     lines = out.read_text().splitlines()
     assert lines[0] == "# Where a step's time goes" and lines[2].startswith("Command: `python benchmarks/inference_speed")
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC; .*torch \d", lines[4])
+    assert "malloc: GLIBC_TUNABLES=glibc.malloc.trim_threshold=1" in lines[4]
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert benchmark_module("report").malloc_line() == "malloc: glibc defaults"
     assert any("latent 8, int_w4a4" in line for line in lines) and any("aten::_int_mm" in line for line in lines)
 
 
@@ -837,7 +863,7 @@ def test_cpu_conv_gemm_benchmark_writes_both_tables(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["cpu_conv_gemm.py", "--rounds", "1", "--output", str(tmp_path / "out.md")])
     calls = []
     original = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or original(a, b))
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b, **kw: calls.append(a.shape) or original(a, b, **kw))
     bench.main()
     text = (tmp_path / "out.md").read_text()
     assert "| 16 |" in text and "| 22 |" in text and "| 128 -> 64, 4x4 |" in text

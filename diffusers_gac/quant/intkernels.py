@@ -60,17 +60,19 @@ class Act(NamedTuple):
     zero: torch.Tensor | None  # float32 (..., 1) or None
 
 
-def quantize_dynamic(x: torch.Tensor, bits: int, dim: int = -1, clip: torch.Tensor | None = None) -> Act:
+def quantize_dynamic(x: torch.Tensor, bits: int, dim: int = -1, clip: torch.Tensor | None = None,
+                     work: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> Act:
     """Affine quantization with the range ``[min(x, 0), max(x, 0)]`` of each token (slice along ``dim``, the
     channels), shrunk by ``clip`` if given: the ``dynamic`` scheme of ``ActQuantizer``. Scale and zero keep ``dim``
-    with size 1."""
+    with size 1. ``work`` (float32) and ``codes`` (int8), of ``x``'s shape: buffers to compute in and to write the
+    codes to (``linear_dynamic``'s row blocks reuse one pair), else new tensors."""
     levels = 2**bits - 1
     # A half-precision x is copied to float32 once (exactly): the CPU's min/max reductions read float32 several times
     # faster than bfloat16 (1024 x 320 along the channels: 20 against 120 us), and the division then overwrites the
     # copy in place instead of writing a new float32 tensor
     own = x.dtype != torch.float32
     if own:
-        x = x.float()
+        x = x.float() if work is None else work.copy_(x)
     # amin + amax: torch.aminmax over the innermost dim is ~30x slower on CPU
     lo, hi = x.amin(dim, keepdim=True).clamp_max_(0), x.amax(dim, keepdim=True).clamp_min_(0)
     if clip is not None:
@@ -79,12 +81,13 @@ def quantize_dynamic(x: torch.Tensor, bits: int, dim: int = -1, clip: torch.Tens
     zp = torch.round(-lo / scale)
     # c - z = clamp(round(x/s), -z, levels - z); without clipping the lower bound holds by construction (x >= lo,
     # division is monotonic, round(lo/s) = -z), so only the upper one is applied
-    t = (x.div_(scale) if own else torch.div(x, scale)).round_().clamp_max_(levels - zp)
+    t = (x.div_(scale) if own else torch.div(x, scale, out=work)).round_().clamp_max_(levels - zp)
     if clip is not None:
         t = torch.maximum(t, -zp)
-    if bits <= 7:
-        return Act(t.to(torch.int8), scale, None)
-    return Act(t.add_(zp - 128).to(torch.int8), scale, zp - 128)
+    if bits > 7:
+        t = t.add_(zp - 128)
+    q = t.to(torch.int8) if codes is None else codes.copy_(t)
+    return Act(q, scale, None if bits <= 7 else zp - 128)
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> Act:
@@ -130,15 +133,15 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if 1 in t.stride() else t.contiguous()
 
 
-def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of int8 (M, K) and (K, N) in int32: ``torch._int_mm``, except for K = 1, where the CPU kernel of
+def int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` of int8 (M, K) and (K, N) in int32 (into ``out`` if given, an int32 (M, N)): ``torch._int_mm``, except for K = 1, where the CPU kernel of
     torch 2.13 returns garbage (an outer product then, exact in int32). An operand with no dimension of stride 1 (a
     strided convolution's tap read as a view, when its output has a single row) is copied first: the CPU kernel of
     torch 2.13 takes a path several hundred times slower for it (1280 x 1280 by 1280 x 64 with every other column:
     1.5 s against 0.5 ms)."""
     if a.shape[1] == 1:
-        return a.to(torch.int32) * b.to(torch.int32)
-    return torch._int_mm(_unit_stride(a), _unit_stride(b))
+        return torch.mul(a.to(torch.int32), b.to(torch.int32), out=out)
+    return torch._int_mm(_unit_stride(a), _unit_stride(b), out=out)
 
 
 def _as_float(acc: torch.Tensor) -> torch.Tensor:
@@ -170,22 +173,26 @@ def _epilogue(dst: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | Non
               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``dst * w_scale + bias`` into ``out``, or else in place: one pass, and no new output buffer (a fresh large
     buffer costs page faults with glibc's default malloc: 10x the pass itself for a 1024 x 2560 float output). In
-    another ``out_dtype`` (a half-precision model's), the same float32 values are rounded once as they are written
-    to a new tensor."""
+    another ``out_dtype`` (a half-precision model's), computed in place and rounded once as copied: an ``out`` of
+    another dtype makes the op write a float32 temporary first (an 819 x 320 block with a bias into bfloat16: 34
+    against 14 + 15 us, two threads)."""
     if out is None:
         out = dst if out_dtype == dst.dtype else torch.empty_like(dst, dtype=out_dtype)
+    if out.dtype != dst.dtype:
+        return out.copy_(_epilogue(dst, w_scale, bias))
     return torch.mul(dst, w_scale, out=out) if bias is None else torch.addcmul(bias, dst, w_scale, out=out)
 
 
 def linear(a: Act, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
            zw: torch.Tensor | None = None, colsum: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           out: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+           acc: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` of a quantized input (rows (..., K)) and an int8 weight carrier (N, K) -> (..., N) in
-    ``out_dtype``; with ``out`` (rows, N), written there."""
+    ``out_dtype``; with ``out`` (rows, N), written there; with ``acc`` (int32 (rows, N)), the GEMM's sums go there
+    (and are rescaled in its bytes)."""
     q = a.q.reshape(-1, a.q.shape[-1])
     s = _rows(a.scale, a.q)
-    acc = int_mm(q, weight.t())
-    dst = _as_float(acc).mul_(s)
+    dst = _as_float(int_mm(q, weight.t(), acc)).mul_(s)
     if colsum is not None or zw is not None:
         r = q.sum(1, keepdim=True, dtype=torch.int32).float() if zw is not None else None
         _corrections(dst, [(s, _rows(a.zero, a.q), r, q.shape[1])], zw, colsum)
@@ -198,15 +205,22 @@ def linear_dynamic(x: torch.Tensor, bits: int, weight: torch.Tensor, w_scale: to
                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``linear`` of ``x`` (..., K) quantized per token (``quantize_dynamic``), in blocks of rows that keep the
     int32 and float intermediates near the cache (``BLOCK_OUTPUTS`` outputs, at least ``BLOCK_MIN_ROWS`` rows): exact,
-    since every token is quantized alone. At 8192 tokens x 2560 outputs this is ~1.6x faster than one block."""
+    since every token is quantized alone. At 8192 tokens x 2560 outputs this is ~1.6x faster than one block. The
+    blocks share one set of buffers (float32 input, int8 codes, int32 sums), allocated once per call: a block's
+    temporaries, allocated anew, are page-faulted in again wherever the allocator returned the last ones to the
+    system (4096 x 320 -> 320 in bfloat16, two threads: 3.3 against 2.6 ms with glibc's defaults)."""
     n = weight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    rows = max(BLOCK_MIN_ROWS, BLOCK_OUTPUTS // n)
-    if x2.shape[0] <= rows:
-        return linear(quantize_dynamic(x, bits, clip=clip), weight, w_scale, bias, zw, colsum, out_dtype=out_dtype)
-    out = torch.empty(x2.shape[0], n, dtype=out_dtype, device=x.device)
-    for r0 in range(0, x2.shape[0], rows):
-        linear(quantize_dynamic(x2[r0:r0 + rows], bits, clip=clip), weight, w_scale, bias, zw, colsum, out=out[r0:r0 + rows])
+    m, k = x2.shape
+    rows = min(m, max(BLOCK_MIN_ROWS, BLOCK_OUTPUTS // n))
+    work = torch.empty(rows, k, dtype=torch.float32, device=x.device)
+    codes = torch.empty(rows, k, dtype=torch.int8, device=x.device)
+    acc = torch.empty(rows, n, dtype=torch.int32, device=x.device)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    for r0 in range(0, m, rows):
+        c = min(rows, m - r0)
+        a = quantize_dynamic(x2[r0:r0 + c], bits, clip=clip, work=work[:c], codes=codes[:c])
+        linear(a, weight, w_scale, bias, zw, colsum, out=out[r0:r0 + c], acc=acc[:c])
     return out.view(*x.shape[:-1], n)
 
 
@@ -341,6 +355,7 @@ def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], ou
     block = max(BLOCK_MIN_ROWS, BLOCK_OUTPUTS // out_channels)
     if rows > block:  # several blocks: each weight block unpacked once per call, not once per block
         weight = functools.cache(weight)
+    sums = torch.empty(min(rows, block), og, dtype=torch.int32, device=device)  # every GEMM's, in turn
     for r0 in range(0, rows, block):
         rs = slice(r0, min(rows, r0 + block))
         blk = dst[rs]
@@ -348,7 +363,8 @@ def conv2d(parts: list[Act], weight: Callable[[int, int, int], torch.Tensor], ou
         for k, (p, t, cg, tm) in enumerate(segments):
             q, s = tm[0][rs], tm[1][rs]
             for gi in range(g):
-                acc = _as_float(int_mm(q if g == 1 else q[:, gi * cg:(gi + 1) * cg], weight(gi, p, t).t()))
+                acc = _as_float(int_mm(q if g == 1 else q[:, gi * cg:(gi + 1) * cg], weight(gi, p, t).t(),
+                                       sums[:rs.stop - r0]))
                 d = blk if g == 1 else blk[:, gi * og:(gi + 1) * og]
                 if k == 0:
                     torch.mul(acc, s, out=d)
