@@ -134,11 +134,11 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b`` of int8 (M, K) and (K, N) in int32 (into ``out`` if given, an int32 (M, N)): ``torch._int_mm``, except for K = 1, where the CPU kernel of
-    torch 2.13 returns garbage (an outer product then, exact in int32). An operand with no dimension of stride 1 (a
-    strided convolution's tap read as a view, when its output has a single row) is copied first: the CPU kernel of
-    torch 2.13 takes a path several hundred times slower for it (1280 x 1280 by 1280 x 64 with every other column:
-    1.5 s against 0.5 ms)."""
+    """``a @ b`` of int8 (M, K) and (K, N) in int32, into ``out`` (int32 (M, N)) if given: ``torch._int_mm``, except
+    for K = 1, where the CPU kernel of torch 2.13 returns garbage (an outer product then, exact in int32). An operand
+    with no dimension of stride 1 (a strided convolution's tap read as a view, when its output has a single row) is
+    copied first: the CPU kernel of torch 2.13 takes a path several hundred times slower for it (1280 x 1280 by 1280
+    x 64 with every other column: 1.5 s against 0.5 ms)."""
     if a.shape[1] == 1:
         return torch.mul(a.to(torch.int32), b.to(torch.int32), out=out)
     return torch._int_mm(_unit_stride(a), _unit_stride(b), out=out)
@@ -208,11 +208,12 @@ def linear_dynamic(x: torch.Tensor, bits: int, weight: torch.Tensor, w_scale: to
     since every token is quantized alone. At 8192 tokens x 2560 outputs this is ~1.6x faster than one block. The
     blocks share one set of buffers (float32 input, int8 codes, int32 sums), allocated once per call: a block's
     temporaries, allocated anew, are page-faulted in again wherever the allocator returned the last ones to the
-    system (4096 x 320 -> 320 in bfloat16, two threads: 3.3 against 2.6 ms with glibc's defaults)."""
+    system (4096 x 320 -> 320 in bfloat16, two threads: 3.2 against 3.0 ms with glibc's defaults, 4.3 against 3.2
+    with its mmap threshold fixed)."""
     n = weight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    rows = min(m, max(BLOCK_MIN_ROWS, BLOCK_OUTPUTS // n))
+    rows = max(1, min(m, max(BLOCK_MIN_ROWS, BLOCK_OUTPUTS // n)))  # one row at least: no tokens, no blocks
     work = torch.empty(rows, k, dtype=torch.float32, device=x.device)
     codes = torch.empty(rows, k, dtype=torch.int8, device=x.device)
     acc = torch.empty(rows, n, dtype=torch.int32, device=x.device)
