@@ -868,11 +868,13 @@ def test_weights_are_unpacked_once_per_call_however_many_row_blocks(w_bits, monk
     assert sorted(reads) == list(range(9))
 
 
-def test_cpu_conv_gemm_benchmark_writes_both_tables(tmp_path, monkeypatch):
-    """benchmarks/cpu_conv_gemm.py (shrunk): a row per position count and per layer, the W4A4 layers on the integer
-    kernels (not a silent fallback to the reference)."""
+def test_cpu_conv_gemm_benchmark_writes_its_three_tables(tmp_path, monkeypatch):
+    """benchmarks/cpu_conv_gemm.py (shrunk): a row per position count, per GEMM shape and per layer, the GEMM rows
+    timing the int8 GEMM of that shape, and the W4A4 layers on the integer kernels (not a silent fallback to the
+    reference)."""
     bench = benchmark_module("cpu_conv_gemm")
     monkeypatch.setattr(bench, "POSITIONS", [16, 22])
+    monkeypatch.setattr(bench, "GEMMS", [(77, 96, 40)])
     monkeypatch.setattr(bench, "LAYERS", [(128, 64, 4)])
     monkeypatch.setattr(sys, "argv", ["cpu_conv_gemm.py", "--rounds", "1", "--output", str(tmp_path / "out.md")])
     calls = []
@@ -880,7 +882,8 @@ def test_cpu_conv_gemm_benchmark_writes_both_tables(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "_int_mm", lambda a, b, **kw: calls.append(a.shape) or original(a, b, **kw))
     bench.main()
     text = (tmp_path / "out.md").read_text()
-    assert "| 16 |" in text and "| 22 |" in text and "| 128 -> 64, 4x4 |" in text
+    assert "| 16 |" in text and "| 22 |" in text and "| 77 x 96 -> 40 |" in text and "| 128 -> 64, 4x4 |" in text
+    assert (77, 96) in calls  # the GEMM row
     assert (22, 128) in calls  # the layer's taps: tokens-major, 4x4 with its padding rows
 
 
