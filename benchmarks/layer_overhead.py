@@ -14,7 +14,11 @@ With ``--device cuda`` the Triton kernels run (their launches are host work too)
 ``--calls`` back-to-back calls with one synchronisation at the end (wall clock), the variants taking turns. With
 ``--device cpu`` (no GPU needed) the two Triton launches are replaced by no-ops and the layer takes the GPU path on
 CPU tensors, so ``plan`` and ``rebuilt`` are the library's own host work per call without Triton's launcher
-(``float`` is not timed: on the CPU it computes). CPU figures are process CPU time.
+(``float`` is not timed: on the CPU it computes). CPU figures are process CPU time. On the CPU, ``binding`` is the
+part of Triton's launcher that runs in Python, for a Hopper target (sm_90): for each of the call's two launches, what
+``JITFunction.run`` does before it hands the launch to the driver (binding the arguments, specializing on their
+alignment and divisibility, the kernel cache's key), so ``plan + binding`` bounds the host work of a call from below
+(the driver's launch itself is left out).
 
     python benchmarks/layer_overhead.py --device cpu --output docs/results/layer_overhead_cpu.md
     python benchmarks/layer_overhead.py --device cuda
@@ -48,10 +52,46 @@ LAYERS = {  # name -> (module, input shape): SD 1.5's layer kinds, inputs of 2x4
 
 
 class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](*args)`` does nothing."""
+    """Stands in for a Triton kernel: ``kernel[grid](*args)`` does nothing, or records the launch in ``calls``."""
+
+    def __init__(self, kernel=None, calls: list | None = None):
+        self.kernel, self.calls = kernel, calls
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        if self.calls is None:
+            return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def binding(launches: list, arch: int = 90):
+    """A function doing, for each recorded launch, what Triton's ``JITFunction.run`` does in Python before the
+    driver launches (bind the arguments, specialize them, compute the kernel cache's key) for a CUDA target of
+    compute capability ``arch``; None where this Triton's internals differ from 3.9's. Kernels run by Triton's
+    interpreter (``TRITON_INTERPRET=1``) are bound as the JIT would bind them."""
+    try:
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        options = {"debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode,
+                   "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts}
+        jits = [k if isinstance(k, JITFunction) else JITFunction(k.fn, **k.kwargs) for k, _, _ in launches]
+        bound = [(create_function_from_signature(j.signature, j.params, backend), a, {**kw, **options})
+                 for j, (_, a, kw) in zip(jits, launches)]
+        cache: dict = {}
+        for binder, args, kwargs in bound:
+            binder(*args, **kwargs)
+    except Exception:  # noqa: BLE001  (another Triton version: the column says "-")
+        return None
+
+    def bind():
+        for binder, args, kwargs in bound:
+            _, specialization, opts = binder(*args, **kwargs)
+            compute_cache_key(cache, specialization, opts)
+
+    return bind
 
 
 def frozen_layer(module: nn.Module, w_bits: int = 4, a_bits: int = 4, int4_storage: str = "packed") -> nn.Module:
@@ -84,6 +124,10 @@ def per_call_us(fns: list, calls: int, device: torch.device, rounds: int) -> lis
     return [t * 1e6 for t in best]
 
 
+def _us(t: float) -> str:
+    return "-" if t != t else f"{t:.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,6 +139,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if gpukernels.triton is None:
         sys.exit("Triton is not installed: the GPU path does not exist here")
+    launches: list = []
+    kernels = (gpukernels.quantize_kernel, gpukernels.igemm_kernel)
     if device.type == "cpu":  # the GPU path on CPU tensors, as intexec.forward takes it on a GPU, without launches
         gpukernels.quantize_kernel = gpukernels.igemm_kernel = _NoLaunch()
         intexec.forward = lambda layer, x: gpuexec.gpu_forward(layer, x) if intexec._ready(layer, x) else None
@@ -114,11 +160,23 @@ def main() -> None:
             gpuexec.drop_gpu_plan(layer)
             return layer(x)
 
-        fns = [lambda: layer(x), rebuilt] + ([lambda: half(x)] if device.type == "cuda" else [])
+        bind = None
+        if device.type == "cpu":  # record this call's two launches, to time Triton's binding of them
+            launches.clear()
+            gpukernels.quantize_kernel, gpukernels.igemm_kernel = (_NoLaunch(k, launches) for k in kernels)
+            with torch.no_grad():
+                layer(x)
+            gpukernels.quantize_kernel = gpukernels.igemm_kernel = _NoLaunch()
+            bind = binding(launches)
+        fns = [lambda: layer(x), rebuilt] + ([lambda: half(x)] if device.type == "cuda" else []) + (
+            [bind] if bind is not None else [])
         with torch.no_grad():
-            times = per_call_us(fns, args.calls, device, args.rounds) + [float("nan")] * (3 - len(fns))
+            times = per_call_us(fns, args.calls, device, args.rounds)
+        times = times[:2] + ([times[2], float("nan")] if device.type == "cuda" else
+                             [float("nan"), times[2] if bind is not None else float("nan")])
         rows.append((name, *times))
-        print(f"{name}: plan {times[0]:.1f} us, rebuilt {times[1]:.1f} us, float {times[2]:.1f} us", flush=True)
+        print(f"{name}: plan {times[0]:.1f} us, rebuilt {times[1]:.1f} us, float {times[2]:.1f} us, Triton's "
+              f"binding {times[3]:.1f} us", flush=True)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else "CPU, Triton launches replaced by no-ops")
     lines = [f"Command: `{report.command()}`", "",
@@ -127,8 +185,9 @@ def main() -> None:
              f"{'wall clock' if device.type == 'cuda' else 'process CPU time'}; us per call, the least over "
              f"{args.rounds} rounds of the mean of {args.calls} calls (bfloat16 input of batch 1, 8 positions or "
              "tokens).", "",
-             "| layer (W4A4) | plan (as it runs) | plan rebuilt per call | float layer, bf16 |", "|---|---|---|---|"]
-    lines += [f"| {name} | {a:.1f} | {b:.1f} | {'-' if c != c else f'{c:.1f}'} |" for name, a, b, c in rows]
+             "| layer (W4A4) | plan (as it runs) | plan rebuilt per call | float layer, bf16 | Triton's binding of "
+             "the 2 launches (sm_90) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {a:.1f} | {b:.1f} | {_us(c)} | {_us(d)} |" for name, a, b, c, d in rows]
     report.emit("Host time per quantized layer call on the GPU path", lines, args.output)
 
 if __name__ == "__main__":

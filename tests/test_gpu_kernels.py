@@ -425,7 +425,8 @@ def test_a_whole_model_takes_the_gpu_path_eagerly_and_compiles_into_one_graph(mo
 
 def test_layer_overhead_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     """``benchmarks/layer_overhead.py --device cpu`` (the GPU path's host work with the launches stubbed) runs and
-    writes its table, a row per layer (times are the benchmark's to print, not a test's to judge)."""
+    writes its table, a row per layer, with Triton's binding of the call's two launches timed (times are the
+    benchmark's to print, not a test's to judge), and the kernels are the real ones again afterwards."""
     bench = benchmark_module("layer_overhead")
     monkeypatch.setattr(bench, "LAYERS", {k: bench.LAYERS[k] for k in ("conv 3x3 320", "linear 320 -> 2560")})
     monkeypatch.setattr(gpukernels, "quantize_kernel", gpukernels.quantize_kernel)  # restored after the stubs
@@ -438,8 +439,34 @@ def test_layer_overhead_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys)
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| conv") or
             line.startswith("| linear")]
     assert [r[0].strip() for r in rows] == ["conv 3x3 320", "linear 320 -> 2560"]
-    for _, plan, rebuilt, float_layer in rows:
-        assert float(plan) > 0 and float(rebuilt) > 0 and float_layer.strip() == "-"
+    for _, plan, rebuilt, float_layer, binding in rows:
+        assert float(plan) > 0 and float(rebuilt) > 0 and float_layer.strip() == "-" and float(binding) > 0
+
+
+def test_the_binding_stand_in_binds_each_launch_as_the_jit_would(monkeypatch):
+    """``layer_overhead.binding`` replays what Triton's launcher does in Python for each recorded launch: every
+    launch's arguments go through the JIT's binder (a wrong argument count would fail there), and its cache key is
+    computed from their specialization."""
+    bench = benchmark_module("layer_overhead")
+    from triton.runtime import jit
+
+    launches = []
+    monkeypatch.setattr(gpukernels, "quantize_kernel", bench._NoLaunch(gpukernels.quantize_kernel, launches))
+    monkeypatch.setattr(gpukernels, "igemm_kernel", bench._NoLaunch(gpukernels.igemm_kernel, launches))
+    layer = bench.frozen_layer(torch.nn.Linear(64, 32))
+    with torch.no_grad():
+        gpuexec.gpu_forward(layer, torch.randn(1, 8, 64, dtype=torch.bfloat16))
+    assert [k.fn.__name__ for k, _, _ in launches] == ["quantize_kernel", "igemm_kernel"]
+    keys = []
+    real = jit.compute_cache_key
+    monkeypatch.setattr(jit, "compute_cache_key", lambda cache, spec, opts: keys.append(spec) or real(cache, spec, opts))
+    bind = bench.binding(launches)
+    assert bind is not None
+    keys.clear()
+    bind()
+    assert len(keys) == 2
+    launches[1] = (launches[1][0], launches[1][1][:-1], launches[1][2])  # an argument short: the binder refuses
+    assert bench.binding(launches) is None
 
 
 def test_the_channel_step_keeps_the_padding_of_the_last_step_small():
