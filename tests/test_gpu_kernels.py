@@ -539,3 +539,48 @@ def test_the_gpu_session_script_fits_one_call_and_names_real_variants():
         inference_speed.variant_name(name)  # raises on an unknown variant
     with pytest.raises(Exception, match="unknown variant"):
         inference_speed.variant_name("bf16_int_w4a4_fp9")
+
+
+def test_gpu_goals_are_judged_within_each_table_and_mode(tmp_path):
+    """``benchmarks/gpu_goals.py`` reads ``inference_speed.py``'s tables (written here by its own ``table``) and
+    judges the three goals: a variant only against the bf16 row of its own file and mode, the speed and memory halves
+    of goal 2 apart, goal 3 at its slowest measured size, and the sizes goal 3 never measured named."""
+    speed, goals = benchmark_module("inference_speed"), benchmark_module("gpu_goals")
+
+    def row(variant, latent, batch, ms, resident):
+        return {"model": "SD", "latent": latent, "batch": batch, "variant": variant, "median_ms": ms, "min_ms": ms,
+                "max_ms": ms, "vs_fp32": 1.0, "resident_mib": resident, "step_peak_mib": None,
+                "rel_l2_vs_fp32": 0.0, "rel_l2_vs_bf16": None, "build_s": 0.0, "load": "-"}
+
+    (tmp_path / "cuda.md").write_text("# t\n\nCommand: x\n\n" + speed.table([
+        row("fp32", 128, 2, 250.0, 3279.0), row("bf16", 128, 2, 40.0, 1639.0), row("bf16_int_w8a8", 128, 2, 30.0, 826.0),
+        row("graph_bf16", 128, 2, 38.0, 1639.0), row("graph_bf16_int_w8a8", 128, 2, 32.0, 826.0),
+        row("bf16_int_w4a4", 128, 2, 39.0, 414.0), row("bf16_auto_w4a4", 128, 2, 36.0, 414.0),
+        row("bf16_fake_w4a4", 128, 2, 20.0, 414.0),  # the reference is no candidate, however fast
+        row("bf16", 64, 1, 29.0, 1639.0), row("bf16_auto_w4a4", 64, 1, 31.0, 414.0),
+        row("graph_bf16", 64, 1, 9.6, 1639.0), row("graph_bf16_auto_w4a4", 64, 1, 9.0, 414.0)])
+        + "\n\nprose | with a bar\n")
+    (tmp_path / "cuda_paths.md").write_text(speed.table([
+        row("bf16", 128, 2, 44.0, 1639.0), row("bf16_int_w4a4_fp8", 128, 2, 30.0, 826.0)]))
+    (tmp_path / "orphan.md").write_text(speed.table([row("bf16_int_w8a8", 128, 2, 1.0, 826.0)]))  # no bf16 row
+    (tmp_path / "runs.md").write_text("\n\n".join(speed.table([row("bf16", 128, 2, bf16, 1639.0),
+                                                             row("bf16_int_w8a8", 128, 2, w8a8, 826.0)])
+                                                 for bf16, w8a8 in ((61.0, 45.0), (60.0, 50.0))))  # two runs
+    lines = goals.main([str(tmp_path / n) for n in ("cuda.md", "cuda_paths.md", "orphan.md", "runs.md", "absent.md")]
+                       + ["--output", str(tmp_path / "goals.md")])
+    text = (tmp_path / "goals.md").read_text()
+    assert "\n".join(lines) in text and "19 rows read from cuda.md, cuda_paths.md, orphan.md, runs.md." in text
+    g1, g2, g3 = (text.split("## ")[i] for i in (1, 2, 3))
+    assert "| cuda.md | eager | 128, 2 | 40.0 | bf16_int_w8a8 | 30.0 | 1.33x | met |" in g1
+    assert "| cuda.md | CUDA graph | 128, 2 | 38.0 | graph_bf16_int_w8a8 | 32.0 | 1.19x | missed |" in g1
+    assert "orphan.md" not in g1 and g1.count("| cuda") == 2
+    assert "| runs.md #1 | eager | 128, 2 | 61.0 | bf16_int_w8a8 | 45.0 | 1.36x | met |" in g1
+    assert "| runs.md #2 | eager | 128, 2 | 60.0 | bf16_int_w8a8 | 50.0 | 1.20x | missed |" in g1
+    body = [line for line in g2.splitlines() if line.startswith("| cuda")]
+    assert body[0].startswith("| cuda.md | eager | 128, 2 | 40.0 | bf16_auto_w4a4 | 36.0 | 1.11x | 25.3% | met")
+    assert "| bf16_int_w4a4 | 39.0 | 1.03x | 25.3% | met |" in g2 and "fake" not in g2
+    assert "| cuda_paths.md | eager | 128, 2 | 44.0 | bf16_int_w4a4_fp8 | 30.0 | 1.47x | 50.4% | missed (memory) |" in g2
+    assert "| cuda.md | eager | 64/1, 128/2 | 64/1 | 29.0 | 31.0 | 0.94x | missed where measured |" in g3
+    assert "| cuda.md | CUDA graph | 64/1 | 64/1 | 9.6 | 9.0 | 1.07x | met where measured |" in g3
+    assert "no eager `auto` row beside its bf16 row: latent 64 batch 2, latent 64 batch 4, latent 128 batch 1, " \
+           "latent 128 batch 4." in g3
