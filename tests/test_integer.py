@@ -132,7 +132,7 @@ def test_linear_in_row_blocks_is_exact(w_bits, a_bits, int_mm_calls, monkeypatch
     layer = _frozen(nn.Linear(33, 7), x, w_bits, a_bits, "dynamic")
     reference, whole = _compare(layer, x, int_mm_calls)
     assert len(int_mm_calls) == 1
-    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 28)
+    monkeypatch.setattr(intkernels, "BLOCK_ELEMENTS", 4 * (33 + 7))
     monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
     with torch.no_grad():
         blocks = layer(x)
@@ -163,7 +163,7 @@ def test_row_blocks_share_one_buffer_for_the_gemm_sums(module, shape, monkeypatc
         whole = layer(x)
         outs, original = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b, out=None: outs.append(out) or original(a, b, out=out))
-        monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 28)
+        monkeypatch.setattr(intkernels, "BLOCK_ELEMENTS", 160)  # 4 rows of the linear layer, 8 of the conv
         monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
         blocks = layer(x)
     assert len(outs) > 2 and all(o is not None for o in outs)
@@ -183,7 +183,7 @@ def test_conv2d_in_column_blocks_matches(geometry, w_bits, a_bits, int_mm_calls,
     layer = _frozen(nn.Conv2d(12, 8, **CONVS[geometry]), x, w_bits, a_bits, "dynamic")
     reference, whole = _compare(layer, x, int_mm_calls)
     calls = len(int_mm_calls)
-    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 8 * 7)
+    monkeypatch.setattr(intkernels, "BLOCK_ELEMENTS", 7 * (12 + 8))
     monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
     with torch.no_grad():
         blocks = layer(x)
@@ -718,7 +718,7 @@ def test_half_precision_inputs_give_exactly_the_float32_copys_result(case, w_bit
         "linear static": (nn.Linear(40, 24), (3, 7, 40), "static", None, 1),
         "linear per-group ranges": (nn.Linear(40, 24), (3, 7, 40), "dynamic", None, 2),
     }[case]
-    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 1024)  # row blocks of 256 (BLOCK_MIN_ROWS) at 24 outputs
+    monkeypatch.setattr(intkernels, "BLOCK_ELEMENTS", 1024)  # row blocks of 256 (BLOCK_MIN_ROWS) at 40 + 24 channels
     x = (torch.randn(shape) + 0.3).to(dtype)
     layer = _frozen(module, x.float(), w_bits, a_bits, scheme, split=split)
     if groups > 1:
@@ -749,7 +749,7 @@ def test_channels_last_inputs_give_channels_last_outputs_with_the_same_values(ge
         assert layer.set_execution("integer")
         first = layer(x)
         last = layer(x.contiguous(memory_format=torch.channels_last))
-        monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 8 * 7)
+        monkeypatch.setattr(intkernels, "BLOCK_ELEMENTS", 7 * (12 + 8))
         monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
         last_blocks = layer(x.contiguous(memory_format=torch.channels_last))
     assert int_mm_calls
@@ -861,7 +861,7 @@ def test_weights_are_unpacked_once_per_call_however_many_row_blocks(w_bits, monk
     reads = []
     block = intexec._block
     monkeypatch.setattr(intexec, "_block", lambda *args: reads.append(args[1]) or block(*args))
-    monkeypatch.setattr(intkernels, "BLOCK_OUTPUTS", 8 * 7)
+    monkeypatch.setattr(intkernels, "BLOCK_ELEMENTS", 7 * (12 + 8))
     monkeypatch.setattr(intkernels, "BLOCK_MIN_ROWS", 1)
     with torch.no_grad():
         layer(x)
