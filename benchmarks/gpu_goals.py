@@ -11,8 +11,8 @@ The goals, on the SD-sized UNet with bf16 as the baseline:
 
 A variant is compared only with the bf16 row of its own table (one run of one machine) and of its own mode: eager
 (``bf16_*`` against ``bf16``), a replayed CUDA graph (``graph_bf16_*`` against ``graph_bf16``), ``torch.compile``
-(``compiled_*``), channels-last (``cl_*``) and fused q/k/v projections (``fused_*``). Goals 1 and 3 are judged on
-``int_w8a8`` and ``auto_w4a4``; goal 2 on ``auto_w4a4``, with every other W4A4 execution of the library beside it
+(``compiled_*``), channels-last (``cl_*``) and fused q/k/v projections (``fused_*``). Goal 1 is judged on
+``int_w8a8``, goal 3 on ``auto_w4a4``, goal 2 on ``auto_w4a4`` with every other W4A4 execution of the library beside it
 (integer kernels, float8 carriers, dense and float8 GEMM paths; the fake-quant reference and peers are not
 candidates). Sizes of goal 3 that no table measured are named as such.
 
