@@ -42,7 +42,7 @@ from diffusers_gac.quant import gpudense, gpuexec, gpukernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402  (benchmarks/report.py)
-from layer_overhead import frozen_layer  # noqa: E402
+from layer_overhead import NoLaunch, frozen_layer  # noqa: E402
 
 LAYERS = {  # name -> (module, input shape at latent 128, batch 2): SD 1.5's layer kinds
     "conv 3x3 320 @128": (lambda: nn.Conv2d(320, 320, 3, padding=1), (2, 320, 128, 128)),
@@ -56,16 +56,6 @@ LAYERS = {  # name -> (module, input shape at latent 128, batch 2): SD 1.5's lay
 BITS = [(8, 8, "packed"), (4, 4, "packed"), (4, 4, "int8"), (4, 4, "fp8")]
 PATTERN = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:st\.global|ld\.global|cp\.async\.c[ag]|cp\.async\.bulk|wgmma\.mma_async|"
                      r"mma\.sync)[\w.:]*)", re.M)
-
-
-class Catch:
-    """Stands in for a Triton kernel: records ``kernel[grid](*args, **kwargs)`` instead of launching it."""
-
-    def __init__(self, kernel, calls: list):
-        self.kernel, self.calls = kernel, calls
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
 
 
 def compile_launch(kernel, args: tuple, kwargs: dict, target):
@@ -147,10 +137,10 @@ def main() -> None:
     calls = []
     # the layers are laid out as on the target GPU (float8 weights where it has float8 tensor cores), on CPU tensors
     gpuexec.fp8_tensor_cores = lambda device: args.arch >= 89
-    gpukernels.quantize_kernel = Catch(gpukernels.quantize_kernel, calls)
-    gpukernels.igemm_kernel = Catch(gpukernels.igemm_kernel, calls)
-    gpudense.fake_quantize_kernel = Catch(gpudense.fake_quantize_kernel, calls)
-    gpudense.dequantize_kernel = Catch(gpudense.dequantize_kernel, calls)
+    gpukernels.quantize_kernel = NoLaunch(gpukernels.quantize_kernel, calls)
+    gpukernels.igemm_kernel = NoLaunch(gpukernels.igemm_kernel, calls)
+    gpudense.fake_quantize_kernel = NoLaunch(gpudense.fake_quantize_kernel, calls)
+    gpudense.dequantize_kernel = NoLaunch(gpudense.dequantize_kernel, calls)
     gpuexec.F = types.SimpleNamespace(conv2d=lambda x, *a: x, linear=lambda x, *a: x)  # the dense op is PyTorch's
     rows = []
     for name, layout in [(n, f) for n in args.layers for f in args.layouts if f == args.layouts[0] or "conv" in n]:

@@ -51,8 +51,9 @@ LAYERS = {  # name -> (module, input shape): SD 1.5's layer kinds, inputs of 2x4
 }
 
 
-class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](*args)`` does nothing, or records the launch in ``calls``."""
+class NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` does nothing, or records ``(kernel, args,
+    kwargs)`` in ``calls`` instead of launching (here and in ``gpu_codegen.py``)."""
 
     def __init__(self, kernel=None, calls: list | None = None):
         self.kernel, self.calls = kernel, calls
@@ -142,7 +143,7 @@ def main() -> None:
     launches: list = []
     kernels = (gpukernels.quantize_kernel, gpukernels.igemm_kernel)
     if device.type == "cpu":  # the GPU path on CPU tensors, as intexec.forward takes it on a GPU, without launches
-        gpukernels.quantize_kernel = gpukernels.igemm_kernel = _NoLaunch()
+        gpukernels.quantize_kernel = gpukernels.igemm_kernel = NoLaunch()
         intexec.forward = lambda layer, x: gpuexec.gpu_forward(layer, x) if intexec._ready(layer, x) else None
     elif not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: no CUDA GPU here")
@@ -163,17 +164,15 @@ def main() -> None:
         bind = None
         if device.type == "cpu":  # record this call's two launches, to time Triton's binding of them
             launches.clear()
-            gpukernels.quantize_kernel, gpukernels.igemm_kernel = (_NoLaunch(k, launches) for k in kernels)
+            gpukernels.quantize_kernel, gpukernels.igemm_kernel = (NoLaunch(k, launches) for k in kernels)
             with torch.no_grad():
                 layer(x)
-            gpukernels.quantize_kernel = gpukernels.igemm_kernel = _NoLaunch()
+            gpukernels.quantize_kernel = gpukernels.igemm_kernel = NoLaunch()
             bind = binding(launches)
-        fns = [lambda: layer(x), rebuilt] + ([lambda: half(x)] if device.type == "cuda" else []) + (
-            [bind] if bind is not None else [])
+        columns = [lambda: layer(x), rebuilt, (lambda: half(x)) if device.type == "cuda" else None, bind]
         with torch.no_grad():
-            times = per_call_us(fns, args.calls, device, args.rounds)
-        times = times[:2] + ([times[2], float("nan")] if device.type == "cuda" else
-                             [float("nan"), times[2] if bind is not None else float("nan")])
+            timed = iter(per_call_us([f for f in columns if f is not None], args.calls, device, args.rounds))
+        times = [float("nan") if f is None else next(timed) for f in columns]  # a column not timed here: "-"
         rows.append((name, *times))
         print(f"{name}: plan {times[0]:.1f} us, rebuilt {times[1]:.1f} us, float {times[2]:.1f} us, Triton's "
               f"binding {times[3]:.1f} us", flush=True)

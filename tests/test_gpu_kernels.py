@@ -451,8 +451,8 @@ def test_the_binding_stand_in_binds_each_launch_as_the_jit_would(monkeypatch):
     from triton.runtime import jit
 
     launches = []
-    monkeypatch.setattr(gpukernels, "quantize_kernel", bench._NoLaunch(gpukernels.quantize_kernel, launches))
-    monkeypatch.setattr(gpukernels, "igemm_kernel", bench._NoLaunch(gpukernels.igemm_kernel, launches))
+    monkeypatch.setattr(gpukernels, "quantize_kernel", bench.NoLaunch(gpukernels.quantize_kernel, launches))
+    monkeypatch.setattr(gpukernels, "igemm_kernel", bench.NoLaunch(gpukernels.igemm_kernel, launches))
     layer = bench.frozen_layer(torch.nn.Linear(64, 32))
     with torch.no_grad():
         gpuexec.gpu_forward(layer, torch.randn(1, 8, 64, dtype=torch.bfloat16))
